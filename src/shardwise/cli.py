@@ -1,0 +1,55 @@
+"""The `shardwise` command: status of the shard stores, config checks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shardwise import __version__
+from shardwise.errors import ShardwiseError
+
+
+def _status(args: argparse.Namespace) -> int:
+    from shardwise.status import collect, render
+
+    sys.stdout.write(render(collect(args.results), tail=args.tail))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from shardwise.config import load_config_file
+    from shardwise.models import check_source
+    from shardwise.tables import load_prompts
+
+    cfg = load_config_file(args.config)
+    for run in cfg.generate.runs.values():
+        check_source(cfg.models[run.model])
+    n = len(load_prompts(cfg.generate.prompts)) if cfg.generate.runs else 0
+    print(
+        f"{args.config}: ok ({len(cfg.models)} model(s), {len(cfg.generate.runs)} generation "
+        f"run(s), {n} prompts)"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardwise", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"shardwise {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("status", help="shards done/running/failed/pending per stage and model")
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--tail", type=int, default=8, help="log lines shown per failed shard")
+    p.set_defaults(fn=_status)
+    p = sub.add_parser("check", help="validate a config file and its inputs without running")
+    p.add_argument("config", nargs="?", default="config/config.yaml")
+    p.set_defaults(fn=_check)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ShardwiseError as exc:
+        print(f"shardwise: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Typed, validated workflow configuration.
+
+`workflow/schemas/config.schema.yaml` is the single source of truth for keys, types, descriptions
+and defaults. `load_config` validates a raw config mapping against it, fills in the defaults and
+returns frozen dataclasses. Every problem is reported as one line naming the config file and the
+key path, e.g. ``config/config.yaml: generate.shards.n_shards: 0 is less than the minimum of 1``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from shardwise.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@cache
+def schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _resolve(node: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Follow a local ``$ref`` ("#/definitions/...") to the schema node it names."""
+    while "$ref" in node:
+        target: Any = root
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def _fill_defaults(instance: Any, node: Mapping[str, Any], root: Mapping[str, Any]) -> None:
+    """Insert the defaults declared *directly* on each property (not through a ``$ref``).
+
+    Per-run overrides refer to the sampling keys by ``$ref`` without a default of their own, so
+    they stay absent and inherit the shared value instead of a schema default.
+    """
+    node = _resolve(node, root)
+    if not isinstance(instance, dict):
+        return
+    for key, sub in node.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            _fill_defaults(instance[key], sub, root)
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in instance.items():
+            if key not in node.get("properties", {}):
+                _fill_defaults(value, extra, root)
+
+
+def _key_path(path: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _one_line(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        where = _key_path(error.absolute_path)
+        keys = ", ".join(repr(k) for k in extra)
+        return f"{where}: unknown key {keys}{hint}"
+    return f"{_key_path(error.absolute_path)}: {error.message}"
+
+
+def validate(raw: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate `raw` against the schema; return a deep copy with defaults filled in."""
+    instance = copy.deepcopy(dict(raw))
+    validator = jsonschema.Draft7Validator(schema())
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError(f"{source}: {_one_line(errors[0])}")
+    _fill_defaults(instance, schema(), schema())
+    return instance
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    n_shards: int
+    shards_per_job: int
+    gpus_per_shard: int
+    chunk_size: int
+
+    @property
+    def n_jobs(self) -> int:
+        return -(-self.n_shards // self.shards_per_job)
+
+    def job_shards(self, job: int) -> list[int]:
+        """The shard indices that job `job` runs."""
+        if not 0 <= job < self.n_jobs:
+            raise ValueError(f"job {job} out of range [0, {self.n_jobs})")
+        start = job * self.shards_per_job
+        return list(range(start, min(start + self.shards_per_job, self.n_shards)))
+
+    @property
+    def gpus_per_job(self) -> int:
+        return self.shards_per_job * self.gpus_per_shard
+
+    def content_params(self) -> dict[str, int]:
+        """What changes a shard's content (and so its fingerprint); chunking and packing do not."""
+        return {"n_shards": self.n_shards}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    dtype: str = "auto"
+    id: str | None = None
+    revision: str = "main"
+    path: str | None = None
+    package: str | None = None
+    file: str | None = None
+
+    def describe(self) -> str:
+        if self.source == "hf":
+            return f"{self.id}@{self.revision}"
+        if self.source == "local":
+            return str(self.path)
+        return f"{self.package}/{self.file}"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    samples_per_prompt: int
+    max_new_tokens: int
+    min_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class GenerateRun:
+    """One generation output: weights `model` sampled with `sampling`."""
+
+    name: str
+    model: str
+    sampling: Sampling
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    prompts: Path
+    runs: dict[str, GenerateRun]
+    batch_size: int
+    shards: ShardSpec
+
+
+@dataclass(frozen=True)
+class Config:
+    models: dict[str, ModelSpec]
+    generate: GenerateConfig
+    hf_home: str | None
+    resolved: dict[str, Any] = field(repr=False, compare=False)
+
+    def model(self, name: str) -> ModelSpec:
+        return self.models[name]
+
+
+_MODEL_FIELDS = {"hf": ("id",), "local": ("path",), "package": ("package", "file")}
+
+
+def _model_spec(name: str, raw: Mapping[str, Any], source: str) -> ModelSpec:
+    missing = [k for k in _MODEL_FIELDS[raw["source"]] if not raw.get(k)]
+    if missing:
+        raise ConfigError(
+            f"{source}: models.{name}: source {raw['source']!r} needs key(s) {', '.join(missing)}"
+        )
+    return ModelSpec(name=name, **raw)
+
+
+def load_config(raw: Mapping[str, Any], source: str = "config", base_dir: Path | None = None) -> Config:
+    """Validate `raw` and build the typed config. Relative paths are relative to `base_dir`."""
+    resolved = validate(raw, source)
+    base = base_dir or Path.cwd()
+    models = {n: _model_spec(n, m, source) for n, m in resolved["models"].items()}
+
+    gen = resolved["generate"]
+    shared = gen["sampling"]
+    runs: dict[str, GenerateRun] = {}
+    for run_name, overrides in gen["models"].items():
+        weights = overrides.get("model", run_name)
+        if weights not in models:
+            known = ", ".join(sorted(models)) or "none"
+            raise ConfigError(
+                f"{source}: generate.models.{run_name}: unknown model {weights!r} (models defined: {known})"
+            )
+        sampling = Sampling(**{k: overrides.get(k, v) for k, v in shared.items()})
+        runs[run_name] = GenerateRun(name=run_name, model=weights, sampling=sampling)
+
+    prompts = Path(gen["prompts"])
+    generate = GenerateConfig(
+        prompts=prompts if prompts.is_absolute() else base / prompts,
+        runs=runs,
+        batch_size=gen["batch_size"],
+        shards=ShardSpec(**gen["shards"]),
+    )
+    return Config(models=models, generate=generate, hf_home=resolved["hf_home"], resolved=resolved)
+
+
+def load_config_file(path: str | Path) -> Config:
+    """Load a YAML config file the way the workflow does (relative paths from the cwd)."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return load_config(raw, source=str(path))

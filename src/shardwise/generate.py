@@ -1,0 +1,276 @@
+"""Stage `generate`: sample continuations of prompts, sharded (design.md §3 "Generations").
+
+Output per generation run: ``results/generations/<run>.parquet`` with one row per
+(prompt, sample): prompt_id, sample_id, prompt, continuation, n_prompt_tokens, n_new_tokens,
+finish_reason ("stop": the model ended it; "length": max_new_tokens reached), seed, and the prompt
+table's extra columns.
+
+Reproducibility: each (prompt_id, sample_id) has its own random stream (:func:`row_seed`), and
+sampling draws one uniform number per step from that stream (:class:`SeededSampler`, inverse-CDF
+over the filtered distribution). Which other rows share the batch, the batch size, `n_shards` and
+`shards_per_job` therefore do not change the texts, up to floating-point differences in the logits
+themselves between batch shapes (which would flip a token only when a draw lands within ~1e-7 of a
+token boundary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from shardwise.config import Config, Sampling, load_config
+from shardwise.fingerprint import code_version, sha256_file
+from shardwise.models import load_model, read_record
+from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, atomic_path, run_job, verify
+from shardwise.tables import load_prompts
+
+log = logging.getLogger(__name__)
+
+STAGE = "generate"
+CODE = ("shardwise.generate", "shardwise.shards", "shardwise.models", "shardwise.tables")
+CODEC = ParquetCodec()
+COLUMNS = [
+    "prompt_id",
+    "sample_id",
+    "prompt",
+    "continuation",
+    "n_prompt_tokens",
+    "n_new_tokens",
+    "finish_reason",
+    "seed",
+]
+
+
+def row_seed(base: int, prompt_id: Any, sample_id: int) -> int:
+    """The seed of one (prompt_id, sample_id): independent of shards, batches and order."""
+    digest = hashlib.sha256(f"{base}\x1f{prompt_id}\x1f{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class SeededSampler:
+    """A logits processor that samples each row from its own random stream.
+
+    Applies temperature, min_new_tokens (EOS suppressed), top-k and top-p, then picks the token
+    whose cumulative probability (over token ids in order) first reaches the row's uniform draw for
+    this step, and returns logits that are 0 for that token and -inf elsewhere, so that greedy
+    decoding emits exactly it.
+    """
+
+    def __init__(self, uniforms: Any, prompt_len: int, sampling: Sampling, eos_ids: list[int]):
+        self.uniforms = uniforms  # [batch, max_new_tokens] float64 tensor
+        self.prompt_len = prompt_len
+        self.s = sampling
+        self.eos_ids = eos_ids
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        step = input_ids.shape[1] - self.prompt_len
+        logits = scores.float() / self.s.temperature
+        if step < self.s.min_new_tokens and self.eos_ids:
+            logits[:, self.eos_ids] = float("-inf")
+        if self.s.top_k > 0:
+            kth = torch.topk(logits, min(self.s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if self.s.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+            drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= self.s.top_p  # keeps >= 1 token
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            probs = probs.masked_fill(drop, 0.0)
+        cdf = probs.double().cumsum(-1)
+        u = self.uniforms[:, step].to(cdf.device).unsqueeze(-1) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u).clamp_(max=probs.shape[-1] - 1)
+        # never land on a zero-probability token at the top of the CDF's flat tail
+        token = torch.where(probs.gather(-1, token) > 0, token, probs.argmax(-1, keepdim=True))
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, token, 0.0)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if i is not None]
+
+
+def generate_table(
+    model: Any,
+    tokenizer: Any,
+    prompts: pd.DataFrame,
+    sampling: Sampling,
+    batch_size: int,
+    device: str = "cpu",
+    progress: Any = None,
+) -> pd.DataFrame:
+    """Sample `sampling.samples_per_prompt` continuations of each prompt; rows in prompt order."""
+    import torch
+    from transformers import GenerationConfig
+
+    k = sampling.samples_per_prompt
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    encoded = [tokenizer(p).input_ids for p in prompts["prompt"]]
+    order = sorted(range(len(encoded)), key=lambda j: len(encoded[j]))  # stable
+    rows = [(j, s) for j in order for s in range(k)]
+    ids_col = list(prompts["prompt_id"])
+    gen_config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=sampling.max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids,
+    )
+    results: dict[tuple[int, int], dict[str, Any]] = {}
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b : b + batch_size]
+        width = max(len(encoded[j]) for j, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, (j, _) in enumerate(batch):  # left padding
+            n = len(encoded[j])
+            input_ids[r, width - n :] = torch.tensor(encoded[j])
+            mask[r, width - n :] = 1
+        seeds = [row_seed(sampling.seed, ids_col[j], s) for j, s in batch]
+        uniforms = torch.from_numpy(
+            np.stack([np.random.default_rng(seed).random(sampling.max_new_tokens) for seed in seeds])
+        )
+        sampler = SeededSampler(uniforms, width, sampling, eos_ids)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=gen_config,
+                logits_processor=[sampler],
+            )
+        new = out[:, width:].cpu().tolist()
+        for r, (j, s) in enumerate(batch):
+            tokens = new[r]
+            stop = next((t for t, tok in enumerate(tokens) if tok in eos_ids), None)
+            content = tokens if stop is None else tokens[:stop]
+            results[(j, s)] = {
+                "continuation": tokenizer.decode(content, skip_special_tokens=True),
+                "n_prompt_tokens": len(encoded[j]),
+                "n_new_tokens": len(content),
+                "finish_reason": "length" if stop is None else "stop",
+                "seed": seeds[r],
+            }
+        if progress is not None:
+            progress.update(len(batch))
+
+    extra = [c for c in prompts.columns if c not in ("prompt_id", "prompt")]
+    records = []
+    for j in range(len(prompts)):
+        base = prompts.iloc[j]
+        for s in range(k):
+            records.append(
+                {
+                    "prompt_id": base["prompt_id"],
+                    "sample_id": s,
+                    "prompt": base["prompt"],
+                    **results[(j, s)],
+                    **{c: base[c] for c in extra},
+                }
+            )
+    return pd.DataFrame.from_records(records, columns=COLUMNS + extra)
+
+
+# --------------------------------------------------------------------------- shard plumbing
+
+
+def make_plan(
+    cfg: Config,
+    run_name: str,
+    model_dir: str | Path,
+    n_items: int | None = None,
+    results: str | Path = "results",
+    logs: str | Path = "logs",
+) -> ShardPlan:
+    run = cfg.generate.runs[run_name]
+    if n_items is None:
+        n_items = len(load_prompts(cfg.generate.prompts))
+    identity = {
+        "sampling": asdict(run.sampling),
+        "model": read_record(model_dir)["identity"],
+        "prompts_sha256": sha256_file(cfg.generate.prompts),
+        "code": code_version(*CODE),
+    }
+    return ShardPlan(
+        stage=STAGE,
+        key=run_name,
+        n_items=n_items,
+        spec=cfg.generate.shards,
+        identity=identity,
+        root=Path(results) / "generations" / run_name,
+        log_dir=Path(logs) / STAGE / run_name,
+        ext=CODEC.ext,
+    )
+
+
+def compute_shard(ctx: ShardContext) -> None:
+    """Worker body: generate the shard's pending chunks and commit each one."""
+    from tqdm import tqdm
+
+    a = ctx.args
+    chunks = ctx.pending_chunks()
+    if not chunks:
+        return
+    prompts = load_prompts(a["prompts"])
+    sampling = Sampling(**a["sampling"])
+    model, tokenizer = load_model(
+        a["model_dir"], ctx.device, a["dtype"], device_map="auto" if ctx.n_gpus > 1 else None
+    )
+    device = str(model.device)
+    total = sum(len(c) for c in chunks) * sampling.samples_per_prompt
+    started, new_tokens = time.perf_counter(), 0
+    with tqdm(total=total, unit="seq", mininterval=5, desc=f"shard {ctx.index}") as bar:
+        for chunk in chunks:
+            part = prompts.iloc[chunk.start : chunk.stop]
+            table = generate_table(model, tokenizer, part, sampling, a["batch_size"], device, progress=bar)
+            ctx.commit(chunk, table)
+            new_tokens += int(table["n_new_tokens"].sum())
+    seconds = time.perf_counter() - started
+    ctx.stats.update(
+        sequences=total,
+        new_tokens=new_tokens,
+        generate_seconds=round(seconds, 2),
+        new_tokens_per_s=round(new_tokens / seconds, 1),
+    )
+
+
+def job(smk: Any) -> None:
+    """Snakemake rule `generate`: run one job's shards and write its manifest."""
+    cfg = load_config(smk.config)
+    run = cfg.generate.runs[smk.wildcards.model]
+    plan = make_plan(cfg, run.name, smk.input.model)
+    args = {
+        "prompts": str(cfg.generate.prompts),
+        "sampling": asdict(run.sampling),
+        "model_dir": str(smk.input.model),
+        "dtype": cfg.models[run.model].dtype,
+        "batch_size": cfg.generate.batch_size,
+    }
+    run_job(plan, int(smk.wildcards.job), compute_shard, CODEC, args, smk.output[0], threads=smk.threads)
+
+
+def merge(smk: Any) -> None:
+    """Snakemake rule `merge_generations`: verify all shards and write the run's table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = load_config(smk.config)
+    plan = make_plan(cfg, smk.wildcards.model, smk.input.model)
+    paths = verify(plan, smk.input.manifests)
+    table = pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
+    out = Path(smk.output[0])
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
+    log.info("merged %d shards, %d rows -> %s", len(paths), table.num_rows, out)

@@ -1,0 +1,612 @@
+"""The shard mechanism shared by every sharded stage (design.md §2).
+
+Vocabulary: a stage's work is a table of *items* cut into `n_shards` contiguous row ranges
+(:func:`shard_ranges`, deterministic). A Snakemake *job* runs `shards_per_job` shards, one
+submitit worker per shard, each pinned to its own `gpus_per_shard` GPUs (:func:`run_job`).
+
+Shard store, per stage output (`root`, e.g. ``results/generations/<model>``)::
+
+    root/shards/<run fingerprint>/plan.json                  what this run is (for `shardwise status`)
+    root/shards/<run fingerprint>/0001-of-0004.parquet       the shard's data (final name = complete)
+    root/shards/<run fingerprint>/0001-of-0004.json          its record, written last = "done"
+    root/shards/<run fingerprint>/0001-of-0004.status.json   running / failed (pid, host, error)
+    root/shards/<run fingerprint>/0001-of-0004.parts/        committed chunks of an unfinished shard
+
+The *run fingerprint* hashes everything that determines the content (stage, params, model identity,
+input hash, code version, number of items, `n_shards`); a shard's own fingerprint adds its index
+and row range. Every file is written to a temporary name in its directory and `os.replace`d, so no
+partial file ever has a final name. A shard is done when its record exists, names the current
+fingerprint and its data file has the recorded size: a rerun skips done shards, and a shard that
+was killed resumes from its last committed chunk.
+
+The job's declared Snakemake output is a manifest (JSON) listing its shards' records. The merge
+(:func:`verify`) checks every manifest and shard against the current plan: fingerprints, sha256
+checksums, and row ranges covering the items exactly once; anything else is refused, naming the shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from shardwise import __version__
+from shardwise.config import ShardSpec
+from shardwise.errors import ShardError
+from shardwise.fingerprint import sha256_file, stable_hash
+from shardwise.smk import export_package_path
+
+log = logging.getLogger(__name__)
+
+TAIL_LINES = 20
+
+
+def shard_ranges(n_items: int, n_shards: int) -> list[range]:
+    """Cut [0, n_items) into `n_shards` contiguous ranges; the first ones get one extra item."""
+    if n_shards < 1:
+        raise ValueError("n_shards must be >= 1")
+    size, extra = divmod(n_items, n_shards)
+    ranges, start = [], 0
+    for i in range(n_shards):
+        stop = start + size + (1 if i < extra else 0)
+        ranges.append(range(start, stop))
+        start = stop
+    return ranges
+
+
+def chunk_ranges(rows: range, chunk_size: int) -> list[range]:
+    """Cut a shard's rows into commit chunks (fixed boundaries from the shard start)."""
+    return [range(a, min(a + chunk_size, rows.stop)) for a in range(rows.start, rows.stop, chunk_size)]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same directory and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success move it to `path`, else delete it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Codec(Protocol):
+    """How a stage's chunks are written and joined into a shard file."""
+
+    ext: str
+
+    def write(self, obj: Any, path: Path) -> None: ...
+
+    def combine(self, parts: Sequence[Path], path: Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Everything that fixes a stage output's shards: what they hold, where they live."""
+
+    stage: str
+    key: str
+    n_items: int
+    spec: ShardSpec
+    identity: dict[str, Any]
+    root: Path
+    log_dir: Path
+    ext: str
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.n_items < 1:
+            raise ShardError(f"{self.stage}/{self.key}: no items to shard")
+        if self.spec.n_shards > self.n_items:
+            raise ShardError(
+                f"{self.stage}/{self.key}: n_shards ({self.spec.n_shards}) exceeds the number "
+                f"of items ({self.n_items})"
+            )
+        content = {
+            "stage": self.stage,
+            "key": self.key,
+            "n_items": self.n_items,
+            **self.spec.content_params(),
+            "identity": self.identity,
+        }
+        object.__setattr__(self, "fingerprint", stable_hash(content)[:16])
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}/{self.key}"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "shards" / self.fingerprint
+
+    def ranges(self) -> list[range]:
+        return shard_ranges(self.n_items, self.spec.n_shards)
+
+    def _stem(self, i: int) -> str:
+        return f"{i:04d}-of-{self.spec.n_shards:04d}"
+
+    def shard_path(self, i: int) -> Path:
+        return self.store / f"{self._stem(i)}.{self.ext}"
+
+    def record_path(self, i: int) -> Path:
+        return self.store / f"{self._stem(i)}.json"
+
+    def status_path(self, i: int) -> Path:
+        return self.store / f"{self._stem(i)}.status.json"
+
+    def parts_dir(self, i: int) -> Path:
+        return self.store / f"{self._stem(i)}.parts"
+
+    def log_path(self, i: int) -> Path:
+        return self.log_dir / f"shard-{i:04d}.log"
+
+    def shard_fingerprint(self, i: int) -> str:
+        rows = self.ranges()[i]
+        return stable_hash({"run": self.fingerprint, "index": i, "rows": [rows.start, rows.stop]})[:16]
+
+    def read_record(self, i: int) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.record_path(i).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def is_done(self, i: int) -> bool:
+        """Done = record at its final name, current fingerprint, data file of the recorded size."""
+        record = self.read_record(i)
+        if record is None or record.get("fingerprint") != self.shard_fingerprint(i):
+            return False
+        path = self.shard_path(i)
+        return path.is_file() and path.stat().st_size == record.get("bytes")
+
+    def write_plan_file(self) -> None:
+        path = self.store / "plan.json"
+        if not path.exists():
+            atomic_write_json(
+                path,
+                {
+                    "stage": self.stage,
+                    "key": self.key,
+                    "n_items": self.n_items,
+                    "spec": asdict(self.spec),
+                    "identity": self.identity,
+                    "fingerprint": self.fingerprint,
+                    "log_dir": str(self.log_dir),
+                    "ext": self.ext,
+                    "version": __version__,
+                },
+            )
+
+
+# --------------------------------------------------------------------------- inside a worker
+
+
+def _slurm_job_id() -> str | None:
+    return os.environ.get("SLURM_JOB_ID")
+
+
+@dataclass
+class ShardContext:
+    """What a stage's compute function gets inside its worker process."""
+
+    plan: ShardPlan
+    index: int
+    codec: Codec
+    args: dict[str, Any]
+    threads: int
+    started: float = field(default_factory=time.time)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> range:
+        return self.plan.ranges()[self.index]
+
+    @property
+    def n_gpus(self) -> int:
+        return self.plan.spec.gpus_per_shard
+
+    @property
+    def device(self) -> str:
+        return "cuda:0" if self.n_gpus > 0 else "cpu"
+
+    def _part_path(self, chunk: range) -> Path:
+        return self.plan.parts_dir(self.index) / f"{chunk.start:09d}-{chunk.stop:09d}.{self.plan.ext}"
+
+    def pending_chunks(self) -> list[range]:
+        """The shard's chunks that no earlier attempt committed (in order)."""
+        chunks = chunk_ranges(self.rows, self.plan.spec.chunk_size)
+        pending = [c for c in chunks if not self._part_path(c).is_file()]
+        if len(pending) < len(chunks):
+            log.info("resuming: %d of %d chunks already committed", len(chunks) - len(pending), len(chunks))
+        return pending
+
+    def commit(self, chunk: range, obj: Any) -> None:
+        """Write one chunk's result under its final part name (atomically)."""
+        with atomic_path(self._part_path(chunk)) as tmp:
+            self.codec.write(obj, tmp)
+
+    def finish(self) -> dict[str, Any]:
+        """Join the committed chunks into the shard file, then write its record (= done)."""
+        chunks = chunk_ranges(self.rows, self.plan.spec.chunk_size)
+        parts = [self._part_path(c) for c in chunks]
+        missing = [p.name for p in parts if not p.is_file()]
+        if missing:
+            raise ShardError(f"{self.plan.name} shard {self.index}: chunks not committed: {missing}")
+        path = self.plan.shard_path(self.index)
+        with atomic_path(path) as tmp:
+            self.codec.combine(parts, tmp)
+        rows = self.rows
+        record = {
+            "stage": self.plan.stage,
+            "key": self.plan.key,
+            "index": self.index,
+            "n_shards": self.plan.spec.n_shards,
+            "rows": [rows.start, rows.stop],
+            "n_rows": len(rows),
+            "fingerprint": self.plan.shard_fingerprint(self.index),
+            "run_fingerprint": self.plan.fingerprint,
+            "file": path.name,
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+            "host": socket.gethostname(),
+            "device": _device_name(self.n_gpus),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "slurm_job_id": _slurm_job_id(),
+            "pid": os.getpid(),
+            "start": self.started,
+            "end": time.time(),
+            "version": __version__,
+            "stats": self.stats,
+        }
+        atomic_write_json(self.plan.record_path(self.index), record)
+        for part in parts:
+            part.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.plan.parts_dir(self.index).rmdir()
+        return record
+
+
+def _device_name(n_gpus: int) -> str:
+    if n_gpus == 0:
+        return "cpu"
+    import torch
+
+    return ", ".join(torch.cuda.get_device_name(d) for d in range(torch.cuda.device_count()))
+
+
+ComputeFn = Callable[[ShardContext], None]
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard's work order, pickled by submitit to its worker process."""
+
+    plan: ShardPlan
+    index: int
+    codec: Codec
+    compute: ComputeFn
+    args: dict[str, Any]
+    cuda_visible_devices: str
+    threads: int
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when its parent (submitit's controller) dies."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _redirect_output(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("submitit").propagate = False  # it has its own handler on stderr
+
+
+def _write_status(plan: ShardPlan, index: int, state: str, **extra: Any) -> None:
+    atomic_write_json(
+        plan.status_path(index),
+        {
+            "state": state,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "slurm_job_id": _slurm_job_id(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "time": time.time(),
+            "log": str(plan.log_path(index)),
+            **extra,
+        },
+    )
+
+
+def worker_main(task: ShardTask) -> dict[str, Any]:
+    """Entry point of one worker process (run by submitit): compute one shard, or record why not."""
+    _die_with_parent()
+    os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
+    plan, i = task.plan, task.index
+    _redirect_output(plan.log_path(i))
+    rows = plan.ranges()[i]
+    log.info(
+        "shard %d of %s: rows [%d, %d), fingerprint %s, host %s, CUDA_VISIBLE_DEVICES=%r, threads %d",
+        i,
+        plan.name,
+        rows.start,
+        rows.stop,
+        plan.shard_fingerprint(i),
+        socket.gethostname(),
+        task.cuda_visible_devices,
+        task.threads,
+    )
+    _write_status(plan, i, "running")
+    try:
+        if task.threads > 0:
+            import torch
+
+            torch.set_num_threads(task.threads)
+        ctx = ShardContext(plan=plan, index=i, codec=task.codec, args=task.args, threads=task.threads)
+        task.compute(ctx)
+        record = ctx.finish()
+    except BaseException as exc:
+        log.error("shard %d failed:\n%s", i, traceback.format_exc())
+        _write_status(plan, i, "failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        raise
+    plan.status_path(i).unlink(missing_ok=True)
+    log.info(
+        "shard %d done: %d rows in %.1f s -> %s",
+        i,
+        record["n_rows"],
+        record["end"] - record["start"],
+        plan.shard_path(i),
+    )
+    return record
+
+
+# --------------------------------------------------------------------------- the job runner
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this job may use: its CUDA_VISIBLE_DEVICES (set by SLURM), else all there are."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    try:
+        import torch
+
+        return [str(d) for d in range(torch.cuda.device_count())]
+    except ImportError:
+        return []
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    except FileNotFoundError:
+        return "(no log)\n"
+
+
+def run_job(
+    plan: ShardPlan,
+    job: int,
+    compute: ComputeFn,
+    codec: Codec,
+    args: dict[str, Any],
+    manifest: str | Path,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Run job `job` of `plan`: skip done shards, run the others in parallel workers, write the
+    manifest. Raises ShardError naming each failed shard and its log; other workers finish."""
+    import submitit
+
+    indices = plan.spec.job_shards(job)
+    plan.write_plan_file()
+    pending = [i for i in indices if not plan.is_done(i)]
+    for i in sorted(set(indices) - set(pending)):
+        log.info("shard %d of %s: done, skipped (%s)", i, plan.name, plan.shard_path(i))
+
+    if pending:
+        g = plan.spec.gpus_per_shard
+        gpus = visible_gpus() if g else []
+        if len(gpus) < g * len(pending):
+            raise ShardError(
+                f"{plan.name} job {job}: needs {g * len(pending)} GPU(s) for "
+                f"{len(pending)} shard(s) x gpus_per_shard {g}, sees {len(gpus)}"
+            )
+        export_package_path()  # workers import this same shardwise
+        per_worker = max(1, threads // len(pending))
+        folder = plan.log_dir / "submitit"
+        running = []
+        for k, i in enumerate(pending):
+            mine = gpus[k * g : (k + 1) * g]
+            executor = submitit.LocalExecutor(folder=folder)
+            params: dict[str, Any] = {"timeout_min": 60 * 24 * 14, "gpus_per_node": len(mine)}
+            if mine and all(d.isdigit() for d in mine):
+                params["visible_gpus"] = tuple(int(d) for d in mine)
+            executor.update_parameters(**params)
+            task = ShardTask(
+                plan=plan,
+                index=i,
+                codec=codec,
+                compute=compute,
+                args=args,
+                cuda_visible_devices=",".join(mine),
+                threads=per_worker,
+            )
+            running.append((i, executor.submit(worker_main, task)))
+            log.info(
+                "shard %d of %s: started worker pid %s on %s, log %s",
+                i,
+                plan.name,
+                running[-1][1].job_id,
+                ",".join(mine) or "cpu",
+                plan.log_path(i),
+            )
+
+        def stop_workers(signum: int, _frame: Any) -> None:
+            for _, handle in running:
+                with contextlib.suppress(Exception):
+                    handle._process.send_signal(signal.SIGTERM)  # controller forwards to the worker
+            raise SystemExit(128 + signum)
+
+        previous = {s: signal.signal(s, stop_workers) for s in (signal.SIGTERM, signal.SIGINT)}
+        failures = []
+        try:
+            for i, handle in running:
+                try:
+                    record = handle.result()
+                    log.info("shard %d of %s: done in %.1f s", i, plan.name, record["end"] - record["start"])
+                except Exception as exc:  # FailedJobError, UncompletedJobError (killed worker)
+                    reason = str(exc).strip().splitlines()
+                    failures.append((i, reason[-1] if reason else type(exc).__name__))
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        for i, reason in failures:
+            path = plan.log_path(i)
+            log.error(
+                "shard %d of %s failed: %s\n--- tail of %s ---\n%s",
+                i,
+                plan.name,
+                reason,
+                path,
+                log_tail(path),
+            )
+        if failures:
+            names = "; ".join(f"shard {i} ({plan.log_path(i)})" for i, _ in failures)
+            raise ShardError(
+                f"{plan.name} job {job}: {len(failures)} of {len(pending)} worker(s) "
+                f"failed: {names}. Finished shards are kept; rerun to compute the rest."
+            )
+
+    records = []
+    for i in indices:
+        record = plan.read_record(i)
+        if record is None or not plan.is_done(i):
+            raise ShardError(f"{plan.name} shard {i}: worker returned but the shard is not done")
+        records.append(record)
+    manifest_obj = {
+        "stage": plan.stage,
+        "key": plan.key,
+        "job": job,
+        "run_fingerprint": plan.fingerprint,
+        "store": str(plan.store),
+        "shards": records,
+    }
+    atomic_write_json(Path(manifest), manifest_obj)
+    log.info("%s job %d: %d shard(s) verified, manifest %s", plan.name, job, len(records), manifest)
+    return manifest_obj
+
+
+# --------------------------------------------------------------------------- merge verification
+
+
+def verify(plan: ShardPlan, manifests: Sequence[str | Path]) -> list[Path]:
+    """Check the jobs' manifests against `plan`; return the shard files in row order.
+
+    Refuses, naming the shard: a manifest or shard of another run (stale fingerprint), a missing
+    file, a size or sha256 mismatch (truncated or altered), and row ranges that do not cover
+    [0, n_items) exactly once.
+    """
+    entries: list[tuple[dict[str, Any], Path]] = []
+    for manifest in manifests:
+        try:
+            data = json.loads(Path(manifest).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ShardError(f"{plan.name}: manifest {manifest} unreadable ({exc})") from None
+        for record in data.get("shards", []):
+            entries.append((record, Path(manifest)))
+
+    by_start = sorted(entries, key=lambda e: (e[0]["rows"][0], e[0]["rows"][1]))
+    expected = 0
+    paths = []
+    for record, manifest in by_start:
+        i, (start, stop) = record["index"], record["rows"]
+        label = f"{plan.name} shard {i} ({record.get('file')}, listed in {manifest})"
+        if start < expected:
+            raise ShardError(
+                f"{label}: rows [{start}, {stop}) overlap rows already covered (duplicated row range)"
+            )
+        if start > expected:
+            raise ShardError(
+                f"{plan.name}: rows [{expected}, {start}) are covered by no shard "
+                f"(missing shard before {label})"
+            )
+        if not 0 <= i < plan.spec.n_shards or record["fingerprint"] != plan.shard_fingerprint(i):
+            raise ShardError(
+                f"{label}: stale shard: fingerprint {record['fingerprint']} is not the "
+                f"current one for this config and input; rerun the stage"
+            )
+        path = plan.store / record["file"]
+        if not path.is_file():
+            raise ShardError(f"{label}: file {path} is missing")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise ShardError(
+                f"{label}: {path} has {size} bytes, recorded {record['bytes']} (truncated or altered)"
+            )
+        if sha256_file(path) != record["sha256"]:
+            raise ShardError(f"{label}: {path} fails its sha256 checksum (altered or corrupt)")
+        expected = stop
+        paths.append(path)
+    if expected != plan.n_items:
+        raise ShardError(
+            f"{plan.name}: rows [{expected}, {plan.n_items}) are covered by no shard (missing shard)"
+        )
+    return paths
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+@dataclass(frozen=True)
+class ParquetCodec:
+    """Chunks are pandas DataFrames; a shard is their concatenation as one Parquet file."""
+
+    ext: str = "parquet"
+
+    def write(self, obj: Any, path: Path) -> None:
+        obj.to_parquet(path, index=False)
+
+    def combine(self, parts: Sequence[Path], path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = [pq.read_table(p) for p in parts]
+        pq.write_table(pa.concat_tables(tables, promote_options="default"), path)

@@ -1,0 +1,108 @@
+"""Glue between Snakemake and the package: rule-script entry, parse-time setup, run info."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from shardwise import __version__
+from shardwise.config import Config, load_config
+from shardwise.errors import ShardwiseError
+
+log = logging.getLogger("shardwise")
+
+PACKAGES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "snakemake",
+    "snakemake-executor-plugin-slurm",
+    "submitit",
+    "pandas",
+    "pyarrow",
+    "h5py",
+    "numpy",
+)
+
+
+def export_package_path() -> None:
+    """Put the directory this shardwise was imported from first on PYTHONPATH (for jobs)."""
+    here = str(Path(__file__).resolve().parents[1])
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, *rest])
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit status 1: how every bad input ends."""
+    print(f"shardwise: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def rule_main(smk: Any, fn: Callable[[Any], None]) -> None:
+    """Run a rule's package function with stdout/stderr (fd level) and logging in the rule's log."""
+    log_path = Path(smk.log[0])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        fn(smk)
+    except ShardwiseError as exc:
+        log.error("%s", exc)
+        fail(str(exc))
+
+
+def workflow_config(config: dict[str, Any], configfiles: Iterable[str | Path]) -> Config:
+    """Validate the Snakemake config at parse time; on error print one line and exit 1."""
+    source = ", ".join(str(f) for f in configfiles) or "config"
+    try:
+        return load_config(config, source=source)
+    except ShardwiseError as exc:
+        fail(str(exc))
+        raise  # unreachable; for type checkers
+
+
+def run_info(cfg: Config, stage: str, code: str) -> dict[str, Any]:
+    """What run_info.json records besides the time: the resolved config, versions, code hash."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "stage": stage,
+        "shardwise": __version__,
+        "code_version": code,
+        "python": platform.python_version(),
+        "versions": versions,
+        "config": cfg.resolved,
+    }
+
+
+def write_run_info(smk: Any) -> None:
+    from shardwise.shards import atomic_write_json
+
+    info = dict(smk.params.info)
+    info.update(
+        written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        host=socket.gethostname(),
+        argv=sys.argv[:1],
+        cwd=os.getcwd(),
+    )
+    atomic_write_json(Path(smk.output[0]), info)

@@ -1,0 +1,128 @@
+"""`shardwise status`: per stage output, shards done / running / failed / pending, the failing
+shards' log tails, and the throughput of finished shards. Reads only the shard stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardwise.config import ShardSpec
+from shardwise.shards import ShardPlan, log_tail
+
+
+@dataclass
+class ShardState:
+    index: int
+    state: str  # done | running | failed | pending
+    detail: str = ""
+    record: dict[str, Any] | None = None
+    log: Path | None = None
+
+
+@dataclass
+class RunStatus:
+    plan: ShardPlan
+    shards: list[ShardState] = field(default_factory=list)
+    older_runs: int = 0
+
+    def count(self, state: str) -> int:
+        return sum(s.state == state for s in self.shards)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load_plan(path: Path) -> ShardPlan:
+    data = json.loads(path.read_text())
+    root = path.parents[2]
+    return ShardPlan(
+        stage=data["stage"],
+        key=data["key"],
+        n_items=data["n_items"],
+        spec=ShardSpec(**data["spec"]),
+        identity=data["identity"],
+        root=root,
+        log_dir=Path(data["log_dir"]),
+        ext=data["ext"],
+    )
+
+
+def shard_state(plan: ShardPlan, i: int) -> ShardState:
+    if plan.is_done(i):
+        return ShardState(i, "done", record=plan.read_record(i), log=plan.log_path(i))
+    try:
+        status = json.loads(plan.status_path(i).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ShardState(i, "pending", log=plan.log_path(i))
+    where = f"host {status.get('host')} pid {status.get('pid')}"
+    if status.get("slurm_job_id"):
+        where += f" slurm job {status['slurm_job_id']}"
+    if status["state"] == "failed":
+        return ShardState(i, "failed", f"{status.get('error', '')} ({where})", log=plan.log_path(i))
+    if status.get("host") == socket.gethostname() and not _pid_alive(int(status["pid"])):
+        return ShardState(i, "failed", f"worker died without a word, killed? ({where})", log=plan.log_path(i))
+    return ShardState(i, "running", where, log=plan.log_path(i))
+
+
+def collect(results: str | Path = "results") -> list[RunStatus]:
+    """The newest run of every stage output found under `results`."""
+    by_output: dict[tuple[str, str], list[Path]] = {}
+    for plan_file in Path(results).glob("*/*/shards/*/plan.json"):
+        data = json.loads(plan_file.read_text())
+        by_output.setdefault((data["stage"], data["key"]), []).append(plan_file)
+    runs = []
+    for key in sorted(by_output):
+        files = sorted(by_output[key], key=lambda p: p.stat().st_mtime)
+        plan = load_plan(files[-1])
+        runs.append(
+            RunStatus(
+                plan, [shard_state(plan, i) for i in range(plan.spec.n_shards)], older_runs=len(files) - 1
+            )
+        )
+    return runs
+
+
+def _throughput(run: RunStatus) -> str:
+    records = [s.record for s in run.shards if s.state == "done" and s.record]
+    if not records:
+        return ""
+    seconds = sum(r["end"] - r["start"] for r in records)
+    rows = sum(r["n_rows"] for r in records)
+    text = f"{rows / seconds:.2f} items/s per worker" if seconds > 0 else ""
+    tokens = [r["stats"].get("new_tokens_per_s") for r in records if r.get("stats")]
+    tokens = [t for t in tokens if t]
+    if tokens:
+        text += f", {sum(tokens) / len(tokens):.1f} new tokens/s per worker"
+    return text
+
+
+def render(runs: list[RunStatus], tail: int = 8) -> str:
+    if not runs:
+        return "no shard stores found (nothing has run yet?)\n"
+    lines = []
+    for run in runs:
+        plan = run.plan
+        counts = ", ".join(f"{run.count(s)} {s}" for s in ("done", "running", "failed", "pending"))
+        older = f"  [{run.older_runs} older run(s) kept]" if run.older_runs else ""
+        lines.append(f"{plan.name}: {plan.spec.n_shards} shards ({counts}), run {plan.fingerprint}{older}")
+        speed = _throughput(run)
+        if speed:
+            lines.append(f"  throughput: {speed}")
+        for shard in run.shards:
+            if shard.state in ("running", "failed"):
+                lines.append(f"  shard {shard.index}: {shard.state}: {shard.detail}")
+                if shard.state == "failed" and shard.log is not None:
+                    lines.append(f"    --- last lines of {shard.log} ---")
+                    lines.extend("    " + ln for ln in log_tail(shard.log, tail).splitlines())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,106 @@
+"""Input tables (JSONL / CSV / Parquet): reading with one-line errors, and validation.
+
+Used by every stage that takes a user table: prompts (generate), a text corpus (teacher logits),
+labelled texts (probes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from shardwise.errors import InputError
+
+SUFFIXES = (".jsonl", ".csv", ".parquet")
+
+
+def _decode(path: Path, what: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(f"{what} file {path}: not valid UTF-8 (byte {exc.start}, line {line})") from None
+
+
+def read_table(path: str | Path, what: str = "input") -> pd.DataFrame:
+    """Read a table by its suffix; every failure is an InputError naming the file."""
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise InputError(f"{what} file {path}: unsupported format (use {', '.join(SUFFIXES)})")
+    if not path.is_file():
+        raise InputError(f"{what} file {path}: not found")
+    if path.suffix == ".parquet":
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise InputError(f"{what} file {path}: not a readable Parquet file ({exc})") from None
+    text = _decode(path, what)
+    if path.suffix == ".csv":
+        if not text.strip():
+            raise InputError(f"{what} file {path}: empty")
+        try:
+            from io import StringIO
+
+            return pd.read_csv(StringIO(text), keep_default_na=False, dtype=str)
+        except pd.errors.ParserError as exc:
+            raise InputError(f"{what} file {path}: not valid CSV ({exc})") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{what} file {path}: line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{what} file {path}: line {number}: expected a JSON object")
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _require_text_column(df: pd.DataFrame, column: str, path: Path, what: str, id_col: str) -> None:
+    if column not in df.columns:
+        cols = ", ".join(map(str, df.columns)) or "none"
+        raise InputError(f"{what} file {path}: no {column!r} column (columns: {cols})")
+    values = df[column]
+    bad = values.isna() | ~values.map(lambda v: isinstance(v, str)) | (values.astype(str).str.strip() == "")
+    if bad.any():
+        rows = list(df.index[bad])
+        ids = ", ".join(repr(df[id_col].iloc[r]) for r in rows[:5])
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise InputError(
+            f"{what} file {path}: empty or non-text {column!r} in {len(rows)} row(s): {id_col} {ids}{more}"
+        )
+
+
+def _ensure_ids(df: pd.DataFrame, id_col: str, path: Path, what: str) -> pd.DataFrame:
+    if id_col not in df.columns:
+        return df.assign(**{id_col: range(len(df))})
+    ids = df[id_col]
+    if ids.isna().any():
+        row = int(df.index[ids.isna()][0])
+        raise InputError(f"{what} file {path}: missing {id_col} in row {row}")
+    dup = ids.duplicated(keep=False)
+    if dup.any():
+        first = ids[dup].iloc[0]
+        rows = list(df.index[ids == first])
+        raise InputError(
+            f"{what} file {path}: duplicate {id_col} {first!r} (rows {', '.join(map(str, rows))})"
+        )
+    return df
+
+
+def load_prompts(path: str | Path) -> pd.DataFrame:
+    """The validated prompts table: `prompt_id` (unique; the row number when absent), `prompt`,
+    and any extra columns, in file order."""
+    path = Path(path)
+    df = read_table(path, "prompts")
+    if len(df) == 0:
+        raise InputError(f"prompts file {path}: no rows")
+    df = _ensure_ids(df.reset_index(drop=True), "prompt_id", path, "prompts")
+    _require_text_column(df, "prompt", path, "prompts", "prompt_id")
+    front = ["prompt_id", "prompt"]
+    return df[front + [c for c in df.columns if c not in front]]

@@ -1,0 +1,73 @@
+# Validation, input functions and wildcard constraints shared by every stage.
+import sys
+from pathlib import Path
+
+# The workflow uses the shardwise package next to it (src/), in this process and, through
+# PYTHONPATH, in every job: an installed copy of another version cannot shadow it.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from shardwise.smk import export_package_path
+
+export_package_path()
+
+from shardwise import generate as _generate
+from shardwise.errors import ShardwiseError
+from shardwise.fingerprint import code_version
+from shardwise.models import check_source
+from shardwise.smk import fail, run_info, workflow_config
+from shardwise.tables import load_prompts
+
+CFG = workflow_config(config, workflow.configfiles)
+GEN = CFG.generate
+ENV = "../../envs/shardwise.yaml"
+
+
+def _check_inputs():
+    """Fail at parse time (also in a dry run), one line, before any job can start."""
+    try:
+        for run in GEN.runs.values():
+            check_source(CFG.models[run.model])
+        if GEN.runs:
+            n_prompts = len(load_prompts(GEN.prompts))
+            if GEN.shards.n_shards > n_prompts:
+                fail(
+                    f"generate.shards.n_shards ({GEN.shards.n_shards}) exceeds the "
+                    f"number of prompts ({n_prompts}) in {GEN.prompts}"
+                )
+    except ShardwiseError as exc:
+        fail(str(exc))
+
+
+_check_inputs()
+
+
+wildcard_constraints:
+    job=r"\d{4}",
+    model="|".join(GEN.runs) or "no-generation-runs",
+    name="|".join(CFG.models) or "no-models",
+
+
+def model_dir(name):
+    return f"resources/models/{name}"
+
+
+def generation_model_dir(wildcards):
+    return model_dir(GEN.runs[wildcards.model].model)
+
+
+def generate_manifests(wildcards):
+    return expand(
+        "results/generations/{model}/jobs/job-{job:04d}.json",
+        model=wildcards.model,
+        job=range(GEN.shards.n_jobs),
+    )
+
+
+def generate_code():
+    return code_version(*_generate.CODE)
+
+
+def generation_outputs():
+    return expand("results/generations/{model}.parquet", model=GEN.runs) + [
+        "results/generations/run_info.json"
+    ]
