@@ -377,10 +377,8 @@ def worker_main(task: ShardTask) -> dict[str, Any]:
     )
     _write_status(plan, i, "running")
     try:
-        if task.threads > 0:
-            import torch
-
-            torch.set_num_threads(task.threads)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(task.threads)  # read by torch/numpy when the stage imports them
         ctx = ShardContext(plan=plan, index=i, codec=task.codec, args=task.args, threads=task.threads)
         task.compute(ctx)
         record = ctx.finish()

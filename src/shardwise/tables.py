@@ -61,10 +61,14 @@ def read_table(path: str | Path, what: str = "input") -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def _require_text_column(df: pd.DataFrame, column: str, path: Path, what: str, id_col: str) -> None:
+def _require_column(df: pd.DataFrame, column: str, path: Path, what: str) -> None:
     if column not in df.columns:
         cols = ", ".join(map(str, df.columns)) or "none"
         raise InputError(f"{what} file {path}: no {column!r} column (columns: {cols})")
+
+
+def _require_text_column(df: pd.DataFrame, column: str, path: Path, what: str, id_col: str) -> None:
+    _require_column(df, column, path, what)
     values = df[column]
     bad = values.isna() | ~values.map(lambda v: isinstance(v, str)) | (values.astype(str).str.strip() == "")
     if bad.any():
@@ -100,6 +104,7 @@ def load_prompts(path: str | Path) -> pd.DataFrame:
     df = read_table(path, "prompts")
     if len(df) == 0:
         raise InputError(f"prompts file {path}: no rows")
+    _require_column(df, "prompt", path, "prompts")
     df = _ensure_ids(df.reset_index(drop=True), "prompt_id", path, "prompts")
     _require_text_column(df, "prompt", path, "prompts", "prompt_id")
     front = ["prompt_id", "prompt"]

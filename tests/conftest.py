@@ -1,0 +1,171 @@
+"""Shared fixtures: tiny random models, prompt files, and Snakemake on a copy of the workflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COPIED = ("Snakefile", "workflow", "scripts", "src", "profiles", "envs", "config")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+def make_tiny_model(path: Path, seed: int = 0, vocab_size: int = 320) -> Path:
+    """A random 2-layer Llama with a byte-level BPE tokenizer trained on the demo prompts."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["prompt"] for line in (REPO / "config/demo/prompts.jsonl").open()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>", "<bos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.bos_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model directory as a user would have it (source: local)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model prepared (resources/models/<name>/ layout, with its record)."""
+    from shardwise.config import ModelSpec
+    from shardwise.models import prepare_model
+
+    dest = tmp_path_factory.mktemp("prepared") / "tiny"
+    prepare_model(ModelSpec(name="tiny", source="local", path=str(tiny_model_src)), dest)
+    return dest
+
+
+def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "a", "cat", "dog", "ran", "over", "under", "big", "small", "house", "river", "quickly", "slowly", "why", "how", "when"]
+    with open(path, "w") as fh:
+        for i in range(n):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+            fh.write(json.dumps({"prompt_id": f"p{i:03d}", "prompt": text, "extra": i}) + "\n")
+    return path
+
+
+def tiny_config(model_path: Path, prompts: str = "config/prompts.jsonl", **generate: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "models": {"tiny": {"source": "local", "path": str(model_path)}},
+        "generate": {
+            "prompts": prompts,
+            "models": {"tiny": {}},
+            "sampling": {"samples_per_prompt": 2, "max_new_tokens": 8, "seed": 3},
+            "batch_size": 8,
+            "shards": {"n_shards": 2, "shards_per_job": 1, "gpus_per_shard": 0, "chunk_size": 8},
+        },
+    }
+    for key, value in generate.items():
+        if isinstance(value, dict):
+            cfg["generate"].setdefault(key, {}).update(value)
+        else:
+            cfg["generate"][key] = value
+    return cfg
+
+
+class Workflow:
+    """A copy of the workflow in a temporary directory, run with Snakemake in a subprocess."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def write_config(self, cfg: dict[str, Any]) -> None:
+        (self.root / "config/config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+
+    def run(self, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            self.cmd(*args), cwd=self.root, capture_output=True, text=True, timeout=timeout, env=self.env()
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            self.cmd(*args),
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env(),
+        )
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)  # the workflow must find its own package
+        env["HF_HUB_OFFLINE"] = "1"
+        return env
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+
+def copy_workflow(dest: Path) -> Workflow:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
+    return Workflow(dest)
+
+
+@pytest.fixture
+def workflow_copy(tmp_path: Path) -> Workflow:
+    return copy_workflow(tmp_path / "wf")

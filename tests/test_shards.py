@@ -1,0 +1,239 @@
+"""The shard mechanism with a model-free stage: ranges, fingerprints, the runner, resume, merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shardwise.config import ShardSpec
+from shardwise.errors import ShardError
+from shardwise.shards import (
+    ParquetCodec,
+    ShardContext,
+    ShardPlan,
+    chunk_ranges,
+    run_job,
+    shard_ranges,
+    verify,
+)
+from shardwise.status import collect, render
+
+TESTS = Path(__file__).resolve().parent
+
+
+def compute_double(ctx: ShardContext) -> None:
+    """A stage: value = 2 x row; logs every chunk it computes; can fail or die on request."""
+    a = ctx.args
+    for chunk in ctx.pending_chunks():
+        with open(a["trace"], "a") as fh:
+            fh.write(f"{ctx.index} {chunk.start} {chunk.stop}\n")
+        if ctx.index == a.get("fail_shard"):
+            raise RuntimeError(f"boom in shard {ctx.index}")
+        marker = Path(a.get("died_marker", "/nonexistent"))
+        if ctx.index == a.get("die_shard") and chunk.start >= a["die_at"] and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        ctx.commit(chunk, pd.DataFrame({"row": list(chunk), "value": [2 * r for r in chunk]}))
+
+
+def make_plan(tmp_path: Path, n_items: int = 20, n_shards: int = 3, shards_per_job: int = 3, **identity):
+    spec = ShardSpec(n_shards=n_shards, shards_per_job=shards_per_job, gpus_per_shard=0, chunk_size=3)
+    return ShardPlan(
+        stage="double",
+        key="k",
+        n_items=n_items,
+        spec=spec,
+        identity={"input": "abc", **identity},
+        root=tmp_path / "results" / "double" / "k",
+        log_dir=tmp_path / "logs" / "double" / "k",
+        ext="parquet",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _workers_import_this_module(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+
+
+def run(plan, tmp_path, job=0, **args):
+    args = {"trace": str(tmp_path / "trace.txt"), **args}
+    manifest = tmp_path / "results" / "double" / "k" / "jobs" / f"job-{job:04d}.json"
+    return run_job(plan, job, compute_double, ParquetCodec(), args, manifest, threads=2), manifest
+
+
+def traced(tmp_path) -> list[tuple[int, int, int]]:
+    path = tmp_path / "trace.txt"
+    if not path.exists():
+        return []
+    return [tuple(map(int, line.split())) for line in path.read_text().splitlines()]
+
+
+def mtimes(plan: ShardPlan, indices) -> dict[int, int]:
+    return {i: plan.shard_path(i).stat().st_mtime_ns for i in indices}
+
+
+@given(st.integers(min_value=1, max_value=500), st.integers(min_value=1, max_value=64))
+def test_shard_ranges_cover_items_once_and_are_balanced(n_items, n_shards):
+    ranges = shard_ranges(n_items, n_shards)
+    assert len(ranges) == n_shards
+    assert [r for rng in ranges for r in rng] == list(range(n_items))
+    assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+    assert ranges == shard_ranges(n_items, n_shards)
+
+
+def test_chunks_tile_a_shard():
+    assert chunk_ranges(range(5, 12), 3) == [range(5, 8), range(8, 11), range(11, 12)]
+
+
+def test_fingerprint_depends_on_content_not_on_packing(tmp_path):
+    base = make_plan(tmp_path)
+    assert make_plan(tmp_path).fingerprint == base.fingerprint
+    assert make_plan(tmp_path, n_shards=4).fingerprint != base.fingerprint
+    assert make_plan(tmp_path, n_items=21).fingerprint != base.fingerprint
+    assert make_plan(tmp_path, model="other").fingerprint != base.fingerprint
+    repacked = replace(base, spec=replace(base.spec, shards_per_job=1, chunk_size=7))
+    assert repacked.fingerprint == base.fingerprint
+    assert len({base.shard_fingerprint(i) for i in range(3)}) == 3
+
+
+def test_plan_refuses_more_shards_than_items(tmp_path):
+    with pytest.raises(ShardError, match=r"n_shards \(3\) exceeds the number of items \(2\)"):
+        make_plan(tmp_path, n_items=2)
+
+
+def test_job_runs_its_shards_and_merge_verifies_them(tmp_path):
+    plan = make_plan(tmp_path)
+    manifest, path = run(plan, tmp_path)
+    assert [s["index"] for s in manifest["shards"]] == [0, 1, 2]
+    assert [s["rows"] for s in manifest["shards"]] == [[0, 7], [7, 14], [14, 20]]
+    files = verify(plan, [path])
+    merged = pd.concat([pd.read_parquet(f) for f in files])
+    assert list(merged.row) == list(range(20))
+    assert list(merged.value) == [2 * r for r in range(20)]
+    record = json.loads(plan.record_path(1).read_text())
+    assert record["fingerprint"] == plan.shard_fingerprint(1)
+    assert record["n_rows"] == 7 and record["host"] and record["pid"] != os.getpid()
+    assert record["cuda_visible_devices"] == ""
+    assert not plan.parts_dir(1).exists()
+    assert "shard 1 of double/k" in plan.log_path(1).read_text()
+
+
+def test_rerun_skips_done_shards(tmp_path):
+    plan = make_plan(tmp_path)
+    run(plan, tmp_path)
+    before = mtimes(plan, range(3))
+    n_traced = len(traced(tmp_path))
+    run(plan, tmp_path)
+    assert mtimes(plan, range(3)) == before
+    assert len(traced(tmp_path)) == n_traced
+
+
+def test_failed_worker_names_its_shard_and_others_finish(tmp_path):
+    plan = make_plan(tmp_path)
+    with pytest.raises(ShardError) as err:
+        run(plan, tmp_path, fail_shard=1)
+    message = str(err.value)
+    assert "1 of 3 worker(s) failed: shard 1" in message and str(plan.log_path(1)) in message
+    assert plan.is_done(0) and plan.is_done(2) and not plan.is_done(1)
+    assert "RuntimeError: boom in shard 1" in plan.log_path(1).read_text()
+    status = json.loads(plan.status_path(1).read_text())
+    assert status["state"] == "failed" and "boom" in status["error"]
+    shown = render(collect(tmp_path / "results"))
+    assert "1 failed" in shown and "boom in shard 1" in shown
+
+    done = mtimes(plan, [0, 2])
+    run(plan, tmp_path)
+    assert mtimes(plan, [0, 2]) == done
+    assert plan.is_done(1) and not plan.status_path(1).exists()
+    assert "3 done" in render(collect(tmp_path / "results"))
+
+
+def test_killed_worker_resumes_from_its_last_committed_chunk(tmp_path):
+    plan = make_plan(tmp_path)  # shard 1 = rows [7, 14): chunks at 7, 10, 13
+    args = {"die_shard": 1, "die_at": 10, "died_marker": str(tmp_path / "died")}
+    with pytest.raises(ShardError, match="shard 1"):
+        run(plan, tmp_path, **args)
+    assert "worker died" in render(collect(tmp_path / "results")) or "failed" in render(
+        collect(tmp_path / "results")
+    )
+    first = [t for t in traced(tmp_path) if t[0] == 1]
+    assert first == [(1, 7, 10), (1, 10, 13)]  # chunk 7-10 committed, killed in 10-13
+    done = mtimes(plan, [0, 2])
+    run(plan, tmp_path, **args)
+    second = [t for t in traced(tmp_path) if t[0] == 1][len(first) :]
+    assert second == [(1, 10, 13), (1, 13, 14)]  # resumed after the committed chunk
+    assert mtimes(plan, [0, 2]) == done
+    merged = pd.concat(
+        [pd.read_parquet(f) for f in verify(plan, [tmp_path / "results/double/k/jobs/job-0000.json"])]
+    )
+    assert list(merged.row) == list(range(20))
+
+
+@pytest.fixture
+def merged_run(tmp_path):
+    plan = make_plan(tmp_path, n_shards=3, shards_per_job=1)
+    manifests = [run(plan, tmp_path, job=j)[1] for j in range(3)]
+    return plan, manifests
+
+
+def test_merge_refuses_a_stale_shard(tmp_path, merged_run):
+    plan, manifests = merged_run
+    changed = make_plan(tmp_path, n_shards=3, shards_per_job=1, input="changed")
+    with pytest.raises(ShardError, match="stale shard"):
+        verify(changed, manifests)
+
+
+def test_merge_refuses_a_missing_row_range(merged_run):
+    plan, manifests = merged_run
+    with pytest.raises(ShardError, match=r"rows \[7, 14\) are covered by no shard"):
+        verify(plan, [manifests[0], manifests[2]])
+    with pytest.raises(ShardError, match=r"rows \[14, 20\) are covered by no shard"):
+        verify(plan, manifests[:2])
+
+
+def test_merge_refuses_a_duplicated_row_range(merged_run):
+    plan, manifests = merged_run
+    with pytest.raises(ShardError, match=r"shard 1 .*duplicated row range"):
+        verify(plan, [*manifests, manifests[1]])
+
+
+def test_merge_refuses_a_truncated_shard(merged_run):
+    plan, manifests = merged_run
+    path = plan.shard_path(2)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ShardError, match=r"shard 2 .*truncated or altered"):
+        verify(plan, manifests)
+    assert not plan.is_done(2)
+
+
+def test_merge_refuses_a_checksum_mismatch(merged_run):
+    plan, manifests = merged_run
+    path = plan.shard_path(0)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard 0 .* fails its sha256 checksum"):
+        verify(plan, manifests)
+
+
+def test_merge_refuses_a_missing_shard_file(merged_run):
+    plan, manifests = merged_run
+    plan.shard_path(1).unlink()
+    with pytest.raises(ShardError, match=r"shard 1 .* is missing"):
+        verify(plan, manifests)
+
+
+def test_job_without_enough_gpus_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    spec = ShardSpec(n_shards=2, shards_per_job=2, gpus_per_shard=1, chunk_size=3)
+    plan = replace(make_plan(tmp_path), spec=spec)
+    with pytest.raises(ShardError, match=r"needs 2 GPU\(s\) .* sees 1"):
+        run(plan, tmp_path)
