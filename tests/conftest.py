@@ -87,7 +87,24 @@ def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
     import random
 
     rng = random.Random(seed)
-    words = ["the", "a", "cat", "dog", "ran", "over", "under", "big", "small", "house", "river", "quickly", "slowly", "why", "how", "when"]
+    words = [
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "ran",
+        "over",
+        "under",
+        "big",
+        "small",
+        "house",
+        "river",
+        "quickly",
+        "slowly",
+        "why",
+        "how",
+        "when",
+    ]
     with open(path, "w") as fh:
         for i in range(n):
             text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
@@ -144,11 +161,18 @@ class Workflow:
             env=self.env(),
         )
 
-    @staticmethod
-    def env() -> dict[str, str]:
+    def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)  # the workflow must find its own package
         env["HF_HUB_OFFLINE"] = "1"
+        # The slurm executor plugin runs `scontrol show config` whenever Snakemake starts (even for
+        # local runs); where SLURM is installed but not running that blocks ~9 s. Local-executor
+        # tests shadow it with a command that fails at once (the plugin then uses its default).
+        stub = self.root / ".test-bin"
+        stub.mkdir(exist_ok=True)
+        (stub / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+        (stub / "scontrol").chmod(0o755)
+        env["PATH"] = f"{stub}{os.pathsep}{env['PATH']}"
         return env
 
     def path(self, rel: str) -> Path:

@@ -185,7 +185,7 @@ def merged_run(tmp_path):
 
 
 def test_merge_refuses_a_stale_shard(tmp_path, merged_run):
-    plan, manifests = merged_run
+    _plan, manifests = merged_run
     changed = make_plan(tmp_path, n_shards=3, shards_per_job=1, input="changed")
     with pytest.raises(ShardError, match="stale shard"):
         verify(changed, manifests)

@@ -184,9 +184,9 @@ def _model_spec(name: str, raw: Mapping[str, Any], source: str) -> ModelSpec:
 
 
 def load_config(raw: Mapping[str, Any], source: str = "config", base_dir: Path | None = None) -> Config:
-    """Validate `raw` and build the typed config. Relative paths are relative to `base_dir`."""
+    """Validate `raw` and build the typed config. Relative paths stay relative (to the working
+    directory, as in Snakemake) unless `base_dir` is given."""
     resolved = validate(raw, source)
-    base = base_dir or Path.cwd()
     models = {n: _model_spec(n, m, source) for n, m in resolved["models"].items()}
 
     gen = resolved["generate"]
@@ -204,7 +204,7 @@ def load_config(raw: Mapping[str, Any], source: str = "config", base_dir: Path |
 
     prompts = Path(gen["prompts"])
     generate = GenerateConfig(
-        prompts=prompts if prompts.is_absolute() else base / prompts,
+        prompts=base_dir / prompts if base_dir and not prompts.is_absolute() else prompts,
         runs=runs,
         batch_size=gen["batch_size"],
         shards=ShardSpec(**gen["shards"]),

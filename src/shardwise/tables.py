@@ -61,6 +61,12 @@ def read_table(path: str | Path, what: str = "input") -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
+def _plain(value: object) -> object:
+    """numpy scalars as Python values, so messages read `1`, not `np.int64(1)`."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
+
+
 def _require_column(df: pd.DataFrame, column: str, path: Path, what: str) -> None:
     if column not in df.columns:
         cols = ", ".join(map(str, df.columns)) or "none"
@@ -73,7 +79,7 @@ def _require_text_column(df: pd.DataFrame, column: str, path: Path, what: str, i
     bad = values.isna() | ~values.map(lambda v: isinstance(v, str)) | (values.astype(str).str.strip() == "")
     if bad.any():
         rows = list(df.index[bad])
-        ids = ", ".join(repr(df[id_col].iloc[r]) for r in rows[:5])
+        ids = ", ".join(repr(_plain(df[id_col].iloc[r])) for r in rows[:5])
         more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
         raise InputError(
             f"{what} file {path}: empty or non-text {column!r} in {len(rows)} row(s): {id_col} {ids}{more}"
@@ -89,7 +95,7 @@ def _ensure_ids(df: pd.DataFrame, id_col: str, path: Path, what: str) -> pd.Data
         raise InputError(f"{what} file {path}: missing {id_col} in row {row}")
     dup = ids.duplicated(keep=False)
     if dup.any():
-        first = ids[dup].iloc[0]
+        first = _plain(ids[dup].iloc[0])
         rows = list(df.index[ids == first])
         raise InputError(
             f"{what} file {path}: duplicate {id_col} {first!r} (rows {', '.join(map(str, rows))})"

@@ -1,0 +1,205 @@
+"""The workflow through Snakemake (subprocesses, tiny model): dry run, bad input, determinism across
+shard layouts, a SIGKILLed worker, code edits, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from conftest import Workflow, tiny_config, write_prompts
+
+from shardwise.config import load_config
+from shardwise.generate import generate_table
+from shardwise.models import load_model
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    table = dry_run_output.split("Job stats:")[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+def setup(wf: Workflow, model, n_prompts: int = 24, **generate) -> None:
+    write_prompts(wf.path("config/prompts.jsonl"), n_prompts)
+    wf.write_config(tiny_config(model, **generate))
+
+
+def generations(wf: Workflow, run: str = "tiny") -> pd.DataFrame:
+    return pd.read_parquet(wf.path(f"results/generations/{run}.parquet"))
+
+
+def test_dry_run_of_the_demo_lists_the_stages(workflow_copy):
+    out = workflow_copy.run("-n").stdout
+    assert job_counts(out) == {
+        "all": 1,
+        "generate": 2,
+        "generations_run_info": 1,
+        "merge_generations": 1,
+        "prepare_model": 1,
+    }
+
+
+def test_dry_run_groups_shards_into_jobs(workflow_copy, tiny_model_src):
+    setup(workflow_copy, tiny_model_src, shards={"n_shards": 10, "shards_per_job": 4})
+    assert job_counts(workflow_copy.run("-n").stdout)["generate"] == 3
+
+
+def _bad_cases():
+    def cfg(**generate):
+        return lambda c: c["generate"].update(generate)
+
+    def prompts(text):
+        return lambda path: path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+    return {
+        "wrong type": (cfg(batch_size="many"), None, "generate.batch_size: 'many' is not of type 'integer'"),
+        "unknown key": (cfg(n_shard=2), None, "generate: unknown key 'n_shard'"),
+        "zero shards": (
+            cfg(shards={"n_shards": 0}),
+            None,
+            "generate.shards.n_shards: 0 is less than the minimum",
+        ),
+        "too many shards": (
+            cfg(shards={"n_shards": 99}),
+            None,
+            "n_shards (99) exceeds the number of prompts (24)",
+        ),
+        "unknown source": (
+            lambda c: c["models"]["tiny"].update(source="s3"),
+            None,
+            "models.tiny.source: 's3'",
+        ),
+        "unknown model": (cfg(models={"tiny": {"model": "big"}}), None, "unknown model 'big'"),
+        "no weights": (lambda c: c["models"]["tiny"].update(path="/"), None, "has no config.json"),
+        "prompts missing": (cfg(prompts="config/nope.jsonl"), None, "config/nope.jsonl: not found"),
+        "prompts empty": (None, prompts(""), "prompts.jsonl: no rows"),
+        "no prompt column": (None, prompts('{"text": "a"}\n'), "no 'prompt' column"),
+        "empty prompt": (None, prompts('{"prompt": "a"}\n{"prompt": " "}\n'), "empty or non-text 'prompt'"),
+        "duplicate ids": (
+            None,
+            prompts('{"prompt_id": 1, "prompt": "a"}\n{"prompt_id": 1, "prompt": "b"}\n'),
+            "duplicate prompt_id 1 (rows 0, 1)",
+        ),
+        "not utf-8": (None, prompts(b'{"prompt": "caf\xe9"}\n'), "not valid UTF-8"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_input_is_one_line_and_overwrites_nothing(workflow_copy, tiny_model_src, case):
+    change_config, change_prompts, expected = _bad_cases()[case]
+    wf = workflow_copy
+    setup(wf, tiny_model_src)
+    cfg = tiny_config(tiny_model_src)
+    if change_config:
+        change_config(cfg)
+        wf.write_config(cfg)
+    if change_prompts:
+        change_prompts(wf.path("config/prompts.jsonl"))
+    existing = wf.path("results/generations/tiny.parquet")
+    existing.parent.mkdir(parents=True)
+    existing.write_text("an earlier result")
+    before = existing.stat().st_mtime_ns
+
+    proc = wf.run(check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("shardwise: error:")]
+    assert proc.returncode != 0
+    assert len(errors) == 1, proc.stderr
+    assert expected in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert existing.read_text() == "an earlier result" and existing.stat().st_mtime_ns == before
+    assert not wf.path("resources").exists()
+
+
+def test_same_generations_whatever_the_shard_layout(workflow_copy, tiny_model_src):
+    wf = workflow_copy
+    setup(wf, tiny_model_src, batch_size=4, shards={"n_shards": 3, "shards_per_job": 2})
+    wf.run()
+    three = generations(wf)
+    assert len(three) == 48 and three.continuation.str.len().gt(0).mean() > 0.8
+
+    wf.write_config(tiny_config(tiny_model_src, batch_size=16, shards={"n_shards": 1}))
+    out = wf.run("-n").stdout
+    assert job_counts(out)["generate"] == 1  # n_shards changed: outdated
+    wf.run()
+    one = generations(wf)
+    pd.testing.assert_frame_equal(one, three)
+    stores = list(wf.path("results/generations/tiny/shards").iterdir())
+    assert len(stores) == 2  # the 3-shard run's store is kept, not overwritten
+
+
+def test_killed_worker_rerun_recomputes_only_its_shard(workflow_copy, tiny_model_src, tiny_model):
+    wf = workflow_copy
+    setup(
+        wf,
+        tiny_model_src,
+        n_prompts=150,
+        batch_size=4,
+        sampling={"max_new_tokens": 32},
+        shards={"n_shards": 3, "shards_per_job": 3, "chunk_size": 5},
+    )
+    proc = wf.popen()
+    store = wf.path("results/generations/tiny/shards")
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        for status in store.glob("*/0001-of-0003.status.json"):
+            parts = list(status.parent.glob("0001-of-0003.parts/*.parquet"))
+            if len(parts) >= 2:
+                killed = json.loads(status.read_text())["pid"]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    output = proc.communicate(timeout=300)[0]
+    assert killed is not None, f"shard 1 never committed 2 chunks:\n{output}"
+    assert proc.returncode != 0
+    assert "1 of 3 worker(s) failed: shard 1" in output
+
+    (run_dir,) = store.iterdir()
+    done = {i: (run_dir / f"{i:04d}-of-0003.parquet").stat().st_mtime_ns for i in (0, 2)}
+    assert not (run_dir / "0001-of-0003.parquet").exists()
+    status = subprocess.run(
+        [sys.executable, "-m", "shardwise.cli", "status"],
+        cwd=wf.root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "generate/tiny: 3 shards (2 done, 0 running, 1 failed, 0 pending)" in status
+    assert "worker died" in status
+
+    wf.run()
+    assert {i: (run_dir / f"{i:04d}-of-0003.parquet").stat().st_mtime_ns for i in (0, 2)} == done
+    assert "resuming: " in wf.path("logs/generate/tiny/shard-0001.log").read_text()
+    merged = generations(wf)
+    cfg = load_config(tiny_config(tiny_model_src, sampling={"max_new_tokens": 32}))
+    model, tok = load_model(tiny_model)
+    from shardwise.tables import load_prompts
+
+    prompts = load_prompts(wf.path("config/prompts.jsonl"))
+    expected = generate_table(model, tok, prompts, cfg.generate.runs["tiny"].sampling, batch_size=32)
+    pd.testing.assert_frame_equal(merged, expected)
+
+
+def test_editing_the_generation_code_outdates_the_generations(workflow_copy, tiny_model_src):
+    wf = workflow_copy
+    setup(wf, tiny_model_src)
+    wf.run()
+    assert "Nothing to be done" in wf.run("-n").stdout + wf.run("-n").stderr
+    with open(wf.path("src/shardwise/generate.py"), "a") as fh:
+        fh.write("\n# an edit to the generation code\n")
+    counts = job_counts(wf.run("-n").stdout)
+    assert counts["generate"] == 2 and counts["merge_generations"] == 1
+
+
+def test_run_info_records_the_resolved_config(workflow_copy, tiny_model_src):
+    wf = workflow_copy
+    setup(wf, tiny_model_src)
+    wf.run("results/generations/run_info.json")
+    info = json.loads(wf.path("results/generations/run_info.json").read_text())
+    assert info["config"]["generate"]["sampling"]["top_k"] == 0  # a default, filled in
+    assert info["versions"]["snakemake"] and info["code_version"]
