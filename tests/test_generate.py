@@ -40,7 +40,8 @@ def test_table_has_the_contract_columns_and_one_row_per_sample(model_and_tokeniz
         "seed",
     ]
     assert list(table.topic) == [t for t in "abcde" for _ in range(3)]  # extra columns carried
-    assert list(zip(table.prompt_id, table.sample_id, strict=False)) == [(f"p{i}", s) for i in range(5) for s in range(3)]
+    expected = [(f"p{i}", s) for i in range(5) for s in range(3)]
+    assert list(zip(table.prompt_id, table.sample_id, strict=True)) == expected
     assert set(table.finish_reason) <= {"stop", "length"}
     assert (table[table.finish_reason == "length"].n_new_tokens == 10).all()
     assert (table[table.finish_reason == "stop"].n_new_tokens < 10).all()

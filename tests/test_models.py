@@ -28,7 +28,7 @@ def test_local_directory_problems(tmp_path, tiny_model_src):
     with pytest.raises(ModelError, match=r"model 'l' \(local\): directory .* not found"):
         check_source(ModelSpec(name="l", source="local", path=str(tmp_path / "nope")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="has no config.json"):
+    with pytest.raises(ModelError, match=r"has no config\.json"):
         check_source(ModelSpec(name="l", source="local", path=str(tmp_path / "empty")))
     shutil.copytree(tiny_model_src, tmp_path / "noweights")
     for weights in (tmp_path / "noweights").glob("*.safetensors"):

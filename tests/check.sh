@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): lint, format, Snakemake lint, a dry run of the demo,
+# then every test, the slow end-to-end demo run included. Run from the repository root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "ruff check"
+ruff check .
+step "ruff format --check"
+ruff format --check src scripts tests bench
+step "snakefmt --check"
+snakefmt --check Snakefile workflow
+step "snakemake --lint"
+lint=$(snakemake --lint 2>&1) || { echo "$lint"; exit 1; }
+echo "$lint"
+grep -q "Congratulations, your workflow is in a good condition" <<<"$lint"
+step "snakemake -n (the demo)"
+snakemake -n --quiet rules
+step "pytest"
+python -m pytest "$@"
