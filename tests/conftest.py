@@ -143,9 +143,12 @@ class Workflow:
     def cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "snakemake", "--cores", "2", *args]
 
-    def run(self, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, check: bool = True, timeout: int = 600, extra_env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        env = {**self.env(), **(extra_env or {})}
         proc = subprocess.run(
-            self.cmd(*args), cwd=self.root, capture_output=True, text=True, timeout=timeout, env=self.env()
+            self.cmd(*args), cwd=self.root, capture_output=True, text=True, timeout=timeout, env=env
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")

@@ -32,6 +32,15 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_profile(args: argparse.Namespace) -> int:
+    from shardwise.profile import install_profile
+
+    link, created = install_profile(args.name)
+    state = "installed" if created else "already installed"
+    print(f"{state}: {link} -> {link.resolve()}; run `snakemake --profile {args.name}`")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardwise", description=__doc__)
     parser.add_argument("--version", action="version", version=f"shardwise {__version__}")
@@ -43,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate a config file and its inputs without running")
     p.add_argument("config", nargs="?", default="config/config.yaml")
     p.set_defaults(fn=_check)
+    p = sub.add_parser(
+        "install-profile", help="link profiles/slurm where `snakemake --profile slurm` finds it"
+    )
+    p.add_argument("name", nargs="?", default="slurm", help="profile under profiles/ (default: slurm)")
+    p.set_defaults(fn=_install_profile)
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args))

@@ -225,9 +225,9 @@ def compute_shard(ctx: ShardContext) -> None:
         return
     prompts = load_prompts(a["prompts"])
     sampling = Sampling(**a["sampling"])
-    model, tokenizer = load_model(
-        a["model_dir"], ctx.device, a["dtype"], device_map="auto" if ctx.n_gpus > 1 else None
-    )
+    device = ctx.device
+    spread = ctx.n_gpus > 1 and device != "cpu"  # one model over the worker's GPUs
+    model, tokenizer = load_model(a["model_dir"], device, a["dtype"], device_map="auto" if spread else None)
     device = str(model.device)
     total = sum(len(c) for c in chunks) * sampling.samples_per_prompt
     started, new_tokens = time.perf_counter(), 0

@@ -50,6 +50,7 @@ from shardwise.smk import export_package_path
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 20
+FORCE_CPU = "SHARDWISE_FORCE_CPU"
 
 
 def shard_ranges(n_items: int, n_shards: int) -> list[range]:
@@ -235,7 +236,28 @@ class ShardContext:
 
     @property
     def device(self) -> str:
-        return "cuda:0" if self.n_gpus > 0 else "cpu"
+        """The worker's device: its first visible GPU, or the CPU when gpus_per_shard is 0.
+
+        ``SHARDWISE_FORCE_CPU=1`` runs GPU shards on the CPU (for testing the SLURM plumbing on a
+        cluster whose GPUs are fake); otherwise a GPU shard without CUDA is an error, not a silent
+        and slow CPU run.
+        """
+        if self.n_gpus == 0:
+            return "cpu"
+        if os.environ.get(FORCE_CPU) == "1":
+            log.warning(
+                "%s=1: shard %d runs on the CPU despite gpus_per_shard %d", FORCE_CPU, self.index, self.n_gpus
+            )
+            return "cpu"
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ShardError(
+                f"{self.plan.name} shard {self.index}: gpus_per_shard is {self.n_gpus} but "
+                f"CUDA sees no GPU on {socket.gethostname()} (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            )
+        return "cuda:0"
 
     def _part_path(self, chunk: range) -> Path:
         return self.plan.parts_dir(self.index) / f"{chunk.start:09d}-{chunk.stop:09d}.{self.plan.ext}"
@@ -448,6 +470,8 @@ def run_job(
                 f"{len(pending)} shard(s) x gpus_per_shard {g}, sees {len(gpus)}"
             )
         export_package_path()  # workers import this same shardwise
+        if os.environ.get("SLURM_JOB_ID"):  # the cores SLURM gave this job step
+            threads = max(threads, len(os.sched_getaffinity(0)))
         per_worker = max(1, threads // len(pending))
         folder = plan.log_dir / "submitit"
         running = []

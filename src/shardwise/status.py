@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def slurm_states(job_ids: set[str]) -> dict[str, str]:
+    """SLURM job id -> state (RUNNING, TIMEOUT, CANCELLED by ...), from sacct when it is there."""
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,State", "-j", ",".join(sorted(job_ids))]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+
+
 def load_plan(path: Path) -> ShardPlan:
     data = json.loads(path.read_text())
     root = path.parents[2]
@@ -58,21 +72,32 @@ def load_plan(path: Path) -> ShardPlan:
     )
 
 
-def shard_state(plan: ShardPlan, i: int) -> ShardState:
-    if plan.is_done(i):
-        return ShardState(i, "done", record=plan.read_record(i), log=plan.log_path(i))
+def read_status(plan: ShardPlan, i: int) -> dict[str, Any] | None:
     try:
-        status = json.loads(plan.status_path(i).read_text())
+        return json.loads(plan.status_path(i).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
-        return ShardState(i, "pending", log=plan.log_path(i))
+        return None
+
+
+def shard_state(plan: ShardPlan, i: int, slurm: dict[str, str] | None = None) -> ShardState:
+    """done / running / failed / pending, from the shard's record and status file (and sacct)."""
+    log_path = plan.log_path(i)
+    if plan.is_done(i):
+        return ShardState(i, "done", record=plan.read_record(i), log=log_path)
+    status = read_status(plan, i)
+    if status is None:
+        return ShardState(i, "pending", log=log_path)
     where = f"host {status.get('host')} pid {status.get('pid')}"
-    if status.get("slurm_job_id"):
-        where += f" slurm job {status['slurm_job_id']}"
+    job_id = status.get("slurm_job_id")
+    job_state = (slurm or {}).get(job_id) if job_id else None
+    if job_id:
+        where += f", SLURM job {job_id}" + (f" {job_state}" if job_state else "")
     if status["state"] == "failed":
-        return ShardState(i, "failed", f"{status.get('error', '')} ({where})", log=plan.log_path(i))
-    if status.get("host") == socket.gethostname() and not _pid_alive(int(status["pid"])):
-        return ShardState(i, "failed", f"worker died without a word, killed? ({where})", log=plan.log_path(i))
-    return ShardState(i, "running", where, log=plan.log_path(i))
+        return ShardState(i, "failed", f"{status.get('error', '')} ({where})", log=log_path)
+    gone = status.get("host") == socket.gethostname() and not _pid_alive(int(status["pid"]))
+    if gone or (job_state and not job_state.startswith(("RUNNING", "PENDING", "REQUEUED"))):
+        return ShardState(i, "failed", f"worker died without a word, killed? ({where})", log=log_path)
+    return ShardState(i, "running", where, log=log_path)
 
 
 def collect(results: str | Path = "results") -> list[RunStatus]:
@@ -81,16 +106,21 @@ def collect(results: str | Path = "results") -> list[RunStatus]:
     for plan_file in Path(results).glob("*/*/shards/*/plan.json"):
         data = json.loads(plan_file.read_text())
         by_output.setdefault((data["stage"], data["key"]), []).append(plan_file)
-    runs = []
+    plans = {}
     for key in sorted(by_output):
         files = sorted(by_output[key], key=lambda p: p.stat().st_mtime)
-        plan = load_plan(files[-1])
-        runs.append(
-            RunStatus(
-                plan, [shard_state(plan, i) for i in range(plan.spec.n_shards)], older_runs=len(files) - 1
-            )
-        )
-    return runs
+        plans[key] = (load_plan(files[-1]), len(files) - 1)
+    job_ids = {
+        str(st["slurm_job_id"])
+        for plan, _ in plans.values()
+        for i in range(plan.spec.n_shards)
+        if (st := read_status(plan, i)) and st.get("slurm_job_id")
+    }
+    slurm = slurm_states(job_ids)
+    return [
+        RunStatus(plan, [shard_state(plan, i, slurm) for i in range(plan.spec.n_shards)], older_runs=older)
+        for plan, older in plans.values()
+    ]
 
 
 def _throughput(run: RunStatus) -> str:

@@ -1,0 +1,140 @@
+"""The Snellius profile without a cluster: install-profile, both --profile spellings in a dry run,
+and the sbatch lines it produces (recorded by stand-in SLURM commands)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Workflow, tiny_config, write_prompts
+
+from shardwise.errors import ShardwiseError
+from shardwise.profile import install_profile
+
+FAKE_SBATCH = """#!/bin/sh
+echo "$@" >> "$FAKE_SLURM_DIR/sbatch.log"
+echo $((1000 + $(wc -l < "$FAKE_SLURM_DIR/sbatch.log")))
+"""
+# Every submitted job "failed", so Snakemake retries it and the runtime for each attempt shows.
+FAKE_SACCT = """#!/bin/sh
+n=$(wc -l < "$FAKE_SLURM_DIR/sbatch.log")
+i=1; while [ $i -le $n ]; do echo "$((1000 + i))|FAILED"; i=$((i + 1)); done
+"""
+FAKE_SACCTMGR = "#!/bin/sh\necho shardwise\n"
+FAILING = "#!/bin/sh\nexit 1\n"
+
+
+def test_install_profile_links_once_and_refuses_to_replace(tmp_path):
+    link, created = install_profile("slurm", tmp_path)
+    assert created and link.is_symlink()
+    assert link.resolve() == (REPO / "profiles/slurm").resolve()
+    assert install_profile("slurm", tmp_path) == (link, False)
+
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "slurm").mkdir()
+    with pytest.raises(ShardwiseError, match=r"already exists \(a different profile\); not replacing it"):
+        install_profile("slurm", other)
+    with pytest.raises(ShardwiseError, match="no profile 'nope'"):
+        install_profile("nope", tmp_path)
+
+
+def gpu_resources(out: str) -> list[str]:
+    return re.findall(r"rule generate:.*?resources: ([^\n]*)", out, re.S)
+
+
+@pytest.mark.parametrize("spelling", ["profiles/slurm", "slurm"])
+def test_dry_run_with_the_slurm_profile_needs_no_slurm(workflow_copy, tiny_model_src, tmp_path, spelling):
+    wf = workflow_copy
+    write_prompts(wf.path("config/prompts.jsonl"), 24)
+    wf.write_config(
+        tiny_config(tiny_model_src, shards={"n_shards": 8, "shards_per_job": 4, "gpus_per_shard": 1})
+    )
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    if spelling == "slurm":
+        subprocess.run(
+            [sys.executable, "-m", "shardwise.cli", "install-profile"],
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+        )
+    out = wf.run("-n", "--profile", spelling, extra_env=env).stdout
+    resources = gpu_resources(out)
+    assert len(resources) == 2  # 8 shards / 4 per job
+    for line in resources:
+        assert "slurm_partition=gpu_a100" in line and "gpu=4" in line and "cpus_per_gpu=18" in line
+        assert "mem_mb_per_cpu=6826" in line and "runtime=120" in line
+    merge = re.search(r"rule merge_generations:.*?resources: ([^\n]*)", out, re.S)[1]
+    assert "slurm_partition=rome" in merge and "mem_mb=" not in merge  # no hidden memory default
+
+
+def fake_slurm(root: Path) -> dict[str, str]:
+    bin_dir = root / "fake-slurm"
+    bin_dir.mkdir()
+    scripts = {"sbatch": FAKE_SBATCH, "sacct": FAKE_SACCT, "sacctmgr": FAKE_SACCTMGR, "sshare": FAKE_SACCTMGR}
+    for name in ("scontrol", "sinfo", "squeue", "scancel"):
+        scripts[name] = FAILING
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "sbatch.log").touch()
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_DIR": str(bin_dir)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("shards_per_job", "gpus"), [(4, 4), (1, 1)])
+def test_sbatch_lines_of_the_snellius_profile(workflow_copy: Workflow, tiny_model_src, shards_per_job, gpus):
+    wf = workflow_copy
+    write_prompts(wf.path("config/prompts.jsonl"), 24)
+    shards = {"n_shards": 4, "shards_per_job": shards_per_job, "gpus_per_shard": 1}
+    wf.write_config(tiny_config(tiny_model_src, shards=shards))
+    env = fake_slurm(wf.root)
+    args = (
+        "--profile",
+        "profiles/slurm",
+        "--slurm-init-seconds-before-status-checks",
+        "1",
+        "--latency-wait",
+        "1",
+    )
+    log = Path(env["FAKE_SLURM_DIR"], "sbatch.log")
+    n_jobs = 4 // shards_per_job
+
+    # A CPU rule: the merge, given (stand-in) generation manifests.
+    wf.run("resources/models/tiny")  # a localrule; prepared here once
+    jobs = wf.path("results/generations/tiny/jobs")
+    jobs.mkdir(parents=True)
+    for j in range(n_jobs):
+        (jobs / f"job-{j:04d}.json").touch()
+    only_merge = (
+        "--allowed-rules",
+        "merge_generations",
+        "--retries",
+        "0",
+        "results/generations/tiny.parquet",
+    )
+    wf.run(*args, *only_merge, check=False, extra_env=env)
+    (merge,) = log.read_text().splitlines()
+    assert "rule_merge_generations" in merge
+    assert "-p rome" in merge and " -t 30" in merge and "--mem-per-cpu 1792" in merge
+    assert "--cpus-per-task=1" in merge and "--gpus" not in merge and "--mem " not in merge
+
+    # The GPU rule: every attempt of every job (each "fails", so Snakemake retries it twice).
+    for manifest in jobs.iterdir():
+        manifest.unlink()
+    log.write_text("")
+    proc = wf.run(*args, check=False, extra_env=env)
+    assert proc.returncode != 0
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 * n_jobs  # attempts 1, 2 and 3 (retries: 2)
+    for line in lines:
+        assert "-p gpu_a100" in line and f"--gpus={gpus}" in line and "--cpus-per-gpu=18" in line
+        assert "--mem-per-cpu 6826" in line and "--nodes=1" in line
+        assert "--mem " not in line
+    assert sorted(re.search(r" -t (\d+)", line)[1] for line in lines) == sorted(
+        ["120", "240", "480"] * n_jobs
+    )
