@@ -203,3 +203,18 @@ def test_run_info_records_the_resolved_config(workflow_copy, tiny_model_src):
     info = json.loads(wf.path("results/generations/run_info.json").read_text())
     assert info["config"]["generate"]["sampling"]["top_k"] == 0  # a default, filled in
     assert info["versions"]["snakemake"] and info["code_version"]
+
+
+def test_shardwise_check_agrees_with_the_workflow(workflow_copy, tiny_model_src):
+    wf = workflow_copy
+    setup(wf, tiny_model_src)
+    check = [sys.executable, "-m", "shardwise.cli", "check", "config/config.yaml"]
+    ok = subprocess.run(check, cwd=wf.root, capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok (1 model(s), 1 generation run(s), 24 prompts)" in ok.stdout
+    wf.write_config(tiny_config(tiny_model_src, shards={"n_shards": 30}))
+    bad = subprocess.run(check, cwd=wf.root, capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "shardwise: error: generate.shards.n_shards (30) exceeds the number of prompts (24) "
+        "in config/prompts.jsonl"
+    ]

@@ -18,16 +18,13 @@ def _status(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from shardwise.config import load_config_file
-    from shardwise.models import check_source
-    from shardwise.tables import load_prompts
+    from shardwise.smk import check_inputs
 
     cfg = load_config_file(args.config)
-    for run in cfg.generate.runs.values():
-        check_source(cfg.models[run.model])
-    n = len(load_prompts(cfg.generate.prompts)) if cfg.generate.runs else 0
+    counts = check_inputs(cfg)
+    items = "".join(f", {n} {name}" for name, n in counts.items())
     print(
-        f"{args.config}: ok ({len(cfg.models)} model(s), {len(cfg.generate.runs)} generation "
-        f"run(s), {n} prompts)"
+        f"{args.config}: ok ({len(cfg.models)} model(s), {len(cfg.generate.runs)} generation run(s){items})"
     )
     return 0
 

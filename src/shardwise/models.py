@@ -115,6 +115,9 @@ def _from_package(spec: ModelSpec, tmp: Path) -> dict[str, Any]:
 
 
 def _from_hub(spec: ModelSpec, tmp: Path, hf_home: str | None) -> dict[str, Any]:
+    # The one place that downloads (a localrule: the login node); the workflow sets
+    # HF_HUB_OFFLINE=1 for every job, and huggingface_hub reads it when first imported.
+    os.environ["HF_HUB_OFFLINE"] = "0"
     from huggingface_hub import HfApi, snapshot_download
 
     cache_dir = Path(hf_home) / "hub" if hf_home else None

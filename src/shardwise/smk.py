@@ -15,7 +15,7 @@ from typing import Any
 
 from shardwise import __version__
 from shardwise.config import Config, load_config
-from shardwise.errors import ShardwiseError
+from shardwise.errors import InputError, ShardwiseError
 
 log = logging.getLogger("shardwise")
 
@@ -38,6 +38,11 @@ def export_package_path() -> None:
     here = str(Path(__file__).resolve().parents[1])
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
     os.environ["PYTHONPATH"] = os.pathsep.join([here, *rest])
+
+
+def jobs_offline() -> None:
+    """Jobs never download: HF_HUB_OFFLINE=1 for every job (prepare_model alone lifts it)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def fail(message: str) -> None:
@@ -75,6 +80,26 @@ def workflow_config(config: dict[str, Any], configfiles: Iterable[str | Path]) -
     except ShardwiseError as exc:
         fail(str(exc))
         raise  # unreachable; for type checkers
+
+
+def check_inputs(cfg: Config) -> dict[str, int]:
+    """What the workflow checks before any job runs (also `shardwise check`): each used model's
+    source, and each input table; returns the number of items per input."""
+    from shardwise.models import check_source
+    from shardwise.tables import load_prompts
+
+    counts = {}
+    gen = cfg.generate
+    for run in gen.runs.values():
+        check_source(cfg.models[run.model])
+    if gen.runs:
+        counts["prompts"] = n = len(load_prompts(gen.prompts))
+        if gen.shards.n_shards > n:
+            raise InputError(
+                f"generate.shards.n_shards ({gen.shards.n_shards}) exceeds the number of prompts ({n}) "
+                f"in {gen.prompts}"
+            )
+    return counts
 
 
 def run_info(cfg: Config, stage: str, code: str) -> dict[str, Any]:

@@ -6,39 +6,31 @@ from pathlib import Path
 # PYTHONPATH, in every job: an installed copy of another version cannot shadow it.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from shardwise.smk import export_package_path
+from shardwise.smk import export_package_path, jobs_offline
 
 export_package_path()
+jobs_offline()
+
+
+# Passed on to every job, also on other nodes: jobs load prepared models, they never download.
+envvars:
+    "HF_HUB_OFFLINE",
+
 
 from shardwise import generate as _generate
 from shardwise.errors import ShardwiseError
 from shardwise.fingerprint import code_version
-from shardwise.models import check_source
-from shardwise.smk import fail, run_info, workflow_config
-from shardwise.tables import load_prompts
+from shardwise.smk import check_inputs, fail, run_info, workflow_config
 
 CFG = workflow_config(config, workflow.configfiles)
 GEN = CFG.generate
 ENV = "../../envs/shardwise.yaml"
 
 
-def _check_inputs():
-    """Fail at parse time (also in a dry run), one line, before any job can start."""
-    try:
-        for run in GEN.runs.values():
-            check_source(CFG.models[run.model])
-        if GEN.runs:
-            n_prompts = len(load_prompts(GEN.prompts))
-            if GEN.shards.n_shards > n_prompts:
-                fail(
-                    f"generate.shards.n_shards ({GEN.shards.n_shards}) exceeds the "
-                    f"number of prompts ({n_prompts}) in {GEN.prompts}"
-                )
-    except ShardwiseError as exc:
-        fail(str(exc))
-
-
-_check_inputs()
+try:  # fail at parse time (also in a dry run), in one line, before any job can start
+    check_inputs(CFG)
+except ShardwiseError as exc:
+    fail(str(exc))
 
 
 wildcard_constraints:

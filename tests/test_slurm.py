@@ -1,0 +1,273 @@
+"""The workflow on a real SLURM cluster (tests/slurm/cluster.sh: slurmctld, slurmd, slurmdbd, MariaDB,
+munge on localhost; one node with 4 fake A100s). Runs through profiles/slurm, deep-merged with the
+small tests/slurm/local-cluster.yaml override. GPU shards run on the CPU (SHARDWISE_FORCE_CPU=1).
+
+Fault matrix: a SIGKILLed worker, a scancelled job, a time limit, a killed Snakemake head. Each ends
+with a complete, verified output and no finished shard recomputed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO, Workflow, tiny_config, write_prompts
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+CLUSTER = REPO / "tests/slurm/cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> Iterator[dict[str, str]]:
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("the local SLURM cluster needs root and apt-get")
+    already_up = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode == 0
+    up = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=600)
+    if up.returncode != 0:
+        pytest.fail(f"cluster.sh up failed:\n{up.stderr[-3000:]}")
+    facts = dict(line.split("=", 1) for line in up.stdout.splitlines() if "=" in line)
+    yield facts
+    if not already_up:  # leave a cluster someone else started running
+        subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, timeout=120)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = deep_merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class SlurmWorkflow(Workflow):
+    """The workflow run through profiles/slurm + the local-cluster override (+ a test's own)."""
+
+    def __init__(self, root: Path, **override: Any):
+        super().__init__(root)
+        profile = yaml.safe_load((root / "profiles/slurm/config.yaml").read_text())
+        local = yaml.safe_load((REPO / "tests/slurm/local-cluster.yaml").read_text())
+        self.profile = root / ".test-profile"
+        self.profile.mkdir()
+        merged = deep_merge(deep_merge(profile, local), override)
+        (self.profile / "config.yaml").write_text(yaml.safe_dump(merged))
+
+    def cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "snakemake", "--profile", str(self.profile), *args]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        env.update(HF_HUB_OFFLINE="1", SHARDWISE_FORCE_CPU="1")
+        return env
+
+
+def slurm_workflow(
+    tmp_path: Path, model: Path | None, n_prompts: int, shards: dict, **kw: Any
+) -> SlurmWorkflow:
+    from conftest import copy_workflow
+
+    wf = SlurmWorkflow(copy_workflow(tmp_path / "wf").root, **kw.pop("profile", {}))
+    if model is not None:
+        write_prompts(wf.path("config/prompts.jsonl"), n_prompts)
+        wf.write_config(tiny_config(model, shards=shards, **kw))
+    return wf
+
+
+def sacct(job_ids: list[str] | None = None) -> list[dict[str, str]]:
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,Partition,AllocTRES,State,JobName"]
+    if job_ids:
+        cmd += ["-j", ",".join(job_ids)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    keys = ["id", "partition", "tres", "state", "name"]
+    return [dict(zip(keys, line.split("|"), strict=True)) for line in out.splitlines()]
+
+
+def records(wf: Workflow, run: str = "tiny") -> dict[int, dict[str, Any]]:
+    (store,) = wf.path(f"results/generations/{run}/shards").iterdir()
+    return {r["index"]: r for p in store.glob("*-of-*[0-9].json") if (r := json.loads(p.read_text()))}
+
+
+def shard_mtimes(wf: Workflow, indices, run: str = "tiny") -> dict[int, int]:
+    (store,) = wf.path(f"results/generations/{run}/shards").iterdir()
+    return {i: next(store.glob(f"{i:04d}-of-*.parquet")).stat().st_mtime_ns for i in indices}
+
+
+def wait_for(predicate, timeout: float = 300, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def shard_status(wf: Workflow, i: int, run: str = "tiny") -> dict[str, Any] | None:
+    for path in wf.path(f"results/generations/{run}/shards").glob(f"*/{i:04d}-of-*.status.json"):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None
+
+
+def committed_chunks(wf: Workflow, i: int, run: str = "tiny") -> int:
+    return len(list(wf.path(f"results/generations/{run}/shards").glob(f"*/{i:04d}-of-*.parts/*.parquet")))
+
+
+def job_ids() -> set[str]:
+    return {j["id"] for j in sacct()}
+
+
+def generate_jobs(before: set[str]) -> list[dict[str, str]]:
+    """The jobs submitted since `before` on gpu_a100, where `generate` is the only rule."""
+    return [j for j in sacct() if j["partition"] == "gpu_a100" and j["id"] not in before]
+
+
+def assert_complete(wf: Workflow, n_rows: int, run: str = "tiny") -> pd.DataFrame:
+    table = pd.read_parquet(wf.path(f"results/generations/{run}.parquet"))
+    assert len(table) == n_rows and table.continuation.notna().all()
+    return table
+
+
+def test_demo_dag_runs_as_node_jobs_of_four_gpus(slurm_cluster, tmp_path):
+    """The embedded demo (SmolLM2), 4 shards as one gpu_a100 job with 4 pinned workers."""
+    wf = slurm_workflow(tmp_path, None, 0, {})
+    cfg = yaml.safe_load(wf.path("config/config.yaml").read_text())
+    cfg["generate"]["shards"].update(n_shards=4, shards_per_job=4, gpus_per_shard=1)
+    wf.write_config(cfg)
+    before = job_ids()
+    wf.run(timeout=900)
+    assert_complete(wf, 120, run="smollm2")
+    (gen,) = generate_jobs(before)
+    assert gen["state"] == "COMPLETED"
+    assert "gres/gpu:a100=4" in gen["tres"] and "gres/gpu=4" in gen["tres"]
+    (merge,) = [j for j in sacct() if j["name"] == gen["name"] and j["partition"] == "rome"]  # same run
+    assert merge["state"] == "COMPLETED" and "gres/gpu" not in merge["tres"]
+    shard_records = records(wf, "smollm2").values()
+    assert {r["slurm_job_id"] for r in shard_records} == {gen["id"]}
+    assert sorted(r["cuda_visible_devices"] for r in shard_records) == ["0", "1", "2", "3"]
+
+
+def test_one_job_per_shard_with_one_gpu_each(slurm_cluster, tmp_path, tiny_model_src):
+    wf = slurm_workflow(
+        tmp_path, tiny_model_src, 24, {"n_shards": 4, "shards_per_job": 1, "gpus_per_shard": 1}
+    )
+    before = job_ids()
+    wf.run()
+    assert_complete(wf, 48)
+    gen = generate_jobs(before)
+    assert len(gen) == 4
+    assert all("gres/gpu=1" in j["tres"] and j["state"] == "COMPLETED" for j in gen)
+    assert sorted(r["slurm_job_id"] for r in records(wf).values()) == sorted(j["id"] for j in gen)
+
+
+def test_killed_worker_of_a_node_job(slurm_cluster, tmp_path, tiny_model_src):
+    """(a) One of four workers is SIGKILLed: the job fails, Snakemake retries it, and the retry
+    computes only that shard (from its last committed chunk)."""
+    shards = {"n_shards": 4, "shards_per_job": 4, "gpus_per_shard": 1, "chunk_size": 5}
+    wf = slurm_workflow(tmp_path, tiny_model_src, 160, shards, batch_size=2, sampling={"max_new_tokens": 48})
+    before = job_ids()
+    proc = wf.popen()
+    status = wait_for(lambda: committed_chunks(wf, 1) >= 2 and shard_status(wf, 1), what="shard 1 chunks")
+    os.kill(status["pid"], signal.SIGKILL)
+    others = wait_for(lambda: len(records(wf)) >= 3 and records(wf), what="the other shards")
+    assert set(others) == {0, 2, 3}
+    done = shard_mtimes(wf, [0, 2, 3])
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    assert shard_mtimes(wf, [0, 2, 3]) == done
+    assert "resuming: " in wf.path("logs/generate/tiny/shard-0001.log").read_text()
+    assert [j["state"] for j in generate_jobs(before)] == ["FAILED", "COMPLETED"]
+    assert_complete(wf, 320)
+
+
+def test_scancelled_job(slurm_cluster, tmp_path, tiny_model_src):
+    """(b) A running job is scancelled. snakemake-executor-plugin-slurm 2.8.0 reads sacct's
+    "CANCELLED by <uid>" as still running, so the user stops Snakemake (Ctrl-C) and runs the same
+    command again (README): finished shards are kept, the cancelled shard resumes from its chunks."""
+    shards = {"n_shards": 3, "shards_per_job": 1, "gpus_per_shard": 1, "chunk_size": 5}
+    wf = slurm_workflow(tmp_path, tiny_model_src, 120, shards, batch_size=2, sampling={"max_new_tokens": 48})
+    proc = wf.popen("--jobs", "1")  # one job at a time: shard 0 finishes before shard 1 starts
+    status = wait_for(lambda: committed_chunks(wf, 1) >= 2 and shard_status(wf, 1), what="shard 1 chunks")
+    done = shard_mtimes(wf, [0])
+    subprocess.run(["scancel", status["slurm_job_id"]], check=True)
+    wait_for(lambda: sacct([status["slurm_job_id"]])[0]["state"].startswith("CANCELLED"), what="CANCELLED")
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    proc.communicate(timeout=300)
+    wf.run("--unlock")
+    wf.run()
+    assert shard_mtimes(wf, [0]) == done
+    assert "resuming: " in wf.path("logs/generate/tiny/shard-0001.log").read_text()
+    assert_complete(wf, 240)
+
+
+def test_time_limit_then_retry_with_more_time(slurm_cluster, tmp_path, tiny_model_src):
+    """(c) A shard outlives its 1-minute limit; the retry gets 4 minutes and resumes from its last
+    committed chunk."""
+    shards = {"n_shards": 1, "shards_per_job": 1, "gpus_per_shard": 1, "chunk_size": 20}
+    profile = {"set-resources": {"generate": {"runtime": "1 * 4 ** (attempt - 1)"}}}
+    wf = slurm_workflow(
+        tmp_path,
+        tiny_model_src,
+        1500,
+        shards,
+        batch_size=1,
+        sampling={"samples_per_prompt": 1, "max_new_tokens": 64},
+        profile=profile,
+    )
+    before = job_ids()
+    wf.run(timeout=1200)
+    table = assert_complete(wf, 1500)
+    assert table.prompt_id.is_unique
+    assert [j["state"] for j in generate_jobs(before)] == ["TIMEOUT", "COMPLETED"]
+    log = wf.path("logs/generate/tiny/shard-0000.log").read_text()
+    assert "resuming: " in log
+
+
+def test_killed_snakemake_head_then_restart(slurm_cluster, tmp_path, tiny_model_src):
+    """(d) The Snakemake head dies mid-run; its orphan job is scancelled (as the README says), the
+    lock released, and the same command finishes the run without recomputing finished shards."""
+    shards = {"n_shards": 3, "shards_per_job": 1, "gpus_per_shard": 1, "chunk_size": 5}
+    wf = slurm_workflow(tmp_path, tiny_model_src, 120, shards, batch_size=2, sampling={"max_new_tokens": 48})
+    proc = wf.popen("--jobs", "1")
+    status = wait_for(lambda: committed_chunks(wf, 1) >= 1 and shard_status(wf, 1), what="shard 1 chunks")
+    proc.kill()
+    proc.communicate()
+    done = shard_mtimes(wf, [0])
+    subprocess.run(["scancel", status["slurm_job_id"]], check=True)  # the orphan
+    wait_for(lambda: not sacct([status["slurm_job_id"]])[0]["state"].startswith("RUNNING"), what="scancel")
+    shown = subprocess.run(
+        [sys.executable, "-m", "shardwise.cli", "status"],
+        cwd=wf.root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"SLURM job {status['slurm_job_id']} CANCELLED" in shown, shown
+    assert "1 done" in shown and "1 failed" in shown
+    wf.run("--unlock")
+    wf.run()
+    assert shard_mtimes(wf, [0]) == done
+    assert_complete(wf, 240)
+    shown = subprocess.run(
+        [sys.executable, "-m", "shardwise.cli", "status"],
+        cwd=wf.root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "generate/tiny: 3 shards (3 done, 0 running, 0 failed, 0 pending)" in shown
