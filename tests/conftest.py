@@ -178,6 +178,11 @@ class Workflow:
         env["PATH"] = f"{stub}{os.pathsep}{env['PATH']}"
         return env
 
+    def shardwise(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The `shardwise` command in this workflow's directory."""
+        cmd = [sys.executable, "-m", "shardwise.cli", *args]
+        return subprocess.run(cmd, cwd=self.root, capture_output=True, text=True, check=check)
+
     def path(self, rel: str) -> Path:
         return self.root / rel
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -32,12 +30,6 @@ def test_demo_dag_end_to_end(workflow_copy):
     record = json.loads(wf.path("resources/models/smollm2/shardwise-model.json").read_text())
     assert record["weights"] == ["model.safetensors"]
 
-    status = subprocess.run(
-        [sys.executable, "-m", "shardwise.cli", "status"],
-        cwd=wf.root,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    status = wf.shardwise("status").stdout
     assert "generate/smollm2: 2 shards (2 done, 0 running, 0 failed, 0 pending)" in status
     assert "Nothing to be done" in wf.run().stdout + wf.run().stderr

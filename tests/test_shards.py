@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def compute_double(ctx: ShardContext) -> None:
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
         ctx.commit(chunk, pd.DataFrame({"row": list(chunk), "value": [2 * r for r in chunk]}))
+    while a.get("hang"):  # a shard that never ends (until a signal stops it)
+        time.sleep(0.1)
 
 
 def make_plan(tmp_path: Path, n_items: int = 20, n_shards: int = 3, shards_per_job: int = 3, **identity):
@@ -237,3 +240,38 @@ def test_job_without_enough_gpus_says_so(tmp_path, monkeypatch):
     plan = replace(make_plan(tmp_path), spec=spec)
     with pytest.raises(ShardError, match=r"needs 2 GPU\(s\) .* sees 1"):
         run(plan, tmp_path)
+
+
+def test_sigterm_stops_a_worker_and_says_why(tmp_path):
+    """submitit's task wrapper ignores SIGTERM; a shard worker must stop (time limit, scancel)."""
+    import threading
+
+    plan = make_plan(tmp_path, n_items=20, n_shards=1, shards_per_job=1)
+
+    def terminate_when_running():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if plan.status_path(0).exists():
+                os.kill(json.loads(plan.status_path(0).read_text())["pid"], signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=terminate_when_running, daemon=True).start()
+    forever = {"die_shard": 0, "die_at": 10**9, "hang": True}
+    with pytest.raises(ShardError, match="1 of 1 worker"):
+        run(plan, tmp_path, **forever)
+    status = json.loads(plan.status_path(0).read_text())
+    assert status["state"] == "failed" and "terminated by signal SIGTERM" in status["error"]
+
+
+def test_job_cpus_follow_slurm_not_the_host(monkeypatch):
+    from shardwise.shards import job_cpus
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert job_cpus(3) == 3
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(72)))
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "18")
+    assert job_cpus(1) == 18
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert job_cpus(1) == 2

@@ -250,24 +250,12 @@ def test_killed_snakemake_head_then_restart(slurm_cluster, tmp_path, tiny_model_
     done = shard_mtimes(wf, [0])
     subprocess.run(["scancel", status["slurm_job_id"]], check=True)  # the orphan
     wait_for(lambda: not sacct([status["slurm_job_id"]])[0]["state"].startswith("RUNNING"), what="scancel")
-    shown = subprocess.run(
-        [sys.executable, "-m", "shardwise.cli", "status"],
-        cwd=wf.root,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    shown = wf.shardwise("status").stdout
     assert f"SLURM job {status['slurm_job_id']} CANCELLED" in shown, shown
     assert "1 done" in shown and "1 failed" in shown
     wf.run("--unlock")
     wf.run()
     assert shard_mtimes(wf, [0]) == done
     assert_complete(wf, 240)
-    shown = subprocess.run(
-        [sys.executable, "-m", "shardwise.cli", "status"],
-        cwd=wf.root,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    shown = wf.shardwise("status").stdout
     assert "generate/tiny: 3 shards (3 done, 0 running, 0 failed, 0 pending)" in shown

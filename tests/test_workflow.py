@@ -7,8 +7,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pandas as pd
@@ -162,13 +160,7 @@ def test_killed_worker_rerun_recomputes_only_its_shard(workflow_copy, tiny_model
     (run_dir,) = store.iterdir()
     done = {i: (run_dir / f"{i:04d}-of-0003.parquet").stat().st_mtime_ns for i in (0, 2)}
     assert not (run_dir / "0001-of-0003.parquet").exists()
-    status = subprocess.run(
-        [sys.executable, "-m", "shardwise.cli", "status"],
-        cwd=wf.root,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    status = wf.shardwise("status").stdout
     assert "generate/tiny: 3 shards (2 done, 0 running, 1 failed, 0 pending)" in status
     assert "worker died" in status
 
@@ -208,11 +200,10 @@ def test_run_info_records_the_resolved_config(workflow_copy, tiny_model_src):
 def test_shardwise_check_agrees_with_the_workflow(workflow_copy, tiny_model_src):
     wf = workflow_copy
     setup(wf, tiny_model_src)
-    check = [sys.executable, "-m", "shardwise.cli", "check", "config/config.yaml"]
-    ok = subprocess.run(check, cwd=wf.root, capture_output=True, text=True)
+    ok = wf.shardwise("check", "config/config.yaml", check=False)
     assert ok.returncode == 0 and "ok (1 model(s), 1 generation run(s), 24 prompts)" in ok.stdout
     wf.write_config(tiny_config(tiny_model_src, shards={"n_shards": 30}))
-    bad = subprocess.run(check, cwd=wf.root, capture_output=True, text=True)
+    bad = wf.shardwise("check", "config/config.yaml", check=False)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
         "shardwise: error: generate.shards.n_shards (30) exceeds the number of prompts (24) "

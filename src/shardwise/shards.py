@@ -379,8 +379,19 @@ def _write_status(plan: ShardPlan, index: int, state: str, **extra: Any) -> None
     )
 
 
+def _stop_on_sigterm() -> None:
+    """submitit's task wrapper ignores SIGTERM (it expects USR2 before a SLURM time-out); a shard
+    worker stops at once instead — its committed chunks are safe — and says why in its status."""
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise ShardError(f"terminated by signal {signal.Signals(signum).name} (time limit, scancel, Ctrl-C?)")
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def worker_main(task: ShardTask) -> dict[str, Any]:
     """Entry point of one worker process (run by submitit): compute one shard, or record why not."""
+    _stop_on_sigterm()
     _die_with_parent()
     os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
     plan, i = task.plan, task.index
@@ -435,6 +446,17 @@ def visible_gpus() -> list[str]:
         return []
 
 
+def job_cpus(threads: int) -> int:
+    """CPUs this job may use: under SLURM the step's CPUs (SLURM_CPUS_ON_NODE, bounded by the CPU
+    affinity where cgroups set it), else Snakemake's `threads`. Workers split them, so that
+    several jobs on one node never oversubscribe it (OpenMP threads spin: 30x slower)."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return threads
+    cpus = len(os.sched_getaffinity(0))
+    on_node = os.environ.get("SLURM_CPUS_ON_NODE", "")
+    return min(cpus, int(on_node)) if on_node.isdigit() else cpus
+
+
 def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
     try:
         return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
@@ -470,9 +492,7 @@ def run_job(
                 f"{len(pending)} shard(s) x gpus_per_shard {g}, sees {len(gpus)}"
             )
         export_package_path()  # workers import this same shardwise
-        if os.environ.get("SLURM_JOB_ID"):  # the cores SLURM gave this job step
-            threads = max(threads, len(os.sched_getaffinity(0)))
-        per_worker = max(1, threads // len(pending))
+        per_worker = max(1, job_cpus(threads) // len(pending))
         folder = plan.log_dir / "submitit"
         running = []
         for k, i in enumerate(pending):
