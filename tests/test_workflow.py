@@ -11,6 +11,7 @@ import time
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import Workflow, tiny_config, write_prompts
 
 from shardwise.config import load_config
@@ -209,3 +210,12 @@ def test_shardwise_check_agrees_with_the_workflow(workflow_copy, tiny_model_src)
         "shardwise: error: generate.shards.n_shards (30) exceeds the number of prompts (24) "
         "in config/prompts.jsonl"
     ]
+
+
+def test_a_configfile_replaces_the_demo_config(workflow_copy, tiny_model_src):
+    wf = workflow_copy  # config/config.yaml is still the SmolLM2 demo here
+    write_prompts(wf.path("config/prompts.jsonl"), 24)
+    wf.path("mine.yaml").write_text(yaml.safe_dump(tiny_config(tiny_model_src)))
+    out = wf.run("-n", "--configfile", "mine.yaml").stdout
+    assert "resources/models/tiny" in out and "smollm2" not in out
+    assert job_counts(out)["generate"] == 2
