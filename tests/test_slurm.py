@@ -132,6 +132,20 @@ def job_ids() -> set[str]:
     return {j["id"] for j in sacct()}
 
 
+def mid_run_with_one_done(wf: Workflow, n_shards: int, min_chunks: int):
+    """(index, status, done shards) once one shard is mid-run (chunks committed) and another is done:
+    Snakemake does not run shard jobs in index order."""
+    try:
+        done = records(wf)
+    except (ValueError, FileNotFoundError):  # no shard store yet
+        return None
+    for i in range(n_shards):
+        status = shard_status(wf, i)
+        if done and i not in done and status and committed_chunks(wf, i) >= min_chunks:
+            return i, status, sorted(done)
+    return None
+
+
 def generate_jobs(before: set[str]) -> list[dict[str, str]]:
     """The jobs submitted since `before` on gpu_a100, where `generate` is the only rule."""
     return [j for j in sacct() if j["partition"] == "gpu_a100" and j["id"] not in before]
@@ -201,17 +215,17 @@ def test_scancelled_job(slurm_cluster, tmp_path, tiny_model_src):
     command again (README): finished shards are kept, the cancelled shard resumes from its chunks."""
     shards = {"n_shards": 3, "shards_per_job": 1, "gpus_per_shard": 1, "chunk_size": 5}
     wf = slurm_workflow(tmp_path, tiny_model_src, 120, shards, batch_size=2, sampling={"max_new_tokens": 48})
-    proc = wf.popen("--jobs", "1")  # one job at a time: shard 0 finishes before shard 1 starts
-    status = wait_for(lambda: committed_chunks(wf, 1) >= 2 and shard_status(wf, 1), what="shard 1 chunks")
-    done = shard_mtimes(wf, [0])
+    proc = wf.popen("--jobs", "1")  # one job at a time
+    i, status, finished = wait_for(lambda: mid_run_with_one_done(wf, 3, 2), what="a shard mid-run")
+    done = shard_mtimes(wf, finished)
     subprocess.run(["scancel", status["slurm_job_id"]], check=True)
     wait_for(lambda: sacct([status["slurm_job_id"]])[0]["state"].startswith("CANCELLED"), what="CANCELLED")
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     proc.communicate(timeout=300)
     wf.run("--unlock")
     wf.run()
-    assert shard_mtimes(wf, [0]) == done
-    assert "resuming: " in wf.path("logs/generate/tiny/shard-0001.log").read_text()
+    assert shard_mtimes(wf, finished) == done
+    assert "resuming: " in wf.path(f"logs/generate/tiny/shard-{i:04d}.log").read_text()
     assert_complete(wf, 240)
 
 
@@ -244,18 +258,18 @@ def test_killed_snakemake_head_then_restart(slurm_cluster, tmp_path, tiny_model_
     shards = {"n_shards": 3, "shards_per_job": 1, "gpus_per_shard": 1, "chunk_size": 5}
     wf = slurm_workflow(tmp_path, tiny_model_src, 120, shards, batch_size=2, sampling={"max_new_tokens": 48})
     proc = wf.popen("--jobs", "1")
-    status = wait_for(lambda: committed_chunks(wf, 1) >= 1 and shard_status(wf, 1), what="shard 1 chunks")
+    i, status, finished = wait_for(lambda: mid_run_with_one_done(wf, 3, 1), what="a shard mid-run")
     proc.kill()
     proc.communicate()
-    done = shard_mtimes(wf, [0])
+    done = shard_mtimes(wf, finished)
     subprocess.run(["scancel", status["slurm_job_id"]], check=True)  # the orphan
     wait_for(lambda: not sacct([status["slurm_job_id"]])[0]["state"].startswith("RUNNING"), what="scancel")
     shown = wf.shardwise("status").stdout
     assert f"SLURM job {status['slurm_job_id']} CANCELLED" in shown, shown
-    assert "1 done" in shown and "1 failed" in shown
+    assert f"shard {i}: failed" in shown and f"{len(finished)} done" in shown
     wf.run("--unlock")
     wf.run()
-    assert shard_mtimes(wf, [0]) == done
+    assert shard_mtimes(wf, finished) == done
     assert_complete(wf, 240)
     shown = wf.shardwise("status").stdout
     assert "generate/tiny: 3 shards (3 done, 0 running, 0 failed, 0 pending)" in shown
