@@ -167,9 +167,6 @@ class Config:
     hf_home: str | None
     resolved: dict[str, Any] = field(repr=False, compare=False)
 
-    def model(self, name: str) -> ModelSpec:
-        return self.models[name]
-
 
 _MODEL_FIELDS = {"hf": ("id",), "local": ("path",), "package": ("package", "file")}
 
