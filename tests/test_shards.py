@@ -92,6 +92,21 @@ def test_shard_ranges_cover_items_once_and_are_balanced(n_items, n_shards):
     assert ranges == shard_ranges(n_items, n_shards)
 
 
+@given(
+    st.integers(min_value=1, max_value=500),
+    st.integers(min_value=1, max_value=16),
+    st.integers(min_value=1, max_value=40),
+)
+def test_aligned_shard_ranges_cut_only_at_block_boundaries(n_items, n_shards, align):
+    if n_shards > -(-n_items // align):
+        return
+    ranges = shard_ranges(n_items, n_shards, align)
+    assert [r for rng in ranges for r in rng] == list(range(n_items))
+    assert all(len(r) > 0 and r.start % align == 0 for r in ranges)
+    blocks = [-(-len(r) // align) for r in ranges]
+    assert max(blocks) - min(blocks) <= 1
+
+
 def test_chunks_tile_a_shard():
     assert chunk_ranges(range(5, 12), 3) == [range(5, 8), range(8, 11), range(11, 12)]
 

@@ -53,15 +53,21 @@ TAIL_LINES = 20
 FORCE_CPU = "SHARDWISE_FORCE_CPU"
 
 
-def shard_ranges(n_items: int, n_shards: int) -> list[range]:
-    """Cut [0, n_items) into `n_shards` contiguous ranges; the first ones get one extra item."""
-    if n_shards < 1:
-        raise ValueError("n_shards must be >= 1")
-    size, extra = divmod(n_items, n_shards)
+def shard_ranges(n_items: int, n_shards: int, align: int = 1) -> list[range]:
+    """Cut [0, n_items) into `n_shards` contiguous ranges; the first ones get one extra item.
+
+    With `align` > 1 the cut is made in blocks of `align` items (only the last block may be short),
+    so every shard boundary is a multiple of `align`, whatever `n_shards` is. A stage whose batches
+    are formed inside such blocks then computes every item in the same batch for any `n_shards`.
+    """
+    if n_shards < 1 or align < 1:
+        raise ValueError("n_shards and align must be >= 1")
+    n_blocks = -(-n_items // align)
+    size, extra = divmod(n_blocks, n_shards)
     ranges, start = [], 0
     for i in range(n_shards):
         stop = start + size + (1 if i < extra else 0)
-        ranges.append(range(start, stop))
+        ranges.append(range(min(start * align, n_items), min(stop * align, n_items)))
         start = stop
     return ranges
 
@@ -122,20 +128,24 @@ class ShardPlan:
     root: Path
     log_dir: Path
     ext: str
+    align: int = 1
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
             raise ShardError(f"{self.stage}/{self.key}: no items to shard")
-        if self.spec.n_shards > self.n_items:
+        n_blocks = -(-self.n_items // self.align)
+        if self.spec.n_shards > n_blocks:
+            what = "items" if self.align == 1 else f"blocks of {self.align} items (chunk_size)"
             raise ShardError(
                 f"{self.stage}/{self.key}: n_shards ({self.spec.n_shards}) exceeds the number "
-                f"of items ({self.n_items})"
+                f"of {what} ({n_blocks})"
             )
         content = {
             "stage": self.stage,
             "key": self.key,
             "n_items": self.n_items,
+            "align": self.align,
             **self.spec.content_params(),
             "identity": self.identity,
         }
@@ -150,7 +160,7 @@ class ShardPlan:
         return self.root / "shards" / self.fingerprint
 
     def ranges(self) -> list[range]:
-        return shard_ranges(self.n_items, self.spec.n_shards)
+        return shard_ranges(self.n_items, self.spec.n_shards, self.align)
 
     def _stem(self, i: int) -> str:
         return f"{i:04d}-of-{self.spec.n_shards:04d}"
@@ -202,6 +212,7 @@ class ShardPlan:
                     "fingerprint": self.fingerprint,
                     "log_dir": str(self.log_dir),
                     "ext": self.ext,
+                    "align": self.align,
                     "version": __version__,
                 },
             )

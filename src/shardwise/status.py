@@ -69,6 +69,7 @@ def load_plan(path: Path) -> ShardPlan:
         root=root,
         log_dir=Path(data["log_dir"]),
         ext=data["ext"],
+        align=data.get("align", 1),
     )
 
 
