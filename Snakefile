@@ -1,5 +1,5 @@
-# shardwise: one DAG from prompts to generations (and, as stages land, teacher logits, probes and
-# the fluency/toxicity analysis). See README.md; the config reference is
+# shardwise: one DAG from prompts to generations and teacher logits (and, as stages land, probes
+# and the fluency/toxicity analysis). See README.md; the config reference is
 # workflow/schemas/config.schema.yaml.
 from snakemake.utils import min_version
 
@@ -21,6 +21,7 @@ rule all:
     default_target: True
     input:
         generation_outputs(),
+        teacher_logits_outputs(),
 
 
 rule generations:
@@ -29,5 +30,12 @@ rule generations:
         generation_outputs(),
 
 
+rule teacher_logits:
+    """Stop after the teacher-logits stage (and what it needs)."""
+    input:
+        teacher_logits_outputs(),
+
+
 include: "workflow/rules/models.smk"
 include: "workflow/rules/generate.smk"
+include: "workflow/rules/teacher_logits.smk"

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 
+import h5py
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from shardwise.config import load_config_file
+from shardwise.logits import TeacherLogits
+from shardwise.models import load_model
 
 
 @pytest.mark.slow
@@ -30,6 +35,24 @@ def test_demo_dag_end_to_end(workflow_copy):
     record = json.loads(wf.path("resources/models/smollm2/shardwise-model.json").read_text())
     assert record["weights"] == ["model.safetensors"]
 
+    # Teacher logits over the generations: 20 random items against a fresh forward pass.
+    logits = TeacherLogits(wf.path("results/teacher_logits/smollm2.h5"))
+    assert len(logits) == len(table) and logits.attrs["vocab_size"] == 49152 and logits.k == 64
+    model, tok = load_model(wf.path("resources/models/smollm2"))
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(table), size=20, replace=False):
+        item = logits[int(i)]
+        ids = tok(table.prompt[i] + table.continuation[i]).input_ids
+        assert item.token_ids.tolist() == ids
+        with torch.no_grad():
+            values, indices = model(torch.tensor([ids])).logits[0].float().log_softmax(-1).topk(64, -1)
+        np.testing.assert_allclose(item.topk_logprobs, values.numpy(), rtol=2e-3, atol=2e-3)
+        assert (item.topk_ids == indices.numpy()).mean() > 0.98  # the rest: ties at fp16 resolution
+    with h5py.File(logits.path) as f:
+        storage = sum(f[d].id.get_storage_size() for d in f)
+        assert storage / f["token_ids"].shape[0] <= 264
+
     status = wf.shardwise("status").stdout
     assert "generate/smollm2: 2 shards (2 done, 0 running, 0 failed, 0 pending)" in status
+    assert "teacher_logits/smollm2: 2 shards (2 done, 0 running, 0 failed, 0 pending)" in status
     assert "Nothing to be done" in wf.run().stdout + wf.run().stderr

@@ -41,6 +41,9 @@ def test_dry_run_of_the_demo_lists_the_stages(workflow_copy):
         "generations_run_info": 1,
         "merge_generations": 1,
         "prepare_model": 1,
+        "compute_teacher_logits": 2,
+        "merge_teacher_logits": 1,
+        "teacher_logits_run_info": 1,
     }
 
 

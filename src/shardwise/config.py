@@ -161,9 +161,27 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class TeacherLogitsConfig:
+    corpus: Path | None
+    generations: str | None
+    teachers: dict[str, str]  # output name -> weights (a key of `models`)
+    k: int
+    max_length: int
+    batch_tokens: int
+    shards: ShardSpec
+
+    def corpus_path(self, results: str | Path = "results") -> Path:
+        """The corpus table: `corpus`, or the generation run's merged table."""
+        if self.corpus is not None:
+            return self.corpus
+        return Path(results) / "generations" / f"{self.generations}.parquet"
+
+
+@dataclass(frozen=True)
 class Config:
     models: dict[str, ModelSpec]
     generate: GenerateConfig
+    teacher_logits: TeacherLogitsConfig
     hf_home: str | None
     resolved: dict[str, Any] = field(repr=False, compare=False)
 
@@ -180,33 +198,70 @@ def _model_spec(name: str, raw: Mapping[str, Any], source: str) -> ModelSpec:
     return ModelSpec(name=name, **raw)
 
 
+def _weights(models: Mapping[str, ModelSpec], section: str, name: str, entry: Mapping[str, Any], source: str):
+    weights = entry.get("model", name)
+    if weights not in models:
+        known = ", ".join(sorted(models)) or "none"
+        raise ConfigError(f"{source}: {section}.{name}: unknown model {weights!r} (models defined: {known})")
+    return weights
+
+
 def load_config(raw: Mapping[str, Any], source: str = "config", base_dir: Path | None = None) -> Config:
     """Validate `raw` and build the typed config. Relative paths stay relative (to the working
     directory, as in Snakemake) unless `base_dir` is given."""
     resolved = validate(raw, source)
     models = {n: _model_spec(n, m, source) for n, m in resolved["models"].items()}
 
+    def local(path: str) -> Path:
+        p = Path(path)
+        return base_dir / p if base_dir and not p.is_absolute() else p
+
     gen = resolved["generate"]
     shared = gen["sampling"]
     runs: dict[str, GenerateRun] = {}
     for run_name, overrides in gen["models"].items():
-        weights = overrides.get("model", run_name)
-        if weights not in models:
-            known = ", ".join(sorted(models)) or "none"
-            raise ConfigError(
-                f"{source}: generate.models.{run_name}: unknown model {weights!r} (models defined: {known})"
-            )
+        weights = _weights(models, "generate.models", run_name, overrides, source)
         sampling = Sampling(**{k: overrides.get(k, v) for k, v in shared.items()})
         runs[run_name] = GenerateRun(name=run_name, model=weights, sampling=sampling)
 
-    prompts = Path(gen["prompts"])
     generate = GenerateConfig(
-        prompts=base_dir / prompts if base_dir and not prompts.is_absolute() else prompts,
+        prompts=local(gen["prompts"]),
         runs=runs,
         batch_size=gen["batch_size"],
         shards=ShardSpec(**gen["shards"]),
     )
-    return Config(models=models, generate=generate, hf_home=resolved["hf_home"], resolved=resolved)
+
+    tl = resolved["teacher_logits"]
+    teachers = {
+        n: _weights(models, "teacher_logits.teachers", n, e, source) for n, e in tl["teachers"].items()
+    }
+    if teachers and tl["corpus"] is None:
+        if tl["generations"] is None:
+            raise ConfigError(
+                f"{source}: teacher_logits: set `corpus` (a text table) or `generations` (a run)"
+            )
+        if tl["generations"] not in runs:
+            known = ", ".join(sorted(runs)) or "none"
+            raise ConfigError(
+                f"{source}: teacher_logits.generations: unknown generation run {tl['generations']!r} "
+                f"(runs in generate.models: {known})"
+            )
+    teacher_logits = TeacherLogitsConfig(
+        corpus=None if tl["corpus"] is None else local(tl["corpus"]),
+        generations=tl["generations"],
+        teachers=teachers,
+        k=tl["k"],
+        max_length=tl["max_length"],
+        batch_tokens=tl["batch_tokens"],
+        shards=ShardSpec(**tl["shards"]),
+    )
+    return Config(
+        models=models,
+        generate=generate,
+        teacher_logits=teacher_logits,
+        hf_home=resolved["hf_home"],
+        resolved=resolved,
+    )
 
 
 def load_config_file(path: str | Path) -> Config:

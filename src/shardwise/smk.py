@@ -82,23 +82,36 @@ def workflow_config(config: dict[str, Any], configfiles: Iterable[str | Path]) -
         raise  # unreachable; for type checkers
 
 
+def _check_shards(section: str, spec: Any, n: int, what: str, where: str, align: int = 1) -> None:
+    blocks = -(-n // align)
+    if spec.n_shards > blocks:
+        unit = what if align == 1 else f"chunks of {align} {what} (chunk_size)"
+        raise InputError(
+            f"{section}.shards.n_shards ({spec.n_shards}) exceeds the number of {unit} ({blocks}) {where}"
+        )
+
+
 def check_inputs(cfg: Config) -> dict[str, int]:
     """What the workflow checks before any job runs (also `shardwise check`): each used model's
     source, and each input table; returns the number of items per input."""
     from shardwise.models import check_source
-    from shardwise.tables import load_prompts
+    from shardwise.tables import load_prompts, load_texts
 
     counts = {}
-    gen = cfg.generate
-    for run in gen.runs.values():
-        check_source(cfg.models[run.model])
+    gen, tl = cfg.generate, cfg.teacher_logits
+    for weights in [run.model for run in gen.runs.values()] + list(tl.teachers.values()):
+        check_source(cfg.models[weights])
     if gen.runs:
         counts["prompts"] = n = len(load_prompts(gen.prompts))
-        if gen.shards.n_shards > n:
-            raise InputError(
-                f"generate.shards.n_shards ({gen.shards.n_shards}) exceeds the number of prompts ({n}) "
-                f"in {gen.prompts}"
-            )
+        _check_shards("generate", gen.shards, n, "prompts", f"in {gen.prompts}")
+    if tl.teachers:
+        if tl.corpus is not None:
+            n, where = len(load_texts(tl.corpus)), f"in {tl.corpus}"
+        else:
+            n = counts["prompts"] * gen.runs[tl.generations].sampling.samples_per_prompt
+            where = f"in generation run {tl.generations}"
+        counts["corpus items"] = n
+        _check_shards("teacher_logits", tl.shards, n, "items", where, align=tl.shards.chunk_size)
     return counts
 
 

@@ -115,3 +115,27 @@ def load_prompts(path: str | Path) -> pd.DataFrame:
     _require_text_column(df, "prompt", path, "prompts", "prompt_id")
     front = ["prompt_id", "prompt"]
     return df[front + [c for c in df.columns if c not in front]]
+
+
+def load_texts(path: str | Path, what: str = "corpus") -> pd.DataFrame:
+    """A validated text table: `id` (unique integers; the row number when absent), `text`, and any
+    extra columns, in file order."""
+    path = Path(path)
+    df = read_table(path, what)
+    if len(df) == 0:
+        raise InputError(f"{what} file {path}: no rows")
+    _require_column(df, "text", path, what)
+    df = _ensure_ids(df.reset_index(drop=True), "id", path, what)
+    try:
+        ids = pd.to_numeric(df["id"], errors="raise", downcast=None)
+        if not (ids == ids.round()).all():
+            raise ValueError
+    except (ValueError, TypeError):
+        bad = next(v for v in df["id"] if not str(v).lstrip("-").isdigit())
+        raise InputError(
+            f"{what} file {path}: id {_plain(bad)!r} is not an integer (ids are stored as int64)"
+        ) from None
+    df["id"] = ids.astype("int64")
+    _require_text_column(df, "text", path, what, "id")
+    front = ["id", "text"]
+    return df[front + [c for c in df.columns if c not in front]]

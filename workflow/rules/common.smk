@@ -18,12 +18,14 @@ envvars:
 
 
 from shardwise import generate as _generate
+from shardwise import teacher_logits as _teacher_logits
 from shardwise.errors import ShardwiseError
 from shardwise.fingerprint import code_version
 from shardwise.smk import check_inputs, fail, run_info, workflow_config
 
 CFG = workflow_config(config, workflow.configfiles)
 GEN = CFG.generate
+TL = CFG.teacher_logits
 ENV = "../../envs/shardwise.yaml"
 
 
@@ -37,6 +39,7 @@ wildcard_constraints:
     job=r"\d{4}",
     model="|".join(GEN.runs) or "no-generation-runs",
     name="|".join(CFG.models) or "no-models",
+    teacher="|".join(TL.teachers) or "no-teachers",
 
 
 def model_dir(name):
@@ -62,4 +65,32 @@ def generate_code():
 def generation_outputs():
     return expand("results/generations/{model}.parquet", model=GEN.runs) + [
         "results/generations/run_info.json"
+    ]
+
+
+def teacher_corpus():
+    return str(TL.corpus_path())
+
+
+def teacher_model_dir(wildcards):
+    return model_dir(TL.teachers[wildcards.teacher])
+
+
+def teacher_logits_manifests(wildcards):
+    return expand(
+        "results/teacher_logits/{teacher}/jobs/job-{job:04d}.json",
+        teacher=wildcards.teacher,
+        job=range(TL.shards.n_jobs),
+    )
+
+
+def teacher_logits_code():
+    return code_version(*_teacher_logits.CODE)
+
+
+def teacher_logits_outputs():
+    if not TL.teachers:
+        return []
+    return expand("results/teacher_logits/{teacher}.h5", teacher=TL.teachers) + [
+        "results/teacher_logits/run_info.json"
     ]
