@@ -22,7 +22,7 @@ from conftest import tiny_config, write_prompts
 from shardwise.config import load_config
 from shardwise.errors import ShardError
 from shardwise.fingerprint import sha256_file
-from shardwise.logits import TeacherLogits, collate, dataset, kd_loss, topk_dtype
+from shardwise.logits import TeacherLogits, TeacherLogitsDataset, collate, kd_loss, topk_dtype
 from shardwise.models import load_model, prepare_model
 from shardwise.shards import run_job
 from shardwise.teacher_logits import batches, make_plan, merge_files
@@ -257,8 +257,14 @@ def test_reader_dataset_and_collate(merged):
     clone = pickle.loads(pickle.dumps(logits))  # what DataLoader workers get
     np.testing.assert_array_equal(clone[3].topk_ids, logits[3].topk_ids)
 
-    ds = dataset(out)
-    batch = collate([ds[0], ds[1]], pad_id=0)
+    loader = torch.utils.data.DataLoader(
+        TeacherLogitsDataset(out),
+        batch_size=2,
+        collate_fn=collate,
+        num_workers=1,
+        multiprocessing_context="spawn",
+    )
+    batch = next(iter(loader))
     n0, n1 = len(first.token_ids), len(logits[1].token_ids)
     assert batch["input_ids"].shape == (2, max(n0, n1)) and batch["topk_ids"].shape == (2, max(n0, n1), K)
     assert batch["attention_mask"].sum().item() == n0 + n1

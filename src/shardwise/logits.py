@@ -206,29 +206,26 @@ class TeacherLogits:
         return {**self.__dict__, "_file": None, "_pid": None}
 
 
-def dataset(path: str | Path) -> Any:
-    """A torch Dataset over a teacher-logits file: item i -> dict of tensors (input_ids [n],
-    topk_ids [n, k], topk_logprobs [n, k]); batch with :func:`collate`."""
-    from torch.utils.data import Dataset
+class TeacherLogitsDataset:
+    """A map-style torch Dataset over a teacher-logits file: item i -> dict of tensors
+    (input_ids [n], topk_ids [n, k], topk_logprobs [n, k]); batch with :func:`collate`. Picklable,
+    so DataLoader workers (fork or spawn) each open the file themselves."""
 
-    class TeacherLogitsDataset(Dataset):
-        def __init__(self) -> None:
-            self.logits = TeacherLogits(path)
+    def __init__(self, path: str | Path):
+        self.logits = TeacherLogits(path)
 
-        def __len__(self) -> int:
-            return len(self.logits)
+    def __len__(self) -> int:
+        return len(self.logits)
 
-        def __getitem__(self, i: int) -> dict[str, Any]:
-            import torch
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
 
-            item = self.logits[i]
-            return {
-                "input_ids": torch.from_numpy(item.token_ids),
-                "topk_ids": torch.from_numpy(item.topk_ids),
-                "topk_logprobs": torch.from_numpy(item.topk_logprobs),
-            }
-
-    return TeacherLogitsDataset()
+        item = self.logits[i]
+        return {
+            "input_ids": torch.from_numpy(item.token_ids),
+            "topk_ids": torch.from_numpy(item.topk_ids),
+            "topk_logprobs": torch.from_numpy(item.topk_logprobs),
+        }
 
 
 def collate(items: Sequence[Mapping[str, Any]], pad_id: int = 0) -> dict[str, Any]:
