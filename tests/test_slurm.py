@@ -147,7 +147,7 @@ def mid_run_with_one_done(wf: Workflow, n_shards: int, min_chunks: int):
 
 
 def generate_jobs(before: set[str]) -> list[dict[str, str]]:
-    """The jobs submitted since `before` on gpu_a100, where `generate` is the only rule."""
+    """The jobs submitted since `before` on gpu_a100 (tests here run only `generate` there)."""
     return [j for j in sacct() if j["partition"] == "gpu_a100" and j["id"] not in before]
 
 
@@ -164,7 +164,7 @@ def test_demo_dag_runs_as_node_jobs_of_four_gpus(slurm_cluster, tmp_path):
     cfg["generate"]["shards"].update(n_shards=4, shards_per_job=4, gpus_per_shard=1)
     wf.write_config(cfg)
     before = job_ids()
-    wf.run(timeout=900)
+    wf.run("generations", timeout=900)  # the stage this test is about (its only gpu_a100 jobs)
     assert_complete(wf, 120, run="smollm2")
     (gen,) = generate_jobs(before)
     assert gen["state"] == "COMPLETED"
