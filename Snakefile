@@ -1,5 +1,5 @@
-# shardwise: one DAG from prompts to generations and teacher logits (and, as stages land, probes
-# and the fluency/toxicity analysis). See README.md; the config reference is
+# shardwise: one DAG from prompts to generations, teacher logits and probes (and, as it lands, the
+# fluency/toxicity analysis). See README.md; the config reference is
 # workflow/schemas/config.schema.yaml.
 from snakemake.utils import min_version
 
@@ -22,6 +22,7 @@ rule all:
     input:
         generation_outputs(),
         teacher_logits_outputs(),
+        probes_outputs(),
 
 
 rule generations:
@@ -36,6 +37,13 @@ rule teacher_logits:
         teacher_logits_outputs(),
 
 
+rule probes:
+    """Stop after the probes (activations and probe training)."""
+    input:
+        probes_outputs(),
+
+
 include: "workflow/rules/models.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/teacher_logits.smk"
+include: "workflow/rules/probes.smk"

@@ -52,6 +52,18 @@ def test_demo_dag_end_to_end(workflow_copy):
         storage = sum(f[d].id.get_storage_size() for d in f)
         assert storage / f["token_ids"].shape[0] <= 264
 
+    # Probes on the shipped labelled set: the best layer (chosen on validation) is near perfect on
+    # these labels, which are easy from the text; the shuffled-label control stays at chance.
+    summary = json.loads(wf.path("results/probes/smollm2/aggregate_metrics.json").read_text())
+    assert set(summary["labels"]) == {"is_question", "has_negation", "has_number", "past_tense"}
+    for label, best in summary["labels"].items():
+        assert best["auroc"] >= 0.9, (label, best)
+        assert abs(best["control_auroc"] - 0.5) < 0.2, (label, best)
+    assert abs(summary["mean_control_auroc"] - 0.5) < 0.05
+    assert summary["n_probes"] == 31 * 4
+    metrics = pd.read_csv(wf.path("results/probes/smollm2/metrics.csv"))
+    assert len(metrics) == 31 * 4 and metrics.auroc.between(0, 1).all()
+
     status = wf.shardwise("status").stdout
     assert "generate/smollm2: 2 shards (2 done, 0 running, 0 failed, 0 pending)" in status
     assert "teacher_logits/smollm2: 2 shards (2 done, 0 running, 0 failed, 0 pending)" in status

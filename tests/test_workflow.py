@@ -44,6 +44,10 @@ def test_dry_run_of_the_demo_lists_the_stages(workflow_copy):
         "compute_teacher_logits": 2,
         "merge_teacher_logits": 1,
         "teacher_logits_run_info": 1,
+        "activations": 2,
+        "merge_activations": 1,
+        "train_probes": 1,
+        "probes_run_info": 1,
     }
 
 

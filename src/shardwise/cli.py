@@ -23,9 +23,12 @@ def _check(args: argparse.Namespace) -> int:
     cfg = load_config_file(args.config)
     counts = check_inputs(cfg)
     items = "".join(f", {n} {name}" for name, n in counts.items())
-    print(
-        f"{args.config}: ok ({len(cfg.models)} model(s), {len(cfg.generate.runs)} generation run(s){items})"
-    )
+    stages = f"{len(cfg.generate.runs)} generation run(s)"
+    if cfg.teacher_logits.teachers:
+        stages += f", {len(cfg.teacher_logits.teachers)} teacher(s)"
+    if cfg.probes.models:
+        stages += f", probes of {len(cfg.probes.models)} model(s)"
+    print(f"{args.config}: ok ({len(cfg.models)} model(s), {stages}{items})")
     return 0
 
 

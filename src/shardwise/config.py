@@ -178,10 +178,30 @@ class TeacherLogitsConfig:
 
 
 @dataclass(frozen=True)
+class ProbesConfig:
+    data: Path
+    labels: tuple[str, ...]
+    models: tuple[str, ...]
+    layers: tuple[int, ...] | None
+    pooling: str
+    max_length: int
+    batch_tokens: int
+    val_fraction: float
+    test_fraction: float
+    seed: int
+    l2_grid: tuple[float, ...]
+    max_steps: int
+    patience: int
+    learning_rate: float
+    shards: ShardSpec
+
+
+@dataclass(frozen=True)
 class Config:
     models: dict[str, ModelSpec]
     generate: GenerateConfig
     teacher_logits: TeacherLogitsConfig
+    probes: ProbesConfig
     hf_home: str | None
     resolved: dict[str, Any] = field(repr=False, compare=False)
 
@@ -255,10 +275,29 @@ def load_config(raw: Mapping[str, Any], source: str = "config", base_dir: Path |
         batch_tokens=tl["batch_tokens"],
         shards=ShardSpec(**tl["shards"]),
     )
+    pr = resolved["probes"]
+    for name in pr["models"]:
+        _weights(models, "probes.models", name, {}, source)
+    probes = ProbesConfig(
+        data=local(pr["data"]),
+        labels=tuple(pr["labels"]),
+        models=tuple(pr["models"]),
+        layers=None if pr["layers"] is None else tuple(pr["layers"]),
+        shards=ShardSpec(**pr["shards"]),
+        l2_grid=tuple(float(v) for v in pr["l2_grid"]),
+        **{
+            k: v
+            for k, v in pr.items()
+            if k not in ("data", "labels", "models", "layers", "shards", "l2_grid")
+        },
+    )
+    if probes.models and not probes.labels:
+        raise ConfigError(f"{source}: probes.labels: name at least one label column of {probes.data}")
     return Config(
         models=models,
         generate=generate,
         teacher_logits=teacher_logits,
+        probes=probes,
         hf_home=resolved["hf_home"],
         resolved=resolved,
     )

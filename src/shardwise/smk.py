@@ -112,6 +112,19 @@ def check_inputs(cfg: Config) -> dict[str, int]:
             where = f"in generation run {tl.generations}"
         counts["corpus items"] = n
         _check_shards("teacher_logits", tl.shards, n, "items", where, align=tl.shards.chunk_size)
+    pr = cfg.probes
+    if pr.models:
+        from shardwise.probes import check_split, group_split
+        from shardwise.tables import load_labelled
+
+        for name in pr.models:
+            check_source(cfg.models[name])
+        table = load_labelled(pr.data, list(pr.labels))
+        counts["labelled rows"] = n = len(table)
+        _check_shards("probes", pr.shards, n, "rows", f"in {pr.data}", align=pr.shards.chunk_size)
+        y = table[list(pr.labels)].to_numpy()
+        split = group_split(table["group"].tolist(), y, pr.val_fraction, pr.test_fraction, pr.seed)
+        check_split(split, y, list(pr.labels), f"probes data file {pr.data}")
     return counts
 
 

@@ -139,3 +139,34 @@ def load_texts(path: str | Path, what: str = "corpus") -> pd.DataFrame:
     _require_text_column(df, "text", path, what, "id")
     front = ["id", "text"]
     return df[front + [c for c in df.columns if c not in front]]
+
+
+_BINARY = {0: 0, 1: 1, "0": 0, "1": 1, "false": 0, "true": 1, "False": 0, "True": 1}  # False == 0, True == 1
+
+
+def load_labelled(
+    path: str | Path, labels: list[str] | tuple[str, ...], what: str = "probes data"
+) -> pd.DataFrame:
+    """A validated labelled table: `id` (unique integers, else the row number), `text`, `group`
+    (the row's own id when absent) and each label column as 0/1 ints. Every label must be binary
+    (0/1, true/false) and have both classes."""
+    path = Path(path)
+    df = load_texts(path, what)
+    if not labels:
+        raise InputError(f"{what} file {path}: no label columns configured (probes.labels)")
+    if "group" not in df.columns:
+        df["group"] = df["id"]
+    for label in labels:
+        _require_column(df, label, path, what)
+        values = df[label].map(lambda v: _BINARY.get(v, _BINARY.get(str(v).strip())))
+        if values.isna().any():
+            bad = sorted({repr(_plain(v)) for v in df[label][values.isna()]})[:3]
+            raise InputError(
+                f"{what} file {path}: label column {label!r} is not binary (values {', '.join(bad)})"
+            )
+        df[label] = values.astype("int64")
+        if df[label].nunique() < 2:
+            raise InputError(
+                f"{what} file {path}: label {label!r} has one class only (all {int(df[label].iloc[0])})"
+            )
+    return df[["id", "text", "group", *labels]]

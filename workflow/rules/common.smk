@@ -17,7 +17,9 @@ envvars:
     "HF_HUB_OFFLINE",
 
 
+from shardwise import activations as _activations
 from shardwise import generate as _generate
+from shardwise import probes as _probes
 from shardwise import teacher_logits as _teacher_logits
 from shardwise.errors import ShardwiseError
 from shardwise.fingerprint import code_version
@@ -26,6 +28,7 @@ from shardwise.smk import check_inputs, fail, run_info, workflow_config
 CFG = workflow_config(config, workflow.configfiles)
 GEN = CFG.generate
 TL = CFG.teacher_logits
+PROBES = CFG.probes
 ENV = "../../envs/shardwise.yaml"
 
 
@@ -94,3 +97,33 @@ def teacher_logits_outputs():
     return expand("results/teacher_logits/{teacher}.h5", teacher=TL.teachers) + [
         "results/teacher_logits/run_info.json"
     ]
+
+
+def probe_model_dir(wildcards):
+    return model_dir(wildcards.name)
+
+
+def activations_manifests(wildcards):
+    return expand(
+        "results/activations/{name}/jobs/job-{job:04d}.json",
+        name=wildcards.name,
+        job=range(PROBES.shards.n_jobs),
+    )
+
+
+def activations_code():
+    return code_version(*_activations.CODE)
+
+
+def probes_code():
+    return code_version(*_activations.CODE, "shardwise.probes")
+
+
+def probes_outputs():
+    if not PROBES.models:
+        return []
+    return expand(
+        "results/probes/{name}/{file}",
+        name=PROBES.models,
+        file=["metrics.csv", "probes.safetensors", "aggregate_metrics.json", "auroc_heatmap.png"],
+    ) + ["results/probes/run_info.json"]

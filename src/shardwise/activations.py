@@ -1,0 +1,302 @@
+"""Stage `activations`: pooled hidden states of a model's layers over a labelled table, sharded
+(design.md §3 "Activations"); the probes trained on them are in :mod:`shardwise.probes`.
+
+Layer index l (0..n_layers): 0 is the token embeddings, l >= 1 the output of decoder block l, i.e.
+the residual stream *before* the final norm for every block, the last included. (HF's
+``hidden_states[-1]`` is taken after the final norm, transformers PR #40994; the index here is
+uniform instead.) Each layer is pooled inside a forward hook on its module, so only
+[layers, batch, dim] is ever kept: ``mean`` over the content tokens (attention mask without the
+tokenizer's special tokens, e.g. BOS) or the ``last`` content token. The forward pass stops after
+the highest requested layer (no final norm, no LM head, no logits).
+
+Output ``results/activations/<model>.h5``: ``activations`` float16 [L, N, D], ``layers`` int64 [L],
+``item_ids`` int64 [N], attrs pooling, model, revision, fingerprint, version. As in the teacher
+logits stage, shard boundaries fall on multiples of ``chunk_size`` and batches are formed inside a
+chunk, so merged files are byte-identical for any ``n_shards``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shardwise import __version__
+from shardwise.config import Config, load_config
+from shardwise.errors import InputError, ShardError
+from shardwise.fingerprint import code_version, sha256_file
+from shardwise.models import load_model, read_record
+from shardwise.shards import ShardContext, ShardPlan, atomic_path, run_job, verify
+from shardwise.tables import load_labelled
+from shardwise.teacher_logits import batches
+
+log = logging.getLogger(__name__)
+
+STAGE = "activations"
+CODE = ("shardwise.activations", "shardwise.shards", "shardwise.models", "shardwise.tables")
+
+
+class _Stop(Exception):
+    """Raised by the hook of the highest requested layer: nothing above it is computed."""
+
+
+@dataclass(frozen=True)
+class ActivationsCodec:
+    attrs: dict[str, Any] = field(default_factory=dict)
+    ext: str = "h5"
+
+    def write(self, obj: Any, path: Path) -> None:
+        import h5py
+
+        with h5py.File(path, "w") as f:
+            acts = obj["activations"]
+            f.create_dataset("activations", data=acts, chunks=(1, min(acts.shape[1], 1024), acts.shape[2]))
+            f.create_dataset("item_ids", data=obj["item_ids"])
+            f.create_dataset("layers", data=np.asarray(obj["layers"], dtype=np.int64))
+            f.attrs.update(self.attrs)
+
+    def combine(self, parts: Sequence[Path], path: Path) -> None:
+        concat(parts, path, self.attrs)
+
+
+def concat(sources: Sequence[str | Path], dest: str | Path, attrs: dict[str, Any]) -> None:
+    """Join activation files along the item axis (a copy, one source at a time)."""
+    import h5py
+
+    handles = [h5py.File(p, "r") for p in sources]
+    try:
+        n = sum(h["item_ids"].shape[0] for h in handles)
+        n_layers, _, dim = handles[0]["activations"].shape
+        with h5py.File(dest, "w") as out:
+            acts = out.create_dataset(
+                "activations", shape=(n_layers, n, dim), dtype=np.float16, chunks=(1, min(n, 1024), dim)
+            )
+            ids = out.create_dataset("item_ids", shape=(n,), dtype=np.int64)
+            out.create_dataset("layers", data=handles[0]["layers"][...])
+            start = 0
+            for h in handles:
+                m = h["item_ids"].shape[0]
+                acts[:, start : start + m] = h["activations"][...]
+                ids[start : start + m] = h["item_ids"][...]
+                start += m
+            out.attrs.update(attrs)
+    finally:
+        for h in handles:
+            h.close()
+
+
+def resolve_layers(
+    requested: Sequence[int] | None, n_blocks: int, source: str = "probes.layers"
+) -> list[int]:
+    """Layer indices 0..n_blocks (0 = embeddings); None = all. Negative indices count from the top."""
+    if requested is None:
+        return list(range(n_blocks + 1))
+    out = []
+    for layer in requested:
+        index = layer + n_blocks + 1 if layer < 0 else layer
+        if not 0 <= index <= n_blocks:
+            raise InputError(
+                f"{source}: layer {layer} is out of range for a model with {n_blocks} blocks "
+                f"(0 = embeddings .. {n_blocks} = last block; negative counts from the top)"
+            )
+        out.append(index)
+    return sorted(set(out))
+
+
+def n_blocks(model_dir: str | Path) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers)
+
+
+def _blocks(model: Any) -> Sequence[Any]:
+    base = model.base_model
+    for attr in ("layers", "h", "blocks"):
+        if hasattr(base, attr):
+            return getattr(base, attr)
+    raise ShardError(f"{type(model).__name__}: cannot find the decoder blocks (layers/h/blocks)")
+
+
+def pooled_states(
+    model: Any, input_ids: Any, attention_mask: Any, content: Any, layers: Sequence[int], pooling: str
+) -> Any:
+    """[L, B, D] float32: each requested layer's output pooled over the content tokens (mask
+    `content` [B, T], 1 = a content token) inside forward hooks; stops after the highest layer."""
+    import torch
+
+    weights = content.to(device=input_ids.device, dtype=torch.float32)
+    if pooling == "mean":
+        weights = weights / weights.sum(1, keepdim=True).clamp_min(1.0)
+    else:  # last content token
+        last = content.shape[1] - 1 - content.flip(1).to(torch.int64).argmax(1)
+        weights = torch.zeros_like(weights).scatter_(1, last.unsqueeze(1), 1.0)
+    pooled: dict[int, Any] = {}
+    top = max(layers)
+
+    def hook_for(index: int) -> Any:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            w = weights.to(hidden.device)
+            pooled[index] = torch.einsum("btd,bt->bd", hidden.float(), w)
+            if index == top:
+                raise _Stop
+
+        return hook
+
+    modules = {0: model.get_input_embeddings(), **{i + 1: b for i, b in enumerate(_blocks(model))}}
+    handles = [modules[i].register_forward_hook(hook_for(i)) for i in layers]
+    try:
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([pooled[i] for i in layers])
+
+
+def make_plan(
+    cfg: Config,
+    name: str,
+    model_dir: str | Path,
+    n_items: int | None = None,
+    results: str | Path = "results",
+    logs: str | Path = "logs",
+) -> tuple[ShardPlan, ActivationsCodec, list[int]]:
+    pr = cfg.probes
+    if n_items is None:
+        n_items = len(load_labelled(pr.data, pr.labels))
+    layers = resolve_layers(pr.layers, n_blocks(model_dir))
+    record = read_record(model_dir)
+    identity = {
+        "model": record["identity"],
+        "layers": layers,
+        "pooling": pr.pooling,
+        "max_length": pr.max_length,
+        "data_sha256": sha256_file(pr.data),
+        "code": code_version(*CODE),
+    }
+    plan = ShardPlan(
+        stage=STAGE,
+        key=name,
+        n_items=n_items,
+        spec=pr.shards,
+        identity=identity,
+        root=Path(results) / STAGE / name,
+        log_dir=Path(logs) / STAGE / name,
+        ext=ActivationsCodec.ext,
+        align=pr.shards.chunk_size,
+    )
+    attrs = {
+        "model": name,
+        "revision": record.get("commit") or f"weights-sha256:{record['identity']}",
+        "pooling": pr.pooling,
+        "max_length": pr.max_length,
+        "fingerprint": plan.fingerprint,
+        "version": __version__,
+    }
+    return plan, ActivationsCodec(attrs=attrs), layers
+
+
+def compute_shard(ctx: ShardContext) -> None:
+    """Worker body: pooled activations of the shard's pending chunks, each committed in order."""
+    import torch
+    from tqdm import tqdm
+
+    a = ctx.args
+    chunks = ctx.pending_chunks()
+    if not chunks:
+        return
+    table = load_labelled(a["data"], a["labels"])
+    device = ctx.device
+    spread = ctx.n_gpus > 1 and device != "cpu"
+    model, tokenizer = load_model(a["model_dir"], device, a["dtype"], device_map="auto" if spread else None)
+    device = str(model.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    texts, ids_col = table["text"].tolist(), table["id"].to_numpy()
+    started, n_tokens = time.perf_counter(), 0
+    with tqdm(
+        total=sum(len(c) for c in chunks), unit="item", mininterval=5, desc=f"shard {ctx.index}"
+    ) as bar:
+        for chunk in chunks:
+            enc = tokenizer(
+                texts[chunk.start : chunk.stop],
+                truncation=True,
+                max_length=a["max_length"],
+                return_special_tokens_mask=True,
+            )
+            lengths = [len(e) for e in enc["input_ids"]]
+            out = np.zeros((len(a["layers"]), len(chunk), 0), dtype=np.float16)
+            for batch in batches(lengths, a["batch_tokens"]):
+                width = max(lengths[j] for j in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                content = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, j in enumerate(batch):
+                    n = lengths[j]
+                    ids[r, :n] = torch.tensor(enc["input_ids"][j])
+                    mask[r, :n] = 1
+                    content[r, :n] = 1 - torch.tensor(enc["special_tokens_mask"][j])
+                if (content.sum(1) == 0).any():
+                    j = batch[int((content.sum(1) == 0).nonzero()[0])]
+                    raise ShardError(f"{ctx.plan.name}: item {chunk.start + j} has no content tokens")
+                with torch.inference_mode():
+                    states = pooled_states(
+                        model, ids.to(device), mask.to(device), content, a["layers"], a["pooling"]
+                    )
+                if not torch.isfinite(states).all():
+                    bad = batch[int((~torch.isfinite(states)).any(0).any(1).nonzero()[0])]
+                    raise ShardError(f"{ctx.plan.name}: item {chunk.start + bad} has non-finite activations")
+                states = states.cpu().numpy().astype(np.float16)
+                if out.shape[2] == 0:
+                    out = np.zeros((states.shape[0], len(chunk), states.shape[2]), dtype=np.float16)
+                out[:, batch] = states
+                n_tokens += sum(lengths[j] for j in batch)
+                bar.update(len(batch))
+            ctx.commit(
+                chunk,
+                {"activations": out, "item_ids": ids_col[chunk.start : chunk.stop], "layers": a["layers"]},
+            )
+    seconds = time.perf_counter() - started
+    ctx.stats.update(tokens=n_tokens, seconds=round(seconds, 2), tokens_per_s=round(n_tokens / seconds, 1))
+
+
+def _plan_for(smk: Any) -> tuple[Config, ShardPlan, ActivationsCodec, list[int]]:
+    cfg = load_config(smk.config)
+    return (cfg, *make_plan(cfg, smk.wildcards.name, smk.input.model))
+
+
+def job(smk: Any) -> None:
+    """Snakemake rule `activations`: run one job's shards and write its manifest."""
+    cfg, plan, codec, layers = _plan_for(smk)
+    pr = cfg.probes
+    args = {
+        "data": str(pr.data),
+        "labels": list(pr.labels),
+        "model_dir": str(smk.input.model),
+        "dtype": cfg.models[smk.wildcards.name].dtype,
+        "layers": layers,
+        "pooling": pr.pooling,
+        "max_length": pr.max_length,
+        "batch_tokens": pr.batch_tokens,
+    }
+    run_job(plan, int(smk.wildcards.job), compute_shard, codec, args, smk.output[0], threads=smk.threads)
+
+
+def merge_files(plan: ShardPlan, codec: ActivationsCodec, manifests: Any, out: str | Path) -> list[Path]:
+    paths = verify(plan, manifests)
+    with atomic_path(Path(out)) as tmp:
+        concat(paths, tmp, codec.attrs)
+    return paths
+
+
+def merge(smk: Any) -> None:
+    """Snakemake rule `merge_activations`: one verified file per model."""
+    _, plan, codec, _ = _plan_for(smk)
+    paths = merge_files(plan, codec, smk.input.manifests, smk.output[0])
+    log.info("merged %d shards of %d items -> %s", len(paths), plan.n_items, smk.output[0])

@@ -1,0 +1,348 @@
+"""Stage `train_probes`: one logistic probe per (layer, label), all trained at once
+(design.md §3 "Probes"); the activations they read come from :mod:`shardwise.activations`.
+
+The trainer (:func:`fit`) holds every probe of every L2 strength in one tensor W [L, D, G, K']
+(G grid values, L layers, K' = 2K labels: the K real ones and K control copies whose labels are
+shuffled inside each split, Hewitt & Liang 2019) and runs full-batch Adam on all of them with one
+batched matmul per step, on the GPU when there is one. Features are standardised per layer with
+train statistics; the logistic loss is class-balanced (each class weighs half); each probe keeps
+the weights of its best validation loss (early stopping per probe; training stops when none
+improved for `patience` steps); per (layer, label) the L2 strength with the best validation loss
+wins. The split (:func:`group_split`) keeps every `group` on one side and balances each label's
+classes across train/val/test.
+
+Outputs in ``results/probes/<model>/``: ``metrics.csv`` (label, layer, auroc, auprc, f1, accuracy,
+precision, recall, n_train, n_test, control_auroc, l2, val_auroc), ``probes.safetensors`` (W [L, K, D]
+and b [L, K] in the raw activation space: p = sigmoid(x @ W[l, k] + b[l, k])), ``aggregate_metrics.json``
+(per label the layer with the best validation AUROC and its test metrics) and ``auroc_heatmap.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from shardwise.config import ProbesConfig, load_config
+from shardwise.errors import InputError
+from shardwise.shards import atomic_path, atomic_write_json, atomic_write_text
+from shardwise.tables import load_labelled
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def group_split(
+    groups: Sequence[Any], y: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
+    """0/1/2 (train/val/test) per row. Whole groups are assigned, larger first then in a seeded
+    random order, each to the split where it brings the rows and every label's positives and
+    negatives closest to the target fractions (greedy iterative stratification)."""
+    _, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    n_groups = inverse.max() + 1
+    rows = np.bincount(inverse, minlength=n_groups).astype(float)
+    pos = np.stack([np.bincount(inverse, weights=y[:, k], minlength=n_groups) for k in range(y.shape[1])], 1)
+    neg = rows[:, None] - pos
+    target = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
+    totals = [rows.sum(), pos.sum(0).clip(min=1), neg.sum(0).clip(min=1)]
+    have = [np.zeros(3), np.zeros((3, y.shape[1])), np.zeros((3, y.shape[1]))]
+    rng = np.random.default_rng(seed)
+    order = sorted(rng.permutation(n_groups), key=lambda g: -rows[g])
+    assign = np.zeros(n_groups, dtype=np.int64)
+    for g in order:
+        cost = np.zeros(3)
+        for s in range(3):
+            r = have[0].copy()
+            r[s] += rows[g]
+            p, q = have[1].copy(), have[2].copy()
+            p[s] += pos[g]
+            q[s] += neg[g]
+            cost[s] = (
+                ((r / totals[0] - target) ** 2).sum()
+                + ((p / totals[1] - target[:, None]) ** 2).mean(1).sum()
+                + ((q / totals[2] - target[:, None]) ** 2).mean(1).sum()
+            )
+        s = int(np.argmin(cost))
+        assign[g] = s
+        have[0][s] += rows[g]
+        have[1][s] += pos[g]
+        have[2][s] += neg[g]
+    return assign[inverse]
+
+
+@dataclass
+class Fit:
+    W: Any  # [L, K, D] raw-space weights (torch, on the training device)
+    b: Any  # [L, K]
+    l2: Any  # [L, K] chosen L2 strength
+    steps: int
+    seconds: float
+
+
+def _balanced_bce(logits: Any, y: Any) -> Any:
+    """Per-probe class-balanced logistic loss: logits [L, n, G, K], y [n, K] -> [L, G, K]."""
+    import torch
+
+    n_pos = y.sum(0).clamp_min(1.0)
+    n_neg = (1 - y).sum(0).clamp_min(1.0)
+    weight = (y * (0.5 / n_pos) + (1 - y) * (0.5 / n_neg)).unsqueeze(1)  # [n, 1, K], sums to 1
+    target = y.unsqueeze(1).expand_as(logits)
+    per = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (per * weight).sum(1)
+
+
+def fit(
+    x: Any,
+    y: Any,
+    split: Any,
+    l2_grid: Sequence[float],
+    max_steps: int = 1000,
+    patience: int = 50,
+    lr: float = 0.01,
+    seed: int = 0,
+    min_improvement: float = 1e-4,
+) -> Fit:
+    """Train every (layer, label) probe for every L2 strength at once.
+
+    x [L, N, D] float (any device), y [N, K] 0/1, split [N] (0 train, 1 val, 2 test). The weights
+    of all probes are one tensor [L, D, G x K]: each step is one batched matmul per split. A probe
+    improves when its validation loss drops by more than `min_improvement` (relative)."""
+    import torch
+
+    started = time.perf_counter()
+    device = x.device
+    y = torch.as_tensor(y, dtype=torch.float32, device=device)
+    split = torch.as_tensor(split, device=device)
+    tr, va = split == 0, split == 1
+    mean = x[:, tr].mean(1, keepdim=True)
+    std = x[:, tr].std(1, keepdim=True).clamp_min(1e-6)
+    z_tr, z_va = (x[:, tr] - mean) / std, (x[:, va] - mean) / std
+    y_tr, y_va = y[tr], y[va]
+    n_layers, _, dim = x.shape
+    n_grid, n_labels = len(l2_grid), y.shape[1]
+    grid = torch.tensor(list(l2_grid), dtype=torch.float32, device=device).view(1, -1, 1)  # [1, G, 1]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(n_layers, dim, n_grid, n_labels, generator=gen) * 1e-3
+    w = w.to(device).requires_grad_()
+    b = torch.zeros(n_layers, 1, n_grid, n_labels, device=device, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+
+    def logits(z: Any) -> Any:
+        flat = torch.bmm(z, w.view(n_layers, dim, n_grid * n_labels))
+        return flat.view(n_layers, z.shape[1], n_grid, n_labels) + b
+
+    best_loss = torch.full((n_layers, n_grid, n_labels), float("inf"), device=device)
+    best_w, best_b = w.detach().clone(), b.detach().clone()
+    since, step = 0, 0
+    for step in range(1, max_steps + 1):  # noqa: B007
+        opt.zero_grad(set_to_none=True)
+        loss = _balanced_bce(logits(z_tr), y_tr) + 0.5 * grid * (w**2).sum(1)
+        loss.sum().backward()  # probes share no parameters: one backward trains them all
+        opt.step()
+        with torch.no_grad():
+            val = _balanced_bce(logits(z_va), y_va)
+            better = val < best_loss * (1 - min_improvement)
+            best_loss = torch.where(better, val, best_loss)
+            best_w = torch.where(better.unsqueeze(1), w, best_w)
+            best_b = torch.where(better.unsqueeze(1), b, best_b)
+            since = 0 if bool(better.any()) else since + 1
+        if since >= patience:
+            break
+    choice = best_loss.argmin(1)  # [L, K]: the L2 strength of each probe
+    w_sel = best_w.gather(2, choice.view(n_layers, 1, 1, n_labels).expand(n_layers, dim, 1, n_labels))[
+        :, :, 0
+    ]
+    b_sel = best_b.gather(2, choice.view(n_layers, 1, 1, n_labels))[:, 0, 0]  # [L, K]
+    w_raw = (w_sel / std.transpose(1, 2)).transpose(1, 2)  # [L, K, D]
+    b_raw = b_sel - torch.einsum("lkd,ld->lk", w_raw, mean[:, 0])
+    l2 = grid.view(-1)[choice]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return Fit(W=w_raw.detach(), b=b_raw.detach(), l2=l2, steps=step, seconds=time.perf_counter() - started)
+
+
+def scores(x: Any, probe: Fit) -> Any:
+    """Probabilities [L, N, K] of every probe on x [L, N, D]."""
+    import torch
+
+    return torch.sigmoid(torch.matmul(x, probe.W.transpose(1, 2)) + probe.b.unsqueeze(1))
+
+
+def metrics_table(
+    p: np.ndarray, y: np.ndarray, split: np.ndarray, layers: Sequence[int], labels: Sequence[str]
+) -> pd.DataFrame:
+    """Metrics per (label, layer) on the test split (and the validation AUROC): p [L, N, 2K] holds
+    the real probes then the control probes; y [N, 2K] likewise (control labels shuffled)."""
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        f1_score,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
+
+    te, va = split == 2, split == 1
+    n_train = int((split == 0).sum())
+    k = len(labels)
+    rows = []
+    for j, label in enumerate(labels):
+        for i, layer in enumerate(layers):
+            pred = p[i, te, j] >= 0.5
+            rows.append(
+                {
+                    "label": label,
+                    "layer": layer,
+                    "auroc": roc_auc_score(y[te, j], p[i, te, j]),
+                    "auprc": average_precision_score(y[te, j], p[i, te, j]),
+                    "f1": f1_score(y[te, j], pred, zero_division=0),
+                    "accuracy": accuracy_score(y[te, j], pred),
+                    "precision": precision_score(y[te, j], pred, zero_division=0),
+                    "recall": recall_score(y[te, j], pred, zero_division=0),
+                    "n_train": n_train,
+                    "n_test": int(te.sum()),
+                    "control_auroc": roc_auc_score(y[te, k + j], p[i, te, k + j]),
+                    "val_auroc": roc_auc_score(y[va, j], p[i, va, j]),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def control_labels(y: np.ndarray, split: np.ndarray, seed: int) -> np.ndarray:
+    """The control task: each label shuffled inside each split (same class balance, no signal)."""
+    rng = np.random.default_rng(seed + 1)
+    out = y.copy()
+    for s in range(3):
+        rows = np.flatnonzero(split == s)
+        for k in range(y.shape[1]):
+            out[rows, k] = y[rng.permutation(rows), k]
+    return out
+
+
+def check_split(split: np.ndarray, y: np.ndarray, labels: Sequence[str], where: str) -> None:
+    for s, name in enumerate(SPLITS):
+        for k, label in enumerate(labels):
+            classes = set(np.unique(y[split == s, k]).tolist())
+            if classes != {0, 1}:
+                raise InputError(
+                    f"{where}: {len(y)} rows are fewer than the splits need: the {name} split has "
+                    f"{'no' if not classes else 'only class ' + str(classes.pop()) + ' and no other'} rows "
+                    f"of label {label!r} (add rows, or groups, or change val/test_fraction)"
+                )
+
+
+def heatmap(table: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = table.pivot(index="layer", columns="label", values="auroc")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * grid.shape[1], 1.2 + 0.28 * grid.shape[0]), dpi=120)
+    im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=0.5, vmax=1.0, origin="lower")
+    ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=45, ha="right")
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set_xlabel("label")
+    ax.set_ylabel("layer (0 = embeddings)")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="test AUROC")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: str) -> dict[str, Any]:
+    """Train and evaluate every probe of one model; write the four outputs."""
+    import h5py
+    import torch
+    from safetensors.torch import save_file
+
+    table = load_labelled(pr.data, list(pr.labels))
+    with h5py.File(activations, "r") as f:
+        item_ids = f["item_ids"][...]
+        layers = f["layers"][...].tolist()
+        x = torch.from_numpy(f["activations"][...].astype(np.float32))
+    if not np.array_equal(item_ids, table["id"].to_numpy()):
+        raise InputError(f"{activations}: item ids do not match {pr.data} (rerun the activations stage)")
+    labels = list(pr.labels)
+    y = table[labels].to_numpy()
+    split = group_split(table["group"].tolist(), y, pr.val_fraction, pr.test_fraction, pr.seed)
+    check_split(split, y, labels, f"probes data file {pr.data}")
+    y_all = np.concatenate([y, control_labels(y, split, pr.seed)], axis=1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = x.to(device)
+    probe = fit(x, y_all, split, pr.l2_grid, pr.max_steps, pr.patience, pr.learning_rate, pr.seed)
+    with torch.no_grad():
+        p = scores(x, probe).cpu().numpy()
+    metrics = metrics_table(p, y_all, split, layers, labels)
+    k = len(labels)
+    metrics["l2"] = [
+        float(probe.l2[layers.index(r.layer), labels.index(r.label)]) for r in metrics.itertuples()
+    ]
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False, float_format="%.6g"))
+    with atomic_path(out / "probes.safetensors") as tmp:
+        save_file(
+            {
+                "W": probe.W[:, :k].contiguous().cpu(),
+                "b": probe.b[:, :k].contiguous().cpu(),
+                "layers": torch.tensor(layers),
+            },
+            str(tmp),
+            metadata={"labels": json.dumps(labels), "pooling": pr.pooling, "model": name},
+        )
+    best = {}
+    for label, rows in metrics.groupby("label", sort=False):
+        top = rows.loc[rows.val_auroc.idxmax()]
+        best[label] = {
+            "best_layer": int(top.layer),
+            "chosen_by": "validation AUROC",
+            **{m: float(top[m]) for m in ("auroc", "auprc", "f1", "accuracy", "control_auroc", "l2")},
+            "max_test_auroc_any_layer": float(rows.auroc.max()),
+        }
+    summary = {
+        "model": name,
+        "labels": best,
+        "mean_test_auroc": float(metrics.auroc.mean()),
+        "mean_control_auroc": float(metrics.control_auroc.mean()),
+        "n_rows": {s: int((split == i).sum()) for i, s in enumerate(SPLITS)},
+        "n_groups": int(table["group"].nunique()),
+        "n_probes": len(layers) * k,
+        "layers": layers,
+        "pooling": pr.pooling,
+        "l2_grid": list(pr.l2_grid),
+        "steps": probe.steps,
+        "train_seconds": round(probe.seconds, 3),
+        "device": str(device),
+        "seed": pr.seed,
+    }
+    atomic_write_json(out / "aggregate_metrics.json", summary)
+    heatmap(metrics, out / "auroc_heatmap.png", f"{name}: linear probes, test AUROC ({pr.pooling} pooling)")
+    log.info(
+        "%d probes (%d layers x %d labels) x %d L2 values trained in %.2f s on %s (%d steps)",
+        len(layers) * k,
+        len(layers),
+        k,
+        len(pr.l2_grid),
+        probe.seconds,
+        device,
+        probe.steps,
+    )
+    return summary
+
+
+def train(smk: Any) -> None:
+    """Snakemake rule `train_probes`."""
+    cfg = load_config(smk.config)
+    run(smk.input.activations, cfg.probes, Path(smk.output.metrics).parent, smk.wildcards.name)

@@ -1,0 +1,279 @@
+"""Activations and probes: what a layer index means, pooling in hooks, byte identity across shard
+layouts, the group-aware split, the vectorised trainer against scikit-learn, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_config, write_prompts
+
+from shardwise.activations import make_plan, merge_files, pooled_states, resolve_layers
+from shardwise.config import load_config
+from shardwise.errors import InputError
+from shardwise.models import load_model
+from shardwise.probes import check_split, control_labels, fit, group_split, metrics_table, scores
+from shardwise.shards import run_job
+
+LABELS = ["is_question", "has_negation", "has_number", "past_tense"]
+DEMO = Path(__file__).resolve().parents[1] / "config/demo/labelled.jsonl"
+
+
+def probes_config(model_src: Path, data: Path, **probes) -> dict:
+    cfg = tiny_config(model_src)
+    shards = {
+        "n_shards": 2,
+        "shards_per_job": 2,
+        "gpus_per_shard": 0,
+        "chunk_size": 32,
+        **probes.pop("shards", {}),
+    }
+    cfg["probes"] = {
+        "data": str(data),
+        "labels": LABELS,
+        "models": ["tiny"],
+        "max_length": 32,
+        "batch_tokens": 256,
+        "shards": shards,
+        **probes,
+    }
+    return cfg
+
+
+def compute(tmp: Path, model_dir: Path, raw_cfg: dict) -> tuple[Path, object]:
+    """The activations stage without Snakemake: every job, then the verified merge."""
+    from shardwise.activations import compute_shard
+
+    cfg = load_config(raw_cfg)
+    plan, codec, layers = make_plan(cfg, "tiny", model_dir, results=tmp / "results", logs=tmp / "logs")
+    pr = cfg.probes
+    args = {
+        "data": str(pr.data),
+        "labels": list(pr.labels),
+        "model_dir": str(model_dir),
+        "dtype": "float32",
+        "layers": layers,
+        "pooling": pr.pooling,
+        "max_length": pr.max_length,
+        "batch_tokens": pr.batch_tokens,
+    }
+    manifests = [tmp / "jobs" / f"job-{j:04d}.json" for j in range(plan.spec.n_jobs)]
+    for job, manifest in enumerate(manifests):
+        run_job(plan, job, compute_shard, codec, args, manifest, threads=2)
+    out = tmp / "tiny.h5"
+    merge_files(plan, codec, manifests, out)
+    return out, plan
+
+
+def test_layer_indices_and_hook_pooling_match_the_hidden_states(tiny_model):
+    model, tok = load_model(tiny_model)
+    tok.pad_token = tok.eos_token
+    enc = tok(["the cat ran", "a big dog ran over the house"], padding=True, return_tensors="pt")
+    mask = enc.attention_mask
+    n_blocks = model.config.num_hidden_layers
+    layers = resolve_layers(None, n_blocks)
+    assert layers == list(range(n_blocks + 1)) and resolve_layers([-1, 0], n_blocks) == [0, n_blocks]
+    with pytest.raises(InputError, match="layer 3 is out of range for a model with 2 blocks"):
+        resolve_layers([3], n_blocks)
+    with torch.no_grad():
+        hidden = model(**enc, output_hidden_states=True).hidden_states  # [-1] is after the final norm
+        mean = pooled_states(model, enc.input_ids, mask, mask, layers, "mean")
+        last = pooled_states(model, enc.input_ids, mask, mask, layers, "last")
+        top = model.model.layers[-1]
+        pre_norm = {}
+        handle = top.register_forward_hook(
+            lambda _m, _a, out: pre_norm.update(h=out[0] if isinstance(out, tuple) else out)
+        )
+        model(**enc)
+        handle.remove()
+    w = mask.float() / mask.sum(1, keepdim=True)
+    for i in range(n_blocks):  # embeddings and blocks below the top: HF's hidden_states[i]
+        torch.testing.assert_close(mean[i], torch.einsum("btd,bt->bd", hidden[i], w))
+    torch.testing.assert_close(mean[-1], torch.einsum("btd,bt->bd", pre_norm["h"], w))  # before the norm
+    assert not torch.allclose(mean[-1], torch.einsum("btd,bt->bd", hidden[-1], w))
+    ends = mask.sum(1) - 1
+    torch.testing.assert_close(last[1], hidden[1][torch.arange(2), ends])
+    only_embeddings = pooled_states(model, enc.input_ids, mask, mask, [0], "mean")  # stops early
+    torch.testing.assert_close(only_embeddings[0], mean[0])
+
+
+def test_activations_of_1_and_3_shards_are_identical(tmp_path, tiny_model_src, tiny_model):
+    one, _ = compute(
+        tmp_path / "one", tiny_model, probes_config(tiny_model_src, DEMO, shards={"n_shards": 1})
+    )
+    three, plan = compute(
+        tmp_path / "three", tiny_model, probes_config(tiny_model_src, DEMO, shards={"n_shards": 3})
+    )
+    assert len(list(plan.store.glob("*.h5"))) == 3
+    with h5py.File(one) as a, h5py.File(three) as b:
+        assert a["activations"].dtype == np.float16 and a["activations"].shape[:2] == (3, 480)
+        for name in a:
+            assert a[name][...].tobytes() == b[name][...].tobytes(), name
+        assert list(a["item_ids"][...]) == list(range(480)) and a.attrs["pooling"] == "mean"
+
+
+def test_split_keeps_groups_on_one_side_and_balances_labels():
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 150, size=600)
+    y = rng.random((600, 3)) < [0.5, 0.2, 0.05]
+    split = group_split(groups.tolist(), y.astype(float), 0.2, 0.2, seed=1)
+    for g in np.unique(groups):
+        assert len(set(split[groups == g])) == 1
+    shares = np.bincount(split, minlength=3) / 600
+    np.testing.assert_allclose(shares, [0.6, 0.2, 0.2], atol=0.03)
+    for k in range(3):
+        pos = y[:, k].sum()
+        np.testing.assert_allclose(
+            [y[split == s, k].sum() / pos for s in range(3)], [0.6, 0.2, 0.2], atol=0.1
+        )
+    assert np.array_equal(split, group_split(groups.tolist(), y.astype(float), 0.2, 0.2, seed=1))
+    with pytest.raises(InputError, match="fewer than the splits need: the val split has"):
+        check_split(np.array([0, 0, 2, 2]), np.array([[0], [1], [0], [1]]), ["x"], "data.jsonl")
+
+
+def planted(n=900, n_layers=3, dim=16, k=4, seed=0):
+    """Layer l carries label k's signal with strength (l + 1) / n_layers along a random direction."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_layers, n, dim)) * rng.uniform(0.5, 3, size=dim) + rng.normal(size=dim)
+    y = np.zeros((n, k))
+    for j in range(k):
+        direction = rng.normal(size=dim)
+        z = x[-1] @ direction / np.sqrt(dim) + rng.normal(size=n) * 0.7 - (0.8 if j % 2 else 0)
+        y[:, j] = z > 0
+    for i in range(n_layers - 1):  # lower layers: noisier copies
+        x[i] = x[-1] + rng.normal(size=(n, dim)) * (n_layers - 1 - i)
+    return torch.tensor(x, dtype=torch.float32), y
+
+
+def test_vectorised_trainer_matches_scikit_learn_per_probe():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    x, y = planted()
+    split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)
+    probe = fit(x, y, split, [1e-3, 1e-2, 1e-1], max_steps=500, patience=25, lr=0.05)
+    p = scores(x, probe).numpy()
+    tr, te = split == 0, split == 2
+    for i in range(x.shape[0]):
+        mean, std = x[i, tr].mean(0), x[i, tr].std(0)
+        z = ((x[i] - mean) / std).numpy()
+        for j in range(y.shape[1]):
+            # the same objective: balanced weights, L2 on standardised features at the chosen strength
+            c = 1.0 / (float(probe.l2[i, j]) * tr.sum())
+            clf = LogisticRegression(class_weight="balanced", C=c, max_iter=5000).fit(z[tr], y[tr, j])
+            ref = roc_auc_score(y[te, j], clf.predict_proba(z[te])[:, 1])
+            ours = roc_auc_score(y[te, j], p[i, te, j])
+            assert abs(ours - ref) <= 0.01, (i, j, ours, ref)
+            assert ref > 0.6  # there is a signal to find
+    assert probe.W.shape == (3, 4, 16) and probe.b.shape == (3, 4)
+
+
+def test_control_task_is_at_chance_and_metrics_have_the_contract_columns():
+    x, y = planted(seed=1)
+    split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)
+    both = np.concatenate([y, control_labels(y, split, seed=0)], axis=1)
+    assert (both[:, 4:].sum(0) == y.sum(0)).all()  # same class balance
+    probe = fit(x, both, split, [1e-2, 1e-1, 1.0], max_steps=300, patience=25, lr=0.05)
+    table = metrics_table(scores(x, probe).numpy(), both, split, [0, 1, 2], ["a", "b", "c", "d"])
+    assert list(table.columns[:11]) == [
+        "label",
+        "layer",
+        "auroc",
+        "auprc",
+        "f1",
+        "accuracy",
+        "precision",
+        "recall",
+        "n_train",
+        "n_test",
+        "control_auroc",
+    ]
+    assert len(table) == 12 and abs(table.control_auroc.mean() - 0.5) < 0.06
+    assert table[table.layer == 2].auroc.min() > 0.8
+
+
+# --------------------------------------------------------------------------- through Snakemake
+
+
+def _bad_probe_cases():
+    def data(rows):
+        return lambda path: path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    good = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    return {
+        "not binary": (
+            data([{**r, "past_tense": 2 if i == 3 else r["past_tense"]} for i, r in enumerate(good)]),
+            {},
+            "label column 'past_tense' is not binary (values 2)",
+        ),
+        "one class": (
+            data([{**r, "has_number": 1} for r in good]),
+            {},
+            "label 'has_number' has one class only (all 1)",
+        ),
+        "no text": (
+            data([{k: v for k, v in r.items() if k != "text"} for r in good]),
+            {},
+            "no 'text' column",
+        ),
+        "too few rows": (
+            data(good[:12]),
+            {"shards": {"n_shards": 1}},
+            "12 rows are fewer than the splits need",
+        ),
+        "unknown label": (None, {"labels": ["is_question", "nope"]}, "no 'nope' column"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_probe_cases()))
+def test_bad_probe_input_is_one_line(workflow_copy, tiny_model_src, case):
+    change, probes, expected = _bad_probe_cases()[case]
+    wf = workflow_copy
+    write_prompts(wf.path("config/prompts.jsonl"), 24)
+    data = wf.path("config/labelled.jsonl")
+    data.write_text(DEMO.read_text())
+    if change:
+        change(data)
+    wf.write_config(probes_config(tiny_model_src, Path("config/labelled.jsonl"), **probes))
+    proc = wf.run("-n", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("shardwise: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr
+    assert expected in errors[0]
+
+
+def test_probes_through_snakemake_and_a_layer_out_of_range(workflow_copy, tiny_model_src):
+    wf = workflow_copy
+    write_prompts(wf.path("config/prompts.jsonl"), 24)
+    wf.path("config/labelled.jsonl").write_text(DEMO.read_text())
+    wf.write_config(probes_config(tiny_model_src, Path("config/labelled.jsonl"), layers=[0, 7]))
+    proc = wf.run("probes", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("shardwise: error:")]
+    assert proc.returncode != 0
+    assert any("probes.layers: layer 7 is out of range for a model with 2 blocks" in e for e in errors), (
+        proc.stderr
+    )
+
+    wf.write_config(
+        probes_config(tiny_model_src, Path("config/labelled.jsonl"), layers=[0, -1], max_steps=50)
+    )
+    wf.run("probes")
+    out = wf.path("results/probes/tiny")
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert sorted(set(metrics.layer)) == [0, 2] and set(metrics.label) == set(LABELS)
+    summary = json.loads((out / "aggregate_metrics.json").read_text())
+    assert summary["n_probes"] == 8 and set(summary["labels"]) == set(LABELS)
+    assert (out / "auroc_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "probes.safetensors")
+    assert tensors["W"].shape == (2, 4, 32) and tensors["b"].shape == (2, 4)
+    # the stored raw-space probes reproduce the metrics' scores
+    with h5py.File(wf.path("results/activations/tiny.h5")) as f:
+        x = torch.from_numpy(f["activations"][...].astype(np.float32))
+    p = torch.sigmoid(x @ tensors["W"].transpose(1, 2) + tensors["b"].unsqueeze(1))
+    assert p.shape == (2, 480, 4) and torch.isfinite(p).all()
