@@ -96,10 +96,11 @@ def main() -> None:
     import h5py
     import torch
 
+    from shardwise.batching import batches, right_padded
     from shardwise.config import ModelSpec, load_config
     from shardwise.models import load_model, prepare_model
     from shardwise.shards import ShardContext
-    from shardwise.teacher_logits import batches, compute_shard, make_plan
+    from shardwise.teacher_logits import compute_shard, make_plan
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -134,12 +135,7 @@ def main() -> None:
         enc = tok(texts[start : start + a.chunk_size]).input_ids
         lengths = [len(e) for e in enc]
         for batch in batches(lengths, batch_tokens):
-            width = max(lengths[j] for j in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, j in enumerate(batch):
-                ids[r, : lengths[j]] = torch.tensor(enc[j])
-                mask[r, : lengths[j]] = 1
+            ids, mask = right_padded([enc[j] for j in batch], 0)
             work.append((ids, mask, sum(lengths[j] for j in batch)))
     n_tokens = sum(w[2] for w in work)
 

@@ -19,13 +19,14 @@ import pytest
 import torch
 from conftest import tiny_config, write_prompts
 
+from shardwise.batching import batches
 from shardwise.config import load_config
 from shardwise.errors import ShardError
 from shardwise.fingerprint import sha256_file
 from shardwise.logits import TeacherLogits, TeacherLogitsDataset, collate, kd_loss, topk_dtype
 from shardwise.models import load_model, prepare_model
 from shardwise.shards import run_job
-from shardwise.teacher_logits import batches, make_plan, merge_files
+from shardwise.teacher_logits import make_plan, merge_files
 
 K = 16
 

@@ -27,18 +27,24 @@ from typing import Any
 import numpy as np
 
 from shardwise import __version__
+from shardwise.batching import batches, right_padded
 from shardwise.config import Config, load_config
 from shardwise.errors import InputError, ShardError
 from shardwise.fingerprint import code_version, sha256_file
-from shardwise.models import load_model, read_record
+from shardwise.models import load_model, read_record, revision
 from shardwise.shards import ShardContext, ShardPlan, atomic_path, run_job, verify
 from shardwise.tables import load_labelled
-from shardwise.teacher_logits import batches
 
 log = logging.getLogger(__name__)
 
 STAGE = "activations"
-CODE = ("shardwise.activations", "shardwise.shards", "shardwise.models", "shardwise.tables")
+CODE = (
+    "shardwise.activations",
+    "shardwise.batching",
+    "shardwise.shards",
+    "shardwise.models",
+    "shardwise.tables",
+)
 
 
 class _Stop(Exception):
@@ -194,7 +200,7 @@ def make_plan(
     )
     attrs = {
         "model": name,
-        "revision": record.get("commit") or f"weights-sha256:{record['identity']}",
+        "revision": revision(record),
         "pooling": pr.pooling,
         "max_length": pr.max_length,
         "fingerprint": plan.fingerprint,
@@ -233,15 +239,9 @@ def compute_shard(ctx: ShardContext) -> None:
             lengths = [len(e) for e in enc["input_ids"]]
             out = np.zeros((len(a["layers"]), len(chunk), 0), dtype=np.float16)
             for batch in batches(lengths, a["batch_tokens"]):
-                width = max(lengths[j] for j in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                content = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, j in enumerate(batch):
-                    n = lengths[j]
-                    ids[r, :n] = torch.tensor(enc["input_ids"][j])
-                    mask[r, :n] = 1
-                    content[r, :n] = 1 - torch.tensor(enc["special_tokens_mask"][j])
+                ids, mask = right_padded([enc["input_ids"][j] for j in batch], pad)
+                special, _ = right_padded([enc["special_tokens_mask"][j] for j in batch], 1)
+                content = 1 - special  # real tokens that are not BOS/EOS/... (pads are special here)
                 if (content.sum(1) == 0).any():
                     j = batch[int((content.sum(1) == 0).nonzero()[0])]
                     raise ShardError(f"{ctx.plan.name}: item {chunk.start + j} has no content tokens")

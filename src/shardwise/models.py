@@ -196,6 +196,11 @@ def read_record(model_dir: str | Path) -> dict[str, Any]:
         raise ModelError(f"{model_dir}: not a prepared model (no {RECORD}; run prepare_model)") from None
 
 
+def revision(record: dict[str, Any]) -> str:
+    """What a prepared model is, for file attrs: the Hub commit, else the weights' content hash."""
+    return record.get("commit") or f"weights-sha256:{record['identity']}"
+
+
 def resolve_dtype(name: str, device: str) -> Any:
     import torch
 

@@ -29,11 +29,12 @@ import numpy as np
 import pandas as pd
 
 from shardwise import __version__
+from shardwise.batching import batches, right_padded
 from shardwise.config import Config, load_config
 from shardwise.errors import ShardError
 from shardwise.fingerprint import code_version, sha256_file, stable_hash
 from shardwise.logits import check_attrs, concat_files, topk_dtype, write_file
-from shardwise.models import load_model, read_record
+from shardwise.models import load_model, read_record, revision
 from shardwise.shards import ShardContext, ShardPlan, atomic_path, run_job, verify
 from shardwise.tables import load_texts
 
@@ -43,6 +44,7 @@ STAGE = "teacher_logits"
 CODE = (
     "shardwise.teacher_logits",
     "shardwise.logits",
+    "shardwise.batching",
     "shardwise.shards",
     "shardwise.models",
     "shardwise.tables",
@@ -134,7 +136,7 @@ def make_plan(
     attrs = {
         "teacher": teacher,
         "model": spec.describe(),
-        "revision": record.get("commit") or f"weights-sha256:{record['identity']}",
+        "revision": revision(record),
         "tokenizer_sha256": tok_hash,
         "k": tl.k,
         "vocab_size": vocab_size(model_dir),
@@ -146,21 +148,6 @@ def make_plan(
 
 
 # --------------------------------------------------------------------------- the computation
-
-
-def batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Positions grouped into batches of length-sorted items with at most `batch_tokens` padded
-    tokens each (an item longer than that runs alone). Deterministic in `lengths`."""
-    out: list[list[int]] = []
-    current: list[int] = []
-    for j in sorted(range(len(lengths)), key=lambda j: (lengths[j], j)):
-        if current and lengths[j] * (len(current) + 1) > batch_tokens:
-            out.append(current)
-            current = []
-        current.append(j)
-    if current:
-        out.append(current)
-    return out
 
 
 def topk_forward(model: Any, input_ids: Any, attention_mask: Any, k: int, real: Any) -> tuple[Any, Any, Any]:
@@ -312,12 +299,7 @@ def compute_shard(ctx: ShardContext) -> None:
                     raise ShardError(f"{ctx.plan.name}: item {chunk.start + j} tokenises to no tokens")
                 writer.put(("chunk", chunk, corpus["id"].to_numpy()[chunk.start : chunk.stop]))
                 for batch in batches(lengths, a["batch_tokens"]):
-                    width = max(lengths[j] for j in batch)
-                    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(batch), width), dtype=torch.long)
-                    for r, j in enumerate(batch):  # right padding: positions 0..n-1 as in training
-                        ids[r, : lengths[j]] = torch.tensor(enc[j])
-                        mask[r, : lengths[j]] = 1
+                    ids, mask = right_padded([enc[j] for j in batch], pad)
                     real = mask.flatten().nonzero().squeeze(1)
                     with torch.inference_mode():
                         out = topk_forward(model, ids.to(device), mask.to(device), k, real.to(device))
