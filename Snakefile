@@ -1,5 +1,5 @@
-# shardwise: one DAG from prompts to generations, teacher logits and probes (and, as it lands, the
-# fluency/toxicity analysis). See README.md; the config reference is
+# shardwise: one DAG from prompts to generations, teacher logits, probes and the fluency/toxicity
+# analysis with its report. See README.md; the config reference is
 # workflow/schemas/config.schema.yaml.
 from snakemake.utils import min_version
 
@@ -23,6 +23,7 @@ rule all:
         generation_outputs(),
         teacher_logits_outputs(),
         probes_outputs(),
+        analysis_outputs(),
 
 
 rule generations:
@@ -43,7 +44,14 @@ rule probes:
         probes_outputs(),
 
 
+rule analysis:
+    """Stop after the fluency/toxicity analysis and its report."""
+    input:
+        analysis_outputs(),
+
+
 include: "workflow/rules/models.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/teacher_logits.smk"
 include: "workflow/rules/probes.smk"
+include: "workflow/rules/analysis.smk"

@@ -64,7 +64,26 @@ def test_demo_dag_end_to_end(workflow_copy):
     metrics = pd.read_csv(wf.path("results/probes/smollm2/metrics.csv"))
     assert len(metrics) == 31 * 4 and metrics.auroc.between(0, 1).all()
 
+    # The analysis compares the two generation runs (temperatures 1.0 and 0.7).
+    summary_csv = pd.read_csv(wf.path("results/analysis/summary.csv"))
+    assert list(summary_csv.model) == ["smollm2", "smollm2-t07"]
+    assert (summary_csv.n_generations == n_prompts * k).all() and (summary_csv.threshold == ">= 0.5").all()
+    assert summary_csv.expected_max_toxicity.between(0, 1).all() and (summary_csv.ppl_mean > 1).all()
+    assert summary_csv.ppl_median.iloc[1] < summary_csv.ppl_median.iloc[0]  # colder sampling: more fluent
+    scores = pd.read_parquet(wf.path("results/analysis/scores.parquet"))
+    assert len(scores) == 2 * n_prompts * k and scores.toxicity.between(0, 1).all()
+    corr = pd.read_csv(wf.path("results/analysis/correlations.csv"))
+    assert set(corr.method) == {"spearman", "kendall_tau_b", "pearson", "partial_spearman_given_length"}
+    boot = corr[corr.method == "spearman"]
+    assert ((boot.ci_low <= boot.value) & (boot.value <= boot.ci_high)).all()
+    html = wf.path("results/analysis/report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "alt-profanity-check" in html and "&gt;= 0.5" in html
+    for png in wf.path("results/analysis/figures").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     status = wf.shardwise("status").stdout
     assert "generate/smollm2: 2 shards (2 done, 0 running, 0 failed, 0 pending)" in status
     assert "teacher_logits/smollm2: 2 shards (2 done, 0 running, 0 failed, 0 pending)" in status
+    assert "activations/smollm2: 2 shards (2 done" in status
+    assert "score_fluency/smollm2-t07: 2 shards (2 done" in status  # deeper under results/
     assert "Nothing to be done" in wf.run().stdout + wf.run().stderr

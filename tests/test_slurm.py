@@ -162,6 +162,7 @@ def test_demo_dag_runs_as_node_jobs_of_four_gpus(slurm_cluster, tmp_path):
     wf = slurm_workflow(tmp_path, None, 0, {})
     cfg = yaml.safe_load(wf.path("config/config.yaml").read_text())
     cfg["generate"]["shards"].update(n_shards=4, shards_per_job=4, gpus_per_shard=1)
+    cfg["generate"]["models"] = {"smollm2": {}}  # one run: one node job
     wf.write_config(cfg)
     before = job_ids()
     wf.run("generations", timeout=900)  # the stage this test is about (its only gpu_a100 jobs)

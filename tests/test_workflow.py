@@ -37,9 +37,9 @@ def test_dry_run_of_the_demo_lists_the_stages(workflow_copy):
     out = workflow_copy.run("-n").stdout
     assert job_counts(out) == {
         "all": 1,
-        "generate": 2,
+        "generate": 4,  # 2 runs (two temperatures) x 2 shards
         "generations_run_info": 1,
-        "merge_generations": 1,
+        "merge_generations": 2,
         "prepare_model": 1,
         "compute_teacher_logits": 2,
         "merge_teacher_logits": 1,
@@ -48,6 +48,12 @@ def test_dry_run_of_the_demo_lists_the_stages(workflow_copy):
         "merge_activations": 1,
         "train_probes": 1,
         "probes_run_info": 1,
+        "score_fluency": 4,
+        "merge_fluency": 2,
+        "score_toxicity": 2,
+        "analyse": 1,
+        "report": 1,
+        "analysis_run_info": 1,
     }
 
 

@@ -197,11 +197,29 @@ class ProbesConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    runs: tuple[str, ...]
+    fluency_model: str | None
+    batch_tokens: int
+    ppl_cap: float
+    fluency_shards: ShardSpec
+    toxicity_scorer: str
+    toxicity_model: str | None
+    toxicity_label: str
+    detoxify_variant: str
+    toxicity_batch_size: int
+    threshold: float
+    bootstrap: int
+    seed: int
+
+
+@dataclass(frozen=True)
 class Config:
     models: dict[str, ModelSpec]
     generate: GenerateConfig
     teacher_logits: TeacherLogitsConfig
     probes: ProbesConfig
+    analysis: AnalysisConfig
     hf_home: str | None
     resolved: dict[str, Any] = field(repr=False, compare=False)
 
@@ -293,11 +311,41 @@ def load_config(raw: Mapping[str, Any], source: str = "config", base_dir: Path |
     )
     if probes.models and not probes.labels:
         raise ConfigError(f"{source}: probes.labels: name at least one label column of {probes.data}")
+    an = resolved["analysis"]
+    flu, tox = an["fluency"], an["toxicity"]
+    runs_of_analysis = tuple(an["runs"]) if an["runs"] is not None else tuple(runs)
+    for run in runs_of_analysis:
+        if run not in runs:
+            known = ", ".join(sorted(runs)) or "none"
+            raise ConfigError(f"{source}: analysis.runs: unknown generation run {run!r} (runs: {known})")
+    for key, name in (("fluency.model", flu["model"]), ("toxicity.model", tox["model"])):
+        if name is not None:
+            _weights(models, f"analysis.{key}", name, {"model": name}, source)
+    if tox["scorer"] == "hf" and tox["model"] is None:
+        raise ConfigError(
+            f"{source}: analysis.toxicity.model: scorer 'hf' needs a classifier (a name in models)"
+        )
+    analysis = AnalysisConfig(
+        runs=runs_of_analysis if flu["model"] else (),
+        fluency_model=flu["model"],
+        batch_tokens=flu["batch_tokens"],
+        ppl_cap=float(flu["ppl_cap"]),
+        fluency_shards=ShardSpec(**flu["shards"]),
+        toxicity_scorer=tox["scorer"],
+        toxicity_model=tox["model"],
+        toxicity_label=tox["label"],
+        detoxify_variant=tox["variant"],
+        toxicity_batch_size=tox["batch_size"],
+        threshold=float(tox["threshold"]),
+        bootstrap=an["bootstrap"],
+        seed=an["seed"],
+    )
     return Config(
         models=models,
         generate=generate,
         teacher_logits=teacher_logits,
         probes=probes,
+        analysis=analysis,
         hf_home=resolved["hf_home"],
         resolved=resolved,
     )

@@ -104,7 +104,7 @@ def shard_state(plan: ShardPlan, i: int, slurm: dict[str, str] | None = None) ->
 def collect(results: str | Path = "results") -> list[RunStatus]:
     """The newest run of every stage output found under `results`."""
     by_output: dict[tuple[str, str], list[Path]] = {}
-    for plan_file in Path(results).glob("*/*/shards/*/plan.json"):
+    for plan_file in Path(results).glob("**/shards/*/plan.json"):
         data = json.loads(plan_file.read_text())
         by_output.setdefault((data["stage"], data["key"]), []).append(plan_file)
     plans = {}

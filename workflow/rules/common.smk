@@ -29,6 +29,7 @@ CFG = workflow_config(config, workflow.configfiles)
 GEN = CFG.generate
 TL = CFG.teacher_logits
 PROBES = CFG.probes
+AN = CFG.analysis
 ENV = "../../envs/shardwise.yaml"
 
 
@@ -125,5 +126,49 @@ def probes_outputs():
     return expand(
         "results/probes/{name}/{file}",
         name=PROBES.models,
-        file=["metrics.csv", "probes.safetensors", "aggregate_metrics.json", "auroc_heatmap.png"],
+        file=[
+            "metrics.csv",
+            "probes.safetensors",
+            "aggregate_metrics.json",
+            "auroc_heatmap.png",
+        ],
     ) + ["results/probes/run_info.json"]
+
+
+def fluency_manifests(wildcards):
+    return expand(
+        "results/analysis/fluency/{model}/jobs/job-{job:04d}.json",
+        model=wildcards.model,
+        job=range(AN.fluency_shards.n_jobs),
+    )
+
+
+def toxicity_inputs(wildcards):
+    inputs = {"generations": f"results/generations/{wildcards.model}.parquet"}
+    if AN.toxicity_scorer == "hf":
+        inputs["model"] = model_dir(AN.toxicity_model)
+    return inputs
+
+
+def toxicity_gpus():
+    """Neural scorers get a GPU where the config has GPUs (the fluency shards use them)."""
+    neural = AN.toxicity_scorer != "profanity-check"
+    return 1 if neural and AN.fluency_shards.gpus_per_shard else 0
+
+
+def analysis_code(module):
+    return code_version(
+        f"shardwise.{module}", "shardwise.fluency", "shardwise.batching"
+    )
+
+
+def analysis_outputs():
+    if not AN.runs:
+        return []
+    return [
+        "results/analysis/scores.parquet",
+        "results/analysis/summary.csv",
+        "results/analysis/correlations.csv",
+        "results/analysis/report.html",
+        "results/analysis/run_info.json",
+    ]

@@ -1,0 +1,4 @@
+from shardwise.fluency import merge
+from shardwise.smk import rule_main
+
+rule_main(snakemake, merge)

@@ -1,0 +1,4 @@
+from shardwise.fluency import job
+from shardwise.smk import rule_main
+
+rule_main(snakemake, job)

@@ -1,0 +1,174 @@
+"""Fluency/toxicity analysis: perplexity with padding, the RTP metrics and the bootstrap by hand,
+pluggable toxicity scorers and their errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from shardwise import toxicity
+from shardwise.analysis import bootstrap_by_prompt, distinct_n, partial_spearman, summary_row
+from shardwise.errors import InputError, ModelError
+from shardwise.fluency import continuation_nll, load_generations, pad_id_of, score_table
+from shardwise.models import load_model
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model):
+    return load_model(tiny_model)
+
+
+def _alone(model, seq, n_prompt):
+    """NLL of tokens n_prompt: of one sequence, no padding, computed directly."""
+    with torch.no_grad():
+        logits = model(torch.tensor([seq])).logits[0].float()
+    logp = torch.log_softmax(logits[:-1], -1)
+    nll = -logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
+    return float(nll[max(n_prompt, 1) - 1 :].double().sum()), len(seq) - max(n_prompt, 1)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batched_perplexity_equals_each_scored_alone(model_and_tokenizer, side):
+    model, tok = model_and_tokenizer
+    eos = tok.eos_token_id
+    seqs = [
+        tok("the cat ran over").input_ids + tok(" the house", add_special_tokens=False).input_ids,
+        tok("why").input_ids
+        + tok(" a big dog ran quickly under the small river", add_special_tokens=False).input_ids,
+        [*tok("how the river").input_ids, eos, *tok(" ran", add_special_tokens=False).input_ids],  # real EOS
+    ]
+    n_prompt = [
+        len(tok("the cat ran over").input_ids),
+        len(tok("why").input_ids),
+        len(tok("how the river").input_ids),
+    ]
+    nll, count = continuation_nll(model, seqs, n_prompt, pad_id=eos, padding_side=side)  # pad == EOS
+    for i, seq in enumerate(seqs):
+        ref, n = _alone(model, seq, n_prompt[i])
+        assert count[i] == n
+        assert math.isclose(nll[i], ref, rel_tol=1e-4)
+    ran = len(tok(" ran", add_special_tokens=False).input_ids)
+    assert count[2] == 1 + ran  # the EOS inside the continuation is scored, not masked as padding
+
+
+def test_score_table_packs_by_token_budget_and_marks_empty_continuations(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    table = pd.DataFrame(
+        {
+            "prompt_id": ["a", "a", "b", "c"],
+            "sample_id": [0, 1, 0, 0],
+            "prompt": ["the cat", "the cat", "why the dog ran", "how"],
+            "continuation": [" ran over the house", " ran", " quickly", ""],
+        }
+    )
+    small = score_table(model, tok, table, batch_tokens=8, pad_id=0)
+    large = score_table(model, tok, table, batch_tokens=4096, pad_id=0)
+    np.testing.assert_allclose(small.nll_sum, large.nll_sum, rtol=1e-4)
+    assert list(small.n_tokens[:3]) == [
+        len(tok(c, add_special_tokens=False).input_ids) for c in table.continuation[:3]
+    ]
+    assert small.n_tokens[3] == 0 and math.isnan(small.ppl[3])
+    np.testing.assert_allclose(small.ppl[:3], np.exp(small.nll_sum[:3] / small.n_tokens[:3]))
+
+
+def test_rtp_metrics_and_distinct_n_by_hand():
+    scores = pd.DataFrame(
+        {
+            "prompt_id": ["p", "p", "p", "q", "q", "q"],
+            "toxicity": [0.1, 0.7, 0.2, 0.4, 0.5, 0.0],
+            "ppl": [10.0, 20.0, 30.0, 40.0, 2e4, float("nan")],
+        }
+    )
+    texts = pd.Series(["a b a", "a b c", "d", "x y", "x y", "z"])
+    row = summary_row("m", scores, texts, threshold=0.5, ppl_cap=1e4)
+    # per-prompt max: p 0.7, q 0.5 -> EMT 0.6, std (ddof 1) = 0.1414; both reach >= 0.5
+    assert row["expected_max_toxicity"] == pytest.approx(0.6)
+    assert row["expected_max_toxicity_std"] == pytest.approx(math.sqrt(0.02))
+    assert row["toxicity_probability"] == 1.0 and row["toxic_fraction"] == pytest.approx(2 / 6)
+    assert row["threshold"] == ">= 0.5"
+    assert row["ppl_mean"] == pytest.approx((10 + 20 + 30 + 40 + 2e4) / 5) and row["ppl_median"] == 30
+    assert row["ppl_mean_capped"] == pytest.approx(25) and row["n_above_ppl_cap"] == 1
+    assert row["n_unscored_empty"] == 1
+    # distinct-1: p: {a,b,c,d} / 7 words; q: {x,y,z} / 5 words -> mean
+    assert row["distinct_1"] == pytest.approx((4 / 7 + 3 / 5) / 2)
+    # distinct-2: p: {ab, ba, bc} / 7; q: {xy} / 5
+    assert row["distinct_2"] == pytest.approx((3 / 7 + 1 / 5) / 2)
+    assert distinct_n([["a"], []], 3) == 0.0
+
+
+def test_bootstrap_resamples_whole_prompts():
+    prompts = np.array(["a", "b", "b", "b"])  # prompt a has 1 row, prompt b 3 rows
+    sizes = bootstrap_by_prompt(prompts, len, n_boot=4000, seed=0)
+    counts = {s: sizes.count(s) / 4000 for s in set(sizes)}
+    # two prompts drawn with replacement: (a, a) -> 2 rows, (a, b) or (b, a) -> 4, (b, b) -> 6
+    assert set(counts) == {2, 4, 6}
+    assert counts[2] == pytest.approx(0.25, abs=0.03) and counts[4] == pytest.approx(0.5, abs=0.03)
+    rows = bootstrap_by_prompt(prompts, lambda r: sorted(r.tolist()), n_boot=50, seed=1)
+    assert all(r.count(1) == r.count(2) == r.count(3) for r in rows)  # b's rows always travel together
+    assert bootstrap_by_prompt(prompts, len, 10, seed=3) == bootstrap_by_prompt(prompts, len, 10, seed=3)
+
+
+def test_partial_spearman_removes_a_shared_length_effect():
+    rng = np.random.default_rng(0)
+    length = rng.normal(size=2000)
+    x = length + rng.normal(size=2000) * 0.5
+    y = length + rng.normal(size=2000) * 0.5
+    from scipy.stats import spearmanr
+
+    assert spearmanr(x, y).statistic > 0.6
+    assert abs(partial_spearman(x, y, length)) < 0.05
+
+
+def test_bad_analysis_input(tmp_path, tiny_model, monkeypatch):
+    path = tmp_path / "gen.parquet"
+    pd.DataFrame({"prompt_id": [1], "prompt": ["a"]}).to_parquet(path)
+    with pytest.raises(InputError, match=r"gen.parquet: missing column\(s\) sample_id, continuation"):
+        load_generations(path)
+
+    class NoPad:
+        pad_token_id = None
+        eos_token_id = None
+
+    with pytest.raises(
+        ModelError, match="scoring model 'x': its tokenizer has neither a pad token nor an EOS"
+    ):
+        pad_id_of(NoPad(), "x")
+
+    monkeypatch.setattr(toxicity, "profanity_check", lambda texts: (np.array([0.1, np.nan]), "stub"))
+    with pytest.raises(InputError, match="NaN/inf score for 1 text"):
+        toxicity.score(["a", "b"], "profanity-check")
+
+
+def test_profanity_check_and_an_hf_classifier_with_its_label(tmp_path, tiny_model_src):
+    values, name = toxicity.score(["you are an idiot", "have a nice day"], "profanity-check")
+    assert values[0] > 0.9 > 0.2 > values[1] and name.startswith("alt-profanity-check ")
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from shardwise.config import ModelSpec
+    from shardwise.models import prepare_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_src)
+    tok.pad_token = tok.eos_token
+    cfg = LlamaConfig.from_pretrained(tiny_model_src)
+    cfg.id2label, cfg.label2id, cfg.pad_token_id = (
+        {0: "neutral", 1: "toxic"},
+        {"neutral": 0, "toxic": 1},
+        tok.eos_token_id,
+    )
+    src = tmp_path / "clf"
+    LlamaForSequenceClassification(cfg).save_pretrained(src)
+    tok.save_pretrained(src)
+    prepared = tmp_path / "prepared"
+    prepare_model(ModelSpec(name="clf", source="local", path=str(src)), prepared)
+    kw = {"model_dir": prepared, "batch_size": 2, "name": "clf"}
+    values, name = toxicity.score(["the cat", "a dog ran over the house", "why"], "hf", label="TOXIC", **kw)
+    assert values.shape == (3,) and ((values > 0) & (values < 1)).all() and "label TOXIC" in name
+    with pytest.raises(
+        ModelError, match=r"toxicity model 'clf': no label 'hate' \(its labels: neutral, toxic\)"
+    ):
+        toxicity.score(["x"], "hf", label="hate", **kw)
