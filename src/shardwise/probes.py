@@ -246,7 +246,8 @@ def heatmap(table: pd.DataFrame, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     grid = table.pivot(index="layer", columns="label", values="auroc")
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * grid.shape[1], 1.2 + 0.28 * grid.shape[0]), dpi=120)
+    width = max(5.0, 1.6 + 0.45 * grid.shape[1])  # room for the title and the colour bar
+    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.22 * grid.shape[0]), dpi=120)
     im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=0.5, vmax=1.0, origin="lower")
     ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=45, ha="right")
     ax.set_yticks(range(grid.shape[0]), grid.index)
