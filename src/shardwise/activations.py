@@ -31,7 +31,7 @@ from shardwise.batching import batches, right_padded
 from shardwise.config import Config, load_config
 from shardwise.errors import InputError, ShardError
 from shardwise.fingerprint import code_version, sha256_file
-from shardwise.models import load_model, read_record, revision
+from shardwise.models import load_shard_model, read_record, revision
 from shardwise.shards import ShardContext, ShardPlan, atomic_path, run_job, verify
 from shardwise.tables import load_labelled
 
@@ -219,10 +219,7 @@ def compute_shard(ctx: ShardContext) -> None:
     if not chunks:
         return
     table = load_labelled(a["data"], a["labels"])
-    device = ctx.device
-    spread = ctx.n_gpus > 1 and device != "cpu"
-    model, tokenizer = load_model(a["model_dir"], device, a["dtype"], device_map="auto" if spread else None)
-    device = str(model.device)
+    model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts, ids_col = table["text"].tolist(), table["id"].to_numpy()
     started, n_tokens = time.perf_counter(), 0

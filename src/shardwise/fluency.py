@@ -28,7 +28,7 @@ from shardwise.batching import batches
 from shardwise.config import Config, load_config
 from shardwise.errors import InputError, ModelError
 from shardwise.fingerprint import code_version, sha256_file
-from shardwise.models import load_model, read_record
+from shardwise.models import load_shard_model, read_record
 from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, atomic_path, run_job, verify
 
 log = logging.getLogger(__name__)
@@ -163,15 +163,13 @@ def compute_shard(ctx: ShardContext) -> None:
     if not chunks:
         return
     table = load_generations(a["generations"])
-    device = ctx.device
-    spread = ctx.n_gpus > 1 and device != "cpu"
-    model, tokenizer = load_model(a["model_dir"], device, a["dtype"], device_map="auto" if spread else None)
+    model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
     pad = pad_id_of(tokenizer, a["scorer"])
     started, tokens = time.perf_counter(), 0
     with tqdm(total=sum(len(c) for c in chunks), unit="seq", mininterval=5, desc=f"shard {ctx.index}") as bar:
         for chunk in chunks:
             part = table.iloc[chunk.start : chunk.stop]
-            scores = score_table(model, tokenizer, part, a["batch_tokens"], pad, str(model.device), bar)
+            scores = score_table(model, tokenizer, part, a["batch_tokens"], pad, device, bar)
             ctx.commit(chunk, scores)
             tokens += int(scores["n_tokens"].sum())
     seconds = time.perf_counter() - started

@@ -27,7 +27,7 @@ import pandas as pd
 
 from shardwise.config import Config, Sampling, load_config
 from shardwise.fingerprint import code_version, sha256_file
-from shardwise.models import load_model, read_record
+from shardwise.models import load_shard_model, read_record
 from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, atomic_path, run_job, verify
 from shardwise.tables import load_prompts
 
@@ -225,10 +225,7 @@ def compute_shard(ctx: ShardContext) -> None:
         return
     prompts = load_prompts(a["prompts"])
     sampling = Sampling(**a["sampling"])
-    device = ctx.device
-    spread = ctx.n_gpus > 1 and device != "cpu"  # one model over the worker's GPUs
-    model, tokenizer = load_model(a["model_dir"], device, a["dtype"], device_map="auto" if spread else None)
-    device = str(model.device)
+    model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
     total = sum(len(c) for c in chunks) * sampling.samples_per_prompt
     started, new_tokens = time.perf_counter(), 0
     with tqdm(total=total, unit="seq", mininterval=5, desc=f"shard {ctx.index}") as bar:

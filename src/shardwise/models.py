@@ -227,3 +227,11 @@ def load_model(
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_shard_model(model_dir: str | Path, dtype: str, device: str, n_gpus: int) -> tuple[Any, Any, str]:
+    """A shard worker's model: on `device`, or spread over the worker's GPUs with
+    device_map="auto" when it has more than one. Returns (model, tokenizer, input device)."""
+    spread = n_gpus > 1 and device != "cpu"
+    model, tokenizer = load_model(model_dir, device, dtype, device_map="auto" if spread else None)
+    return model, tokenizer, str(model.device)

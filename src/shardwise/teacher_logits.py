@@ -34,7 +34,7 @@ from shardwise.config import Config, load_config
 from shardwise.errors import ShardError
 from shardwise.fingerprint import code_version, sha256_file, stable_hash
 from shardwise.logits import check_attrs, concat_files, topk_dtype, write_file
-from shardwise.models import load_model, read_record, revision
+from shardwise.models import load_shard_model, read_record, revision
 from shardwise.shards import ShardContext, ShardPlan, atomic_path, run_job, verify
 from shardwise.tables import load_texts
 
@@ -267,10 +267,7 @@ def compute_shard(ctx: ShardContext) -> None:
     if not chunks:
         return
     corpus = load_corpus(a["corpus"], a["generations"])
-    device = ctx.device
-    spread = ctx.n_gpus > 1 and device != "cpu"  # one model over the worker's GPUs
-    model, tokenizer = load_model(a["model_dir"], device, a["dtype"], device_map="auto" if spread else None)
-    device = str(model.device)
+    model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab != a["vocab_size"]:
         raise ShardError(
