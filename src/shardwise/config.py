@@ -192,7 +192,7 @@ class ProbesConfig:
     l2_grid: tuple[float, ...]
     max_steps: int
     patience: int
-    learning_rate: float
+    tolerance: float
     shards: ShardSpec
 
 

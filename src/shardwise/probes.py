@@ -1,14 +1,15 @@
 """Stage `train_probes`: one logistic probe per (layer, label), all trained at once
 (design.md §3 "Probes"); the activations they read come from :mod:`shardwise.activations`.
 
-The trainer (:func:`fit`) holds every probe of every L2 strength in one tensor W [L, D, G, K']
-(G grid values, L layers, K' = 2K labels: the K real ones and K control copies whose labels are
-shuffled inside each split, Hewitt & Liang 2019) and runs full-batch Adam on all of them with one
-batched matmul per step, on the GPU when there is one. Features are standardised per layer with
-train statistics; the logistic loss is class-balanced (each class weighs half); each probe keeps
-the weights of its best validation loss (early stopping per probe; training stops when none
-improved for `patience` steps); per (layer, label) the L2 strength with the best validation loss
-wins. The split (:func:`group_split`) keeps every `group` on one side and balances each label's
+The trainer (:func:`fit`) holds every probe of every L2 strength in one tensor [L, D + 1, G x K']
+(L layers, G grid values, K' = 2K labels: the K real ones and K control copies whose labels are
+shuffled inside each split, Hewitt & Liang 2019) and runs L-BFGS on all of them at once, one
+batched matmul forward and one back per step, on the GPU when there is one; every probe has its own
+curvature pairs, line search and stopping (converged, no progress, or no better validation loss for
+`patience` steps: early stopping). Features are standardised per layer with train statistics; the
+logistic loss is class-balanced (each class weighs half); each probe keeps the weights of its best
+validation loss, and per (layer, label) the L2 strength with the best validation loss wins.
+The split (:func:`group_split`) keeps every `group` on one side and balances each label's
 classes across train/val/test.
 
 Outputs in ``results/probes/<model>/``: ``metrics.csv`` (label, layer, auroc, auprc, f1, accuracy,
@@ -87,16 +88,54 @@ class Fit:
     seconds: float
 
 
-def _balanced_bce(logits: Any, y: Any) -> Any:
-    """Per-probe class-balanced logistic loss: logits [L, n, G, K], y [n, K] -> [L, G, K]."""
-    import torch
+class _Objective:
+    """The class-balanced, L2-regularised logistic loss of P independent probes per layer.
 
-    n_pos = y.sum(0).clamp_min(1.0)
-    n_neg = (1 - y).sum(0).clamp_min(1.0)
-    weight = (y * (0.5 / n_pos) + (1 - y) * (0.5 / n_neg)).unsqueeze(1)  # [n, 1, K], sums to 1
-    target = y.unsqueeze(1).expand_as(logits)
-    per = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return (per * weight).sum(1)
+    z [L, n, D + 1] standardised features with a ones column (the bias), y and c [n, P] the labels
+    and per-row weights (each class of each probe weighs half), lam [D + 1, P] the L2 strength of
+    each weight (0 for the bias). theta [L, D + 1, P] holds every probe: one bmm gives all logits."""
+
+    def __init__(self, z: Any, y: Any, lam: Any) -> None:
+        n_pos = y.sum(0).clamp_min(1.0)
+        n_neg = (1 - y).sum(0).clamp_min(1.0)
+        self.z, self.y, self.lam = z, y, lam
+        self.c = y * (0.5 / n_pos) + (1 - y) * (0.5 / n_neg)
+
+    def logits(self, theta: Any) -> Any:
+        return self.z.bmm(theta)
+
+    def nll(self, logits: Any) -> Any:
+        """[L, P] weighted negative log-likelihood, without the penalty."""
+        import torch.nn.functional as F
+
+        return (self.c * (F.softplus(logits) - self.y * logits)).sum(1)
+
+    def loss(self, logits: Any, theta: Any) -> Any:
+        return self.nll(logits) + 0.5 * (self.lam * theta**2).sum(1)
+
+    def grad(self, logits: Any, theta: Any) -> Any:
+        residual = self.c * (logits.sigmoid() - self.y)
+        return self.z.transpose(1, 2).bmm(residual) + self.lam * theta
+
+
+def _two_loop(g: Any, history: list[tuple[Any, Any, Any]], h0: Any) -> Any:
+    """L-BFGS search direction -H g for every probe at once (dot products along dim 1), from the
+    (s, y, 1 / s.y) pairs; pairs with 1 / s.y = 0 (no positive curvature) are inert. The initial
+    inverse Hessian is h0 scaled per probe by s.y / y.h0.y of the newest pair."""
+    q = g.clone()
+    alphas = []
+    for s, yv, rho in reversed(history):
+        a = rho * (s * q).sum(1, keepdim=True)
+        q -= a * yv
+        alphas.append(a)
+    if history:
+        s, yv, rho = history[-1]
+        gamma = (s * yv).sum(1, keepdim=True) / (yv * h0 * yv).sum(1, keepdim=True).clamp_min(1e-30)
+        h0 = h0 * gamma.where(rho > 0, 1.0)
+    r = h0 * q
+    for (s, yv, rho), a in zip(history, reversed(alphas), strict=True):
+        r += s * (a - rho * (yv * r).sum(1, keepdim=True))
+    return -r
 
 
 def fit(
@@ -104,17 +143,20 @@ def fit(
     y: Any,
     split: Any,
     l2_grid: Sequence[float],
-    max_steps: int = 1000,
-    patience: int = 50,
-    lr: float = 0.01,
-    seed: int = 0,
-    min_improvement: float = 1e-4,
+    max_steps: int = 200,
+    patience: int = 10,
+    tolerance: float = 1e-5,
+    memory: int = 10,
 ) -> Fit:
-    """Train every (layer, label) probe for every L2 strength at once.
+    """Train every (layer, label) probe for every L2 strength at once, with batched L-BFGS.
 
     x [L, N, D] float (any device), y [N, K] 0/1, split [N] (0 train, 1 val, 2 test). The weights
-    of all probes are one tensor [L, D, G x K]: each step is one batched matmul per split. A probe
-    improves when its validation loss drops by more than `min_improvement` (relative)."""
+    of all probes are one tensor [L, D + 1, G x K] (bias last): a step costs one batched matmul
+    forward and one back, whatever the number of probes. Each probe runs its own L-BFGS (own
+    curvature pairs, own Armijo backtracking) and stops when its largest gradient entry is below
+    `tolerance`, when it no longer decreases its loss, or when its validation loss has not improved
+    for `patience` steps (early stopping); it keeps the weights of its best validation loss. The
+    start is zero, so there is no seed."""
     import torch
 
     started = time.perf_counter()
@@ -124,49 +166,75 @@ def fit(
     tr, va = split == 0, split == 1
     mean = x[:, tr].mean(1, keepdim=True)
     std = x[:, tr].std(1, keepdim=True).clamp_min(1e-6)
-    z_tr, z_va = (x[:, tr] - mean) / std, (x[:, va] - mean) / std
-    y_tr, y_va = y[tr], y[va]
     n_layers, _, dim = x.shape
     n_grid, n_labels = len(l2_grid), y.shape[1]
-    grid = torch.tensor(list(l2_grid), dtype=torch.float32, device=device).view(1, -1, 1)  # [1, G, 1]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    w = torch.randn(n_layers, dim, n_grid, n_labels, generator=gen) * 1e-3
-    w = w.to(device).requires_grad_()
-    b = torch.zeros(n_layers, 1, n_grid, n_labels, device=device, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=lr)
+    n_probes = n_grid * n_labels  # per layer; column g * K + k is label k at L2 strength g
 
-    def logits(z: Any) -> Any:
-        flat = torch.bmm(z, w.view(n_layers, dim, n_grid * n_labels))
-        return flat.view(n_layers, z.shape[1], n_grid, n_labels) + b
+    def design(rows: Any) -> Any:
+        z = (x[:, rows] - mean) / std
+        return torch.cat([z, torch.ones_like(z[:, :, :1])], 2)
 
-    best_loss = torch.full((n_layers, n_grid, n_labels), float("inf"), device=device)
-    best_w, best_b = w.detach().clone(), b.detach().clone()
-    since, step = 0, 0
+    lam = torch.tensor(list(l2_grid), dtype=torch.float32, device=device).repeat_interleave(n_labels)
+    lam_rows = torch.cat([lam.expand(dim, n_probes), torch.zeros(1, n_probes, device=device)])
+    train = _Objective(design(tr), y[tr].repeat(1, n_grid), lam_rows)
+    val = _Objective(design(va), y[va].repeat(1, n_grid), lam_rows)
+    # initial inverse Hessian: the logistic curvature is at most 1/4 per unit-variance feature
+    h0 = (1.0 / (0.25 + lam_rows)).expand(n_layers, dim + 1, n_probes)
+
+    theta = torch.zeros(n_layers, dim + 1, n_probes, device=device)
+    logits = train.logits(theta)
+    f, g = train.loss(logits, theta), train.grad(logits, theta)
+    best_val = val.nll(val.logits(theta))
+    best = theta.clone()
+    since = torch.zeros(n_layers, n_probes, device=device)
+    done = torch.zeros(n_layers, n_probes, dtype=torch.bool, device=device)
+    pairs: list[tuple[Any, Any, Any]] = []
+    step = 0
     for step in range(1, max_steps + 1):  # noqa: B007
-        opt.zero_grad(set_to_none=True)
-        loss = _balanced_bce(logits(z_tr), y_tr) + 0.5 * grid * (w**2).sum(1)
-        loss.sum().backward()  # probes share no parameters: one backward trains them all
-        opt.step()
+        d = _two_loop(g, pairs, h0)
+        slope = (g * d).sum(1)
+        uphill = slope >= 0  # lost curvature information: restart from the scaled gradient
+        d = torch.where(uphill.unsqueeze(1), -h0 * g, d) * (~done).unsqueeze(1)
+        slope = (g * d).sum(1)
+        t = torch.ones(n_layers, 1, n_probes, device=device)
+        new_logits = train.logits(theta + d)
+        f_new = train.loss(new_logits, theta + d)
+        for _ in range(4):  # Armijo backtracking, per probe (with float32 round-off slack)
+            ok = done | (f_new <= f + 1e-4 * t[:, 0] * slope + 1e-6 * f.abs())
+            if bool(ok.all()):
+                break
+            t = t.where(ok.unsqueeze(1), t * 0.25)
+            new_logits = new_logits.where(ok.unsqueeze(1), train.logits(theta + t * d))
+            f_new = f_new.where(ok, train.loss(new_logits, theta + t * d))
+        keep = ok.unsqueeze(1)
+        theta_new = torch.where(keep, theta + t * d, theta)
+        logits = torch.where(keep, new_logits, logits)
+        f_new = f_new.where(ok, f)
+        g_new = train.grad(logits, theta_new)
+        s, yv = theta_new - theta, g_new - g
+        sy = (s * yv).sum(1, keepdim=True)
+        pairs = [*pairs[-(memory - 1) :], (s, yv, torch.where(sy > 1e-12, 1.0 / sy.clamp_min(1e-12), 0.0))]
+        stalled = ~ok | (f - f_new <= 1e-6 * f.abs().clamp_min(1.0))
+        theta, f, g = theta_new, f_new, g_new
         with torch.no_grad():
-            val = _balanced_bce(logits(z_va), y_va)
-            better = val < best_loss * (1 - min_improvement)
-            best_loss = torch.where(better, val, best_loss)
-            best_w = torch.where(better.unsqueeze(1), w, best_w)
-            best_b = torch.where(better.unsqueeze(1), b, best_b)
-            since = 0 if bool(better.any()) else since + 1
-        if since >= patience:
+            v = val.nll(val.logits(theta))
+            better = v < best_val
+            best_val = best_val.where(~better, v)
+            best = best.where(~better.unsqueeze(1), theta)
+            since = torch.where(better, 0.0, since + 1)
+            done |= stalled | (g.abs().amax(1) <= tolerance) | (since >= patience)
+        if bool(done.all()):
             break
-    choice = best_loss.argmin(1)  # [L, K]: the L2 strength of each probe
-    w_sel = best_w.gather(2, choice.view(n_layers, 1, 1, n_labels).expand(n_layers, dim, 1, n_labels))[
-        :, :, 0
-    ]
-    b_sel = best_b.gather(2, choice.view(n_layers, 1, 1, n_labels))[:, 0, 0]  # [L, K]
-    w_raw = (w_sel / std.transpose(1, 2)).transpose(1, 2)  # [L, K, D]
-    b_raw = b_sel - torch.einsum("lkd,ld->lk", w_raw, mean[:, 0])
-    l2 = grid.view(-1)[choice]
+    choice = best_val.view(n_layers, n_grid, n_labels).argmin(1)  # [L, K]: the L2 strength per probe
+    chosen = best.view(n_layers, dim + 1, n_grid, n_labels)
+    chosen = chosen.gather(2, choice.view(n_layers, 1, 1, n_labels).expand(n_layers, dim + 1, 1, n_labels))
+    w_std, b_std = chosen[:, :dim, 0], chosen[:, dim, 0]  # [L, D, K], [L, K]
+    w_raw = (w_std / std.transpose(1, 2)).transpose(1, 2)  # [L, K, D]
+    b_raw = b_std - torch.einsum("lkd,ld->lk", w_raw, mean[:, 0])
+    l2 = torch.tensor(list(l2_grid), device=device)[choice]
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return Fit(W=w_raw.detach(), b=b_raw.detach(), l2=l2, steps=step, seconds=time.perf_counter() - started)
+    return Fit(W=w_raw, b=b_raw, l2=l2, steps=step, seconds=time.perf_counter() - started)
 
 
 def scores(x: Any, probe: Fit) -> Any:
@@ -281,7 +349,7 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
     y_all = np.concatenate([y, control_labels(y, split, pr.seed)], axis=1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x = x.to(device)
-    probe = fit(x, y_all, split, pr.l2_grid, pr.max_steps, pr.patience, pr.learning_rate, pr.seed)
+    probe = fit(x, y_all, split, pr.l2_grid, pr.max_steps, pr.patience, pr.tolerance)
     with torch.no_grad():
         p = scores(x, probe).cpu().numpy()
     metrics = metrics_table(p, y_all, split, layers, labels)
