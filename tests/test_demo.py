@@ -54,14 +54,14 @@ def test_demo_dag_end_to_end(workflow_copy):
 
     # Probes on the shipped labelled set: the best layer (chosen on validation) is near perfect on
     # these labels, which are easy from the text; the shuffled-label control stays at chance.
-    summary = json.loads(wf.path("results/probes/smollm2/aggregate_metrics.json").read_text())
+    summary = json.loads(wf.path("results/probes/labelled/smollm2/aggregate_metrics.json").read_text())
     assert set(summary["labels"]) == {"is_question", "has_negation", "has_number", "past_tense"}
     for label, best in summary["labels"].items():
         assert best["auroc"] >= 0.9, (label, best)
         assert abs(best["control_auroc"] - 0.5) < 0.2, (label, best)
     assert abs(summary["mean_control_auroc"] - 0.5) < 0.05
     assert summary["n_probes"] == 31 * 4
-    metrics = pd.read_csv(wf.path("results/probes/smollm2/metrics.csv"))
+    metrics = pd.read_csv(wf.path("results/probes/labelled/smollm2/metrics.csv"))
     assert len(metrics) == 31 * 4 and metrics.auroc.between(0, 1).all()
 
     # The analysis compares the two generation runs (temperatures 1.0 and 0.7).
@@ -76,6 +76,16 @@ def test_demo_dag_end_to_end(workflow_copy):
     assert set(corr.method) == {"spearman", "kendall_tau_b", "pearson", "partial_spearman_given_length"}
     boot = corr[corr.method == "spearman"]
     assert ((boot.ci_low <= boot.value) & (boot.value <= boot.ci_high)).all()
+    # The generations' own toxicity is probed too: their continuations, labelled by the scores above.
+    tox = pd.read_parquet(wf.path("results/probes/toxicity/data.parquet"))
+    joined = tox.merge(
+        scores, left_on=["run", "prompt_id", "sample_id"], right_on=["model", "prompt_id", "sample_id"]
+    )
+    assert len(joined) == len(tox) > 0.9 * len(scores) and (joined.toxicity_x == joined.toxicity_y).all()
+    assert (tox.toxic == (tox.toxicity >= 0.5)).all() and 0 < tox.toxic.sum() < len(tox)
+    tox_metrics = pd.read_csv(wf.path("results/probes/toxicity/smollm2/metrics.csv"))
+    assert len(tox_metrics) == 31 and set(tox_metrics.label) == {"toxic"}
+    assert tox_metrics.auroc.between(0, 1).all() and (tox_metrics.n_test_positive > 0).all()
     html = wf.path("results/analysis/report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "alt-profanity-check" in html and "&gt;= 0.5" in html
     for png in wf.path("results/analysis/figures").glob("*.png"):
@@ -84,6 +94,7 @@ def test_demo_dag_end_to_end(workflow_copy):
     status = wf.shardwise("status").stdout
     assert "generate/smollm2: 2 shards (2 done, 0 running, 0 failed, 0 pending)" in status
     assert "teacher_logits/smollm2: 2 shards (2 done, 0 running, 0 failed, 0 pending)" in status
-    assert "activations/smollm2: 2 shards (2 done" in status
+    assert "activations/labelled/smollm2: 2 shards (2 done" in status
+    assert "activations/toxicity/smollm2: 2 shards (2 done" in status
     assert "score_fluency/smollm2-t07: 2 shards (2 done" in status  # deeper under results/
     assert "Nothing to be done" in wf.run().stdout + wf.run().stderr

@@ -17,7 +17,16 @@ from shardwise.activations import make_plan, merge_files, pooled_states, resolve
 from shardwise.config import load_config
 from shardwise.errors import InputError
 from shardwise.models import load_model
-from shardwise.probes import check_split, control_labels, fit, group_split, metrics_table, scores
+from shardwise.probes import (
+    check_split,
+    control_labels,
+    fit,
+    group_split,
+    metrics_table,
+    scores,
+    toxicity_probe_data,
+    toxicity_table,
+)
 from shardwise.shards import run_job
 
 LABELS = ["is_question", "has_negation", "has_number", "past_tense"]
@@ -262,7 +271,7 @@ def test_probes_through_snakemake_and_a_layer_out_of_range(workflow_copy, tiny_m
         probes_config(tiny_model_src, Path("config/labelled.jsonl"), layers=[0, -1], max_steps=50)
     )
     wf.run("probes")
-    out = wf.path("results/probes/tiny")
+    out = wf.path("results/probes/labelled/tiny")
     metrics = pd.read_csv(out / "metrics.csv")
     assert sorted(set(metrics.layer)) == [0, 2] and set(metrics.label) == set(LABELS)
     summary = json.loads((out / "aggregate_metrics.json").read_text())
@@ -273,7 +282,65 @@ def test_probes_through_snakemake_and_a_layer_out_of_range(workflow_copy, tiny_m
     tensors = load_file(out / "probes.safetensors")
     assert tensors["W"].shape == (2, 4, 32) and tensors["b"].shape == (2, 4)
     # the stored raw-space probes reproduce the metrics' scores
-    with h5py.File(wf.path("results/activations/tiny.h5")) as f:
+    with h5py.File(wf.path("results/activations/labelled/tiny.h5")) as f:
         x = torch.from_numpy(f["activations"][...].astype(np.float32))
     p = torch.sigmoid(x @ tensors["W"].transpose(1, 2) + tensors["b"].unsqueeze(1))
     assert p.shape == (2, 480, 4) and torch.isfinite(p).all()
+
+
+def _scored_run(tmp: Path, run: str, continuations: list[str], toxicity: list[float]) -> tuple[Path, Path]:
+    n = len(continuations)
+    gen = pd.DataFrame(
+        {
+            "prompt_id": [f"p{i // 2}" for i in range(n)],
+            "sample_id": [i % 2 for i in range(n)],
+            "prompt": ["a prompt"] * n,
+            "continuation": continuations,
+        }
+    )
+    tox = gen[["prompt_id", "sample_id"]].assign(toxicity=toxicity).iloc[::-1]  # order must not matter
+    gen.to_parquet(tmp / f"{run}.gen.parquet")
+    tox.to_parquet(tmp / f"{run}.tox.parquet")
+    return tmp / f"{run}.gen.parquet", tmp / f"{run}.tox.parquet"
+
+
+def test_toxicity_probe_set_joins_scores_to_continuations(tmp_path):
+    a = _scored_run(tmp_path, "a", ["you idiot", "   ", "nice day", "fine"], [0.9, 0.7, 0.1, 0.5])
+    b = _scored_run(tmp_path, "b", ["stupid", "hello"], [0.6, 0.49])
+    table = toxicity_table(["a", "b"], [a[0], b[0]], [a[1], b[1]], threshold=0.5)
+    assert table.text.tolist() == ["you idiot", "nice day", "fine", "stupid", "hello"]  # blank dropped
+    assert table.toxic.tolist() == [1, 0, 1, 1, 0]  # >= threshold, as the analysis counts
+    assert table.id.tolist() == [0, 1, 2, 3, 4] and table.run.tolist() == ["a", "a", "a", "b", "b"]
+    assert table.group.tolist() == ["p0", "p1", "p1", "p0", "p0"]  # a prompt's runs stay together
+    short = tmp_path / "short.parquet"
+    pd.read_parquet(b[1]).iloc[:1].to_parquet(short)
+    with pytest.raises(InputError, match=r"short.parquet: do not cover the generations of .*b.gen.parquet"):
+        toxicity_table(["b"], [b[0]], [short], threshold=0.5)
+
+
+def test_toxicity_probe_set_refuses_too_few_toxic_generations(tmp_path, tiny_model_src):
+    from types import SimpleNamespace
+
+    cfg = probes_config(tiny_model_src, DEMO)
+    cfg["analysis"] = {"fluency": {"model": "tiny"}}
+    n = 40
+    texts = [f"text {i}" for i in range(n)]
+    out = tmp_path / "data.parquet"
+
+    def smk(toxic: int) -> SimpleNamespace:
+        gen, tox = _scored_run(tmp_path, "tiny", texts, [0.9] * toxic + [0.1] * (n - toxic))
+        return SimpleNamespace(
+            config=cfg, input=SimpleNamespace(generations=[gen], toxicity=[tox]), output=[out]
+        )
+
+    with pytest.raises(
+        InputError, match=r"^probes.toxicity: 0 of 40 generations are toxic \(>= 0.5, tiny\): "
+    ):
+        toxicity_probe_data(smk(0))
+    with pytest.raises(
+        InputError, match=r"1 of 40 .* split has only class 0 .*set probes.toxicity: false\)$"
+    ):
+        toxicity_probe_data(smk(1))
+    assert not out.exists()
+    toxicity_probe_data(smk(12))  # 6 prompts with toxic generations: every split gets some
+    assert pd.read_parquet(out).toxic.sum() == 12

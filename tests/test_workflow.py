@@ -44,9 +44,10 @@ def test_dry_run_of_the_demo_lists_the_stages(workflow_copy):
         "compute_teacher_logits": 2,
         "merge_teacher_logits": 1,
         "teacher_logits_run_info": 1,
-        "activations": 2,
-        "merge_activations": 1,
-        "train_probes": 1,
+        "activations": 4,  # 2 probe sets (the labelled table, the generations' toxicity) x 2 shards
+        "merge_activations": 2,
+        "train_probes": 2,
+        "toxicity_probe_data": 1,
         "probes_run_info": 1,
         "score_fluency": 4,
         "merge_fluency": 2,

@@ -9,10 +9,11 @@ uniform instead.) Each layer is pooled inside a forward hook on its module, so o
 tokenizer's special tokens, e.g. BOS) or the ``last`` content token. The forward pass stops after
 the highest requested layer (no final norm, no LM head, no logits).
 
-Output ``results/activations/<model>.h5``: ``activations`` float16 [L, N, D], ``layers`` int64 [L],
-``item_ids`` int64 [N], attrs pooling, model, revision, fingerprint, version. As in the teacher
-logits stage, shard boundaries fall on multiples of ``chunk_size`` and batches are formed inside a
-chunk, so merged files are byte-identical for any ``n_shards``.
+Output ``results/activations/<probe set>/<model>.h5`` (probe sets: Config.probe_sets):
+``activations`` float16 [L, N, D], ``layers`` int64 [L], ``item_ids`` int64 [N], attrs pooling,
+model, revision, fingerprint, version. As in the teacher logits stage, shard boundaries fall on
+multiples of ``chunk_size`` and batches are formed inside a chunk, so merged files are
+byte-identical for any ``n_shards``.
 """
 
 from __future__ import annotations
@@ -170,11 +171,13 @@ def make_plan(
     cfg: Config,
     name: str,
     model_dir: str | Path,
+    probe_set: str = "labelled",
     n_items: int | None = None,
     results: str | Path = "results",
     logs: str | Path = "logs",
 ) -> tuple[ShardPlan, ActivationsCodec, list[int]]:
-    pr = cfg.probes
+    """The shard plan of model `name` over one probe set's table (Config.probe_sets)."""
+    pr = cfg.probe_sets()[probe_set]
     if n_items is None:
         n_items = len(load_labelled(pr.data, pr.labels))
     layers = resolve_layers(pr.layers, n_blocks(model_dir))
@@ -189,12 +192,12 @@ def make_plan(
     }
     plan = ShardPlan(
         stage=STAGE,
-        key=name,
+        key=f"{probe_set}/{name}",
         n_items=n_items,
         spec=pr.shards,
         identity=identity,
-        root=Path(results) / STAGE / name,
-        log_dir=Path(logs) / STAGE / name,
+        root=Path(results) / STAGE / probe_set / name,
+        log_dir=Path(logs) / STAGE / probe_set / name,
         ext=ActivationsCodec.ext,
         align=pr.shards.chunk_size,
     )
@@ -265,13 +268,13 @@ def compute_shard(ctx: ShardContext) -> None:
 
 def _plan_for(smk: Any) -> tuple[Config, ShardPlan, ActivationsCodec, list[int]]:
     cfg = load_config(smk.config)
-    return (cfg, *make_plan(cfg, smk.wildcards.name, smk.input.model))
+    return (cfg, *make_plan(cfg, smk.wildcards.name, smk.input.model, smk.wildcards.probe_set))
 
 
 def job(smk: Any) -> None:
     """Snakemake rule `activations`: run one job's shards and write its manifest."""
     cfg, plan, codec, layers = _plan_for(smk)
-    pr = cfg.probes
+    pr = cfg.probe_sets()[smk.wildcards.probe_set]
     args = {
         "data": str(pr.data),
         "labels": list(pr.labels),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,7 @@ class ProbesConfig:
     max_steps: int
     patience: int
     tolerance: float
+    toxicity: bool
     shards: ShardSpec
 
 
@@ -213,6 +214,9 @@ class AnalysisConfig:
     seed: int
 
 
+TOXICITY_PROBE_DATA = Path("results/probes/toxicity/data.parquet")
+
+
 @dataclass(frozen=True)
 class Config:
     models: dict[str, ModelSpec]
@@ -222,6 +226,19 @@ class Config:
     analysis: AnalysisConfig
     hf_home: str | None
     resolved: dict[str, Any] = field(repr=False, compare=False)
+
+    def probe_sets(self) -> dict[str, ProbesConfig]:
+        """The labelled tables the probes read, by name (the `{probe_set}` of their paths):
+        ``labelled`` is probes.data; ``toxicity`` (with probes.toxicity and the analysis on) is
+        the analysed generations' continuations with the label ``toxic`` (score >= threshold),
+        grouped by prompt, written by the rule toxicity_probe_data."""
+        pr = self.probes
+        if not pr.models:
+            return {}
+        sets = {"labelled": pr}
+        if pr.toxicity and self.analysis.runs:
+            sets["toxicity"] = replace(pr, data=TOXICITY_PROBE_DATA, labels=("toxic",))
+        return sets
 
 
 _MODEL_FIELDS = {"hf": ("id",), "local": ("path",), "package": ("package", "file")}

@@ -12,10 +12,12 @@ validation loss, and per (layer, label) the L2 strength with the best validation
 The split (:func:`group_split`) keeps every `group` on one side and balances each label's
 classes across train/val/test.
 
-Outputs in ``results/probes/<model>/``: ``metrics.csv`` (label, layer, auroc, auprc, f1, accuracy,
-precision, recall, n_train, n_test, control_auroc, l2, val_auroc), ``probes.safetensors`` (W [L, K, D]
-and b [L, K] in the raw activation space: p = sigmoid(x @ W[l, k] + b[l, k])), ``aggregate_metrics.json``
-(per label the layer with the best validation AUROC and its test metrics) and ``auroc_heatmap.png``.
+Outputs in ``results/probes/<probe set>/<model>/`` (``labelled``: probes.data; ``toxicity``: the
+generations' own toxicity, :func:`toxicity_table`): ``metrics.csv`` (label, layer, auroc, auprc,
+f1, accuracy, precision, recall, n_train, n_test, control_auroc, n_test_positive, l2, val_auroc),
+``probes.safetensors`` (W [L, K, D] and b [L, K] in the raw activation space:
+p = sigmoid(x @ W[l, k] + b[l, k])), ``aggregate_metrics.json`` (per label the layer with the best
+validation AUROC and its test metrics) and ``auroc_heatmap.png``.
 """
 
 from __future__ import annotations
@@ -278,6 +280,7 @@ def metrics_table(
                     "n_train": n_train,
                     "n_test": int(te.sum()),
                     "control_auroc": roc_auc_score(y[te, k + j], p[i, te, k + j]),
+                    "n_test_positive": int(y[te, j].sum()),
                     "val_auroc": roc_auc_score(y[va, j], p[i, va, j]),
                 }
             )
@@ -295,7 +298,13 @@ def control_labels(y: np.ndarray, split: np.ndarray, seed: int) -> np.ndarray:
     return out
 
 
-def check_split(split: np.ndarray, y: np.ndarray, labels: Sequence[str], where: str) -> None:
+def check_split(
+    split: np.ndarray,
+    y: np.ndarray,
+    labels: Sequence[str],
+    where: str,
+    hint: str = "add rows, or groups, or change val/test_fraction",
+) -> None:
     for s, name in enumerate(SPLITS):
         for k, label in enumerate(labels):
             classes = set(np.unique(y[split == s, k]).tolist())
@@ -303,8 +312,62 @@ def check_split(split: np.ndarray, y: np.ndarray, labels: Sequence[str], where: 
                 raise InputError(
                     f"{where}: {len(y)} rows are fewer than the splits need: the {name} split has "
                     f"{'no' if not classes else 'only class ' + str(classes.pop()) + ' and no other'} rows "
-                    f"of label {label!r} (add rows, or groups, or change val/test_fraction)"
+                    f"of label {label!r} ({hint})"
                 )
+
+
+def toxicity_table(
+    runs: Sequence[str], generations: Sequence[str | Path], toxicity: Sequence[str | Path], threshold: float
+) -> pd.DataFrame:
+    """The analysed generations as a probes table (probe set ``toxicity``): one row per non-blank
+    continuation of every run - id, text (the continuation, which is what was scored), group (the
+    prompt id: a prompt's generations of every run stay on one side of the split), toxic
+    (score >= threshold), run, prompt_id, sample_id, toxicity."""
+    from shardwise.fluency import load_generations
+
+    keys = ["prompt_id", "sample_id"]
+    parts = []
+    for run, gen_path, tox_path in zip(runs, generations, toxicity, strict=True):
+        gen = load_generations(gen_path, (*keys, "continuation"))[[*keys, "continuation"]]
+        scored = gen.merge(pd.read_parquet(tox_path)[[*keys, "toxicity"]], on=keys, validate="one_to_one")
+        if len(scored) != len(gen):
+            raise InputError(f"toxicity scores {tox_path}: do not cover the generations of {gen_path}")
+        parts.append(scored.assign(run=run))
+    table = pd.concat(parts, ignore_index=True)
+    table = table[table.continuation.str.strip() != ""].reset_index(drop=True)
+    return pd.DataFrame(
+        {
+            "id": np.arange(len(table)),
+            "text": table.continuation,
+            "group": table.prompt_id.astype(str),
+            "toxic": (table.toxicity >= threshold).astype("int64"),
+            "run": table.run,
+            "prompt_id": table.prompt_id,
+            "sample_id": table.sample_id,
+            "toxicity": table.toxicity,
+        }
+    )
+
+
+def toxicity_probe_data(smk: Any) -> None:
+    """Snakemake rule `toxicity_probe_data`: the probe set ``toxicity``, checked for a usable split
+    before any activation is computed."""
+    cfg = load_config(smk.config)
+    an, pr = cfg.analysis, cfg.probe_sets()["toxicity"]
+    table = toxicity_table(an.runs, smk.input.generations, smk.input.toxicity, an.threshold)
+    y = table[["toxic"]].to_numpy()
+    where = (
+        f"probes.toxicity: {int(y.sum())} of {len(y)} generations are toxic (>= {an.threshold:g}, "
+        f"{', '.join(an.runs)})"
+    )
+    hint = "more prompts or samples, or set probes.toxicity: false"
+    if not 0 < y.sum() < len(y):
+        raise InputError(f"{where}: a probe needs both classes ({hint})")
+    split = group_split(table["group"].tolist(), y, pr.val_fraction, pr.test_fraction, pr.seed)
+    check_split(split, y, ["toxic"], where, hint)
+    with atomic_path(Path(smk.output[0])) as tmp:
+        table.to_parquet(tmp, index=False)
+    log.info("%s; %d prompts", where, table["group"].nunique())
 
 
 def heatmap(table: pd.DataFrame, path: Path, title: str) -> None:
@@ -382,6 +445,7 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
         }
     summary = {
         "model": name,
+        "data": str(pr.data),
         "labels": best,
         "mean_test_auroc": float(metrics.auroc.mean()),
         "mean_control_auroc": float(metrics.control_auroc.mean()),
@@ -397,7 +461,8 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
         "seed": pr.seed,
     }
     atomic_write_json(out / "aggregate_metrics.json", summary)
-    heatmap(metrics, out / "auroc_heatmap.png", f"{name}: linear probes, test AUROC ({pr.pooling} pooling)")
+    title = f"{name} on {pr.data.name}: linear probes, test AUROC ({pr.pooling} pooling)"
+    heatmap(metrics, out / "auroc_heatmap.png", title)
     log.info(
         "%d probes (%d layers x %d labels) x %d L2 values trained in %.2f s on %s (%d steps)",
         len(layers) * k,
@@ -412,6 +477,7 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
 
 
 def train(smk: Any) -> None:
-    """Snakemake rule `train_probes`."""
+    """Snakemake rule `train_probes`: one model on one probe set (Config.probe_sets)."""
     cfg = load_config(smk.config)
-    run(smk.input.activations, cfg.probes, Path(smk.output.metrics).parent, smk.wildcards.name)
+    pr = cfg.probe_sets()[smk.wildcards.probe_set]
+    run(smk.input.activations, pr, Path(smk.output.metrics).parent, smk.wildcards.name)

@@ -23,12 +23,14 @@ from shardwise import probes as _probes
 from shardwise import teacher_logits as _teacher_logits
 from shardwise.errors import ShardwiseError
 from shardwise.fingerprint import code_version
+from shardwise.config import TOXICITY_PROBE_DATA
 from shardwise.smk import check_inputs, fail, run_info, workflow_config
 
 CFG = workflow_config(config, workflow.configfiles)
 GEN = CFG.generate
 TL = CFG.teacher_logits
 PROBES = CFG.probes
+PROBE_SETS = CFG.probe_sets()
 AN = CFG.analysis
 ENV = "../../envs/shardwise.yaml"
 
@@ -44,6 +46,7 @@ wildcard_constraints:
     model="|".join(GEN.runs) or "no-generation-runs",
     name="|".join(CFG.models) or "no-models",
     teacher="|".join(TL.teachers) or "no-teachers",
+    probe_set="|".join(PROBE_SETS) or "no-probe-sets",
 
 
 def model_dir(name):
@@ -104,9 +107,14 @@ def probe_model_dir(wildcards):
     return model_dir(wildcards.name)
 
 
+def probe_data(wildcards):
+    return str(PROBE_SETS[wildcards.probe_set].data)
+
+
 def activations_manifests(wildcards):
     return expand(
-        "results/activations/{name}/jobs/job-{job:04d}.json",
+        "results/activations/{probe_set}/{name}/jobs/job-{job:04d}.json",
+        probe_set=wildcards.probe_set,
         name=wildcards.name,
         job=range(PROBES.shards.n_jobs),
     )
@@ -121,10 +129,11 @@ def probes_code():
 
 
 def probes_outputs():
-    if not PROBES.models:
+    if not PROBE_SETS:
         return []
     return expand(
-        "results/probes/{name}/{file}",
+        "results/probes/{probe_set}/{name}/{file}",
+        probe_set=PROBE_SETS,
         name=PROBES.models,
         file=[
             "metrics.csv",

@@ -1,12 +1,30 @@
-rule activations:
-    """One job of a model's activations: shards_per_job shards of pooled hidden states."""
+rule toxicity_probe_data:
+    """The probe set `toxicity`: the analysed generations' continuations, labelled toxic or not."""
     input:
-        data=PROBES.data,
+        generations=expand("results/generations/{model}.parquet", model=AN.runs),
+        toxicity=expand("results/analysis/toxicity/{model}.parquet", model=AN.runs),
+    output:
+        str(TOXICITY_PROBE_DATA),
+    log:
+        "logs/toxicity_probe_data/toxicity_probe_data.log",
+    conda:
+        ENV
+    params:
+        code=probes_code(),
+        settings=str(AN),
+    script:
+        "../../scripts/toxicity_probe_data.py"
+
+
+rule activations:
+    """One job of a model's activations over a probe set: shards_per_job shards of pooled hidden states."""
+    input:
+        data=probe_data,
         model=probe_model_dir,
     output:
-        "results/activations/{name}/jobs/job-{job}.json",
+        "results/activations/{probe_set}/{name}/jobs/job-{job}.json",
     log:
-        "logs/activations/{name}/job-{job}.log",
+        "logs/activations/{probe_set}/{name}/job-{job}.log",
     conda:
         ENV
     threads: PROBES.shards.shards_per_job
@@ -20,15 +38,15 @@ rule activations:
 
 
 rule merge_activations:
-    """Verify every shard of a model's activations and copy them into results/activations/<model>.h5."""
+    """Verify every shard of a model's activations and copy them into one file per probe set."""
     input:
         manifests=activations_manifests,
-        data=PROBES.data,
+        data=probe_data,
         model=probe_model_dir,
     output:
-        "results/activations/{name}.h5",
+        "results/activations/{probe_set}/{name}.h5",
     log:
-        "logs/merge_activations/{name}.log",
+        "logs/merge_activations/{probe_set}/{name}.log",
     conda:
         ENV
     params:
@@ -38,17 +56,17 @@ rule merge_activations:
 
 
 rule train_probes:
-    """All probes (layers x labels x L2 values, + control tasks) of one model at once."""
+    """All probes (layers x labels x L2 values, + control tasks) of one model and probe set at once."""
     input:
-        activations="results/activations/{name}.h5",
-        data=PROBES.data,
+        activations="results/activations/{probe_set}/{name}.h5",
+        data=probe_data,
     output:
-        metrics="results/probes/{name}/metrics.csv",
-        probes="results/probes/{name}/probes.safetensors",
-        summary="results/probes/{name}/aggregate_metrics.json",
-        heatmap="results/probes/{name}/auroc_heatmap.png",
+        metrics="results/probes/{probe_set}/{name}/metrics.csv",
+        probes="results/probes/{probe_set}/{name}/probes.safetensors",
+        summary="results/probes/{probe_set}/{name}/aggregate_metrics.json",
+        heatmap="results/probes/{probe_set}/{name}/auroc_heatmap.png",
     log:
-        "logs/train_probes/{name}.log",
+        "logs/train_probes/{probe_set}/{name}.log",
     conda:
         ENV
     resources:
