@@ -7,6 +7,7 @@ rule toxicity_probe_data:
         str(TOXICITY_PROBE_DATA),
     log:
         "logs/toxicity_probe_data/toxicity_probe_data.log",
+    localrule: True
     conda:
         ENV
     params:
