@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,12 @@ def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
             text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
             fh.write(json.dumps({"prompt_id": f"p{i:03d}", "prompt": text, "extra": i}) + "\n")
     return path
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """Jobs per rule from the "Job stats" table of a (dry) run."""
+    table = dry_run_output.split("Job stats:")[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
 
 
 def tiny_config(model_path: Path, prompts: str = "config/prompts.jsonl", **generate: Any) -> dict[str, Any]:

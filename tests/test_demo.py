@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
+from conftest import job_counts
 
 from shardwise.config import load_config_file
 from shardwise.logits import TeacherLogits
@@ -98,3 +100,10 @@ def test_demo_dag_end_to_end(workflow_copy):
     assert "activations/toxicity/smollm2: 2 shards (2 done" in status
     assert "score_fluency/smollm2-t07: 2 shards (2 done" in status  # deeper under results/
     assert "Nothing to be done" in wf.run().stdout + wf.run().stderr
+
+    # A change of how probes are trained retrains them, and leaves the activations alone.
+    raw = yaml.safe_load(wf.path("config/config.yaml").read_text())
+    raw["probes"]["l2_grid"] = [0.01, 0.1]
+    wf.write_config(raw)
+    counts = job_counts(wf.run("-n").stdout)
+    assert counts["train_probes"] == 2 and not {"activations", "merge_activations"} & set(counts), counts

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import time
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import Workflow, tiny_config, write_prompts
+from conftest import Workflow, job_counts, tiny_config, write_prompts
 
 from shardwise.config import load_config
 from shardwise.generate import generate_table
 from shardwise.models import load_model
-
-
-def job_counts(dry_run_output: str) -> dict[str, int]:
-    table = dry_run_output.split("Job stats:")[1]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
 
 
 def setup(wf: Workflow, model, n_prompts: int = 24, **generate) -> None:

@@ -120,6 +120,18 @@ def activations_manifests(wildcards):
     )
 
 
+def activations_settings():
+    """What the activations depend on in the probes section: a change of l2_grid, splits or
+    stopping retrains the probes without touching the activations."""
+    keys = ("layers", "pooling", "max_length", "batch_tokens", "shards")
+    return str({key: getattr(PROBES, key) for key in keys})
+
+
+def toxicity_probe_data_settings():
+    split = ("val_fraction", "test_fraction", "seed")
+    return str((AN.runs, AN.threshold, *(getattr(PROBES, key) for key in split)))
+
+
 def activations_code():
     return code_version(*_activations.CODE)
 

@@ -12,7 +12,7 @@ rule toxicity_probe_data:
         ENV
     params:
         code=probes_code(),
-        settings=str(AN),
+        settings=toxicity_probe_data_settings(),
     script:
         "../../scripts/toxicity_probe_data.py"
 
@@ -33,7 +33,7 @@ rule activations:
         gpu=PROBES.shards.gpus_per_job,
     params:
         code=activations_code(),
-        settings=str(PROBES),
+        settings=activations_settings(),
     script:
         "../../scripts/activations.py"
 
@@ -65,7 +65,12 @@ rule train_probes:
         metrics="results/probes/{probe_set}/{name}/metrics.csv",
         probes="results/probes/{probe_set}/{name}/probes.safetensors",
         summary="results/probes/{probe_set}/{name}/aggregate_metrics.json",
-        heatmap="results/probes/{probe_set}/{name}/auroc_heatmap.png",
+        heatmap=report(
+            "results/probes/{probe_set}/{name}/auroc_heatmap.png",
+            category="Probes",
+            subcategory="{probe_set}",
+            labels={"model": "{name}", "figure": "test AUROC per layer and label"},
+        ),
     log:
         "logs/train_probes/{probe_set}/{name}.log",
     conda:
