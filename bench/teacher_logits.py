@@ -5,10 +5,12 @@
     python bench/teacher_logits.py --device cuda --shape 1b               # GPU, ~1.1B Llama shape
 
 "bare": ``model(input_ids, attention_mask).logits`` over the same length-sorted batches, nothing
-kept. "writer": the stage's own shard worker (:func:`shardwise.teacher_logits.compute_shard`): base
-model, LM head in slices, log-softmax, top-k, async device->host copies, the writer thread, one
-committed HDF5 chunk per `chunk_size` items; then joining the chunks into the shard file
-(reported apart). Prints tokens/s of both, their ratio, and bytes per token of the shard file.
+kept. "top-k forward": the stage's :func:`shardwise.teacher_logits.topk_forward` over the same
+batches, nothing kept (what the math costs without copies or writing). "writer": the stage's own
+shard worker (:func:`shardwise.teacher_logits.compute_shard`): base model, LM head in slices,
+log-softmax, top-k, async device->host copies, the writer thread, one committed HDF5 chunk per
+`chunk_size` items; then joining the chunks into the shard file (reported apart). Prints tokens/s
+of the three, writer / bare, and bytes per token of the shard file.
 Numbers measured so far: docs/performance.md.
 """
 
@@ -100,7 +102,7 @@ def main() -> None:
     from shardwise.config import ModelSpec, load_config
     from shardwise.models import load_model, prepare_model
     from shardwise.shards import ShardContext
-    from shardwise.teacher_logits import compute_shard, make_plan
+    from shardwise.teacher_logits import compute_shard, make_plan, topk_forward
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -148,8 +150,20 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
+    def topk_only() -> float:
+        """The stage's own forward (base model, LM head in slices, log-softmax, top-k), nothing kept."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for ids, mask, _ in work:
+                real = mask.flatten().nonzero().squeeze(1).to(device)
+                topk_forward(model, ids.to(device), mask.to(device), a.k, real)
+        if gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
     bare()  # warm-up (kernels, allocator)
     bare_s = min(bare() for _ in range(2))
+    topk_s = min(topk_only() for _ in range(3))  # the first one warms up
     model = None  # free its memory before the writer loads its own copy
     if gpu:
         torch.cuda.empty_cache()
@@ -185,6 +199,7 @@ def main() -> None:
         f"  {items} items, {n_tokens} tokens, k={a.k}, batch_tokens={batch_tokens}, chunk_size={a.chunk_size}"
     )
     print(f"  bare forward     {n_tokens / bare_s:12,.0f} tokens/s  ({bare_s:.2f} s)")
+    print(f"  top-k forward    {n_tokens / topk_s:12,.0f} tokens/s  ({topk_s:.2f} s; no copies, no writer)")
     print(f"  shard writer     {n_tokens / writer_s:12,.0f} tokens/s  ({writer_s:.2f} s)")
     print(f"  writer / bare    {bare_s / writer_s:12.1%}")
     print(f"  join chunks      {finish_s:12.2f} s (once per shard, after the last chunk)")
