@@ -182,6 +182,29 @@ def test_vectorised_trainer_matches_scikit_learn_per_probe():
     assert probe.W.shape == (3, 4, 16) and probe.b.shape == (3, 4)
 
 
+def test_without_early_stopping_the_trainer_converges_to_scikit_learns_weights():
+    """Early stopping keeps a probe's best-validation iterate; without it, every probe of the batch
+    must reach the same optimum as scikit-learn's L-BFGS on its own (same objective)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = planted()
+    split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)
+    tr = split == 0
+    for l2 in (1e-2, 1.0):
+        probe = fit(x, y, split, [l2], patience=None)
+        for i in range(x.shape[0]):
+            mean, std = x[i, tr].mean(0), x[i, tr].std(0)
+            z = ((x[i] - mean) / std).numpy()
+            for j in range(y.shape[1]):
+                clf = LogisticRegression(class_weight="balanced", C=1.0 / (l2 * tr.sum()), tol=1e-8)
+                clf.fit(z[tr], y[tr, j])
+                ours = (probe.W[i, j] * std).numpy()  # back to the standardised space
+                scale = np.abs(clf.coef_[0]).max()
+                assert np.abs(ours - clf.coef_[0]).max() <= 0.01 * scale, (l2, i, j)
+                bias = float(probe.b[i, j] + probe.W[i, j] @ mean)
+                assert abs(bias - clf.intercept_[0]) <= 0.01 * max(scale, abs(clf.intercept_[0])), (l2, i, j)
+
+
 def test_control_task_is_at_chance_and_metrics_have_the_contract_columns():
     x, y = planted(seed=1)
     split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)

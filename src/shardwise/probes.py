@@ -146,7 +146,7 @@ def fit(
     split: Any,
     l2_grid: Sequence[float],
     max_steps: int = 200,
-    patience: int = 10,
+    patience: int | None = 10,
     tolerance: float = 1e-5,
     memory: int = 10,
 ) -> Fit:
@@ -157,8 +157,9 @@ def fit(
     forward and one back, whatever the number of probes. Each probe runs its own L-BFGS (own
     curvature pairs, own Armijo backtracking) and stops when its largest gradient entry is below
     `tolerance`, when it no longer decreases its loss, or when its validation loss has not improved
-    for `patience` steps (early stopping); it keeps the weights of its best validation loss. The
-    start is zero, so there is no seed."""
+    for `patience` steps (early stopping); it keeps the weights of its best validation loss
+    (patience None: no early stopping, the weights it converged to). The start is zero, so there is
+    no seed."""
     import torch
 
     started = time.perf_counter()
@@ -218,13 +219,14 @@ def fit(
         pairs = [*pairs[-(memory - 1) :], (s, yv, torch.where(sy > 1e-12, 1.0 / sy.clamp_min(1e-12), 0.0))]
         stalled = ~ok | (f - f_new <= 1e-6 * f.abs().clamp_min(1.0))
         theta, f, g = theta_new, f_new, g_new
-        with torch.no_grad():
-            v = val.nll(val.logits(theta))
-            better = v < best_val
-            best_val = best_val.where(~better, v)
-            best = best.where(~better.unsqueeze(1), theta)
-            since = torch.where(better, 0.0, since + 1)
-            done |= stalled | (g.abs().amax(1) <= tolerance) | (since >= patience)
+        v = val.nll(val.logits(theta))
+        better = v < best_val if patience is not None else torch.ones_like(done)
+        best_val = best_val.where(~better, v)
+        best = best.where(~better.unsqueeze(1), theta)
+        since = torch.where(better, 0.0, since + 1)
+        done |= stalled | (g.abs().amax(1) <= tolerance)
+        if patience is not None:
+            done |= since >= patience
         if bool(done.all()):
             break
     choice = best_val.view(n_layers, n_grid, n_labels).argmin(1)  # [L, K]: the L2 strength per probe
