@@ -166,7 +166,8 @@ def test_demo_dag_runs_as_node_jobs_of_four_gpus(slurm_cluster, tmp_path):
     wf.write_config(cfg)
     before = job_ids()
     wf.run("generations", timeout=900)  # the stage this test is about (its only gpu_a100 jobs)
-    assert_complete(wf, 120, run="smollm2")
+    n_prompts = len(wf.path("config/demo/prompts.jsonl").read_text().splitlines())
+    assert_complete(wf, 2 * n_prompts, run="smollm2")
     (gen,) = generate_jobs(before)
     assert gen["state"] == "COMPLETED"
     assert "gres/gpu:a100=4" in gen["tres"] and "gres/gpu=4" in gen["tres"]
