@@ -15,8 +15,11 @@ from conftest import REPO, Workflow, tiny_config, write_prompts
 from shardwise.errors import ShardwiseError
 from shardwise.profile import install_profile
 
+# Snakemake submits jobs concurrently: the lock keeps each (long) line whole and each job id unique.
 FAKE_SBATCH = """#!/bin/sh
-echo "$@" >> "$FAKE_SLURM_DIR/sbatch.log"
+exec 9>>"$FAKE_SLURM_DIR/sbatch.log"
+flock 9
+echo "$@" >&9
 echo $((1000 + $(wc -l < "$FAKE_SLURM_DIR/sbatch.log")))
 """
 # Every submitted job "failed", so Snakemake retries it and the runtime for each attempt shows.
