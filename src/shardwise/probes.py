@@ -41,6 +41,9 @@ from shardwise.tables import load_labelled
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# how each probe's optimisation ended (Fit.status, metrics.csv `status`)
+CONVERGED, EARLY_STOP, STEP_LIMIT, STALLED = 1, 2, 3, 4
+STATUS = {CONVERGED: "converged", EARLY_STOP: "early_stop", STEP_LIMIT: "step_limit", STALLED: "stalled"}
 
 
 def group_split(
@@ -88,6 +91,16 @@ class Fit:
     l2: Any  # [L, K] chosen L2 strength
     steps: int
     seconds: float
+    status: Any = None  # [L, K] how the chosen probe's optimisation ended (STATUS codes)
+    all_status: Any = None  # [L, G x K] the same for every probe of the grid
+
+    def status_names(self) -> np.ndarray:
+        return np.vectorize(STATUS.get)(self.status.cpu().numpy())
+
+    def not_converged(self) -> dict[str, int]:
+        """Counts of the chosen probes that did not converge, by how they ended."""
+        codes = self.status.cpu().numpy()
+        return {STATUS[c]: int((codes == c).sum()) for c in (STEP_LIMIT, STALLED) if (codes == c).any()}
 
 
 class _Objective:
@@ -149,17 +162,24 @@ def fit(
     patience: int | None = 10,
     tolerance: float = 1e-5,
     memory: int = 10,
+    backtracking: int = 50,
 ) -> Fit:
     """Train every (layer, label) probe for every L2 strength at once, with batched L-BFGS.
 
     x [L, N, D] float (any device), y [N, K] 0/1, split [N] (0 train, 1 val, 2 test). The weights
     of all probes are one tensor [L, D + 1, G x K] (bias last): a step costs one batched matmul
     forward and one back, whatever the number of probes. Each probe runs its own L-BFGS (own
-    curvature pairs, own Armijo backtracking) and stops when its largest gradient entry is below
-    `tolerance`, when it no longer decreases its loss, or when its validation loss has not improved
-    for `patience` steps (early stopping); it keeps the weights of its best validation loss
-    (patience None: no early stopping, the weights it converged to). The start is zero, so there is
-    no seed."""
+    curvature pairs, own Armijo backtracking of up to `backtracking` halvings). The first step, and
+    every restart, goes along the gradient scaled to at most unit length (real residual streams have
+    dominant directions whose curvature is ~D times the average: a unit Newton-like step there
+    overshoots by orders of magnitude); an L-BFGS direction that is not a descent direction, or
+    whose line search fails, drops that probe's curvature pairs and restarts it along the scaled
+    gradient. A probe stops as `converged` when its largest gradient entry is below `tolerance` or
+    two steps in a row no longer decrease its loss at float32 precision, as `early_stop` when its
+    validation loss has not improved for `patience` steps (it keeps the weights of its best
+    validation loss; patience None: no early stopping, the weights it converged to), as `stalled`
+    when even a tiny step along the gradient does not descend, and as `step_limit` after
+    `max_steps` (Fit.status). The start is zero, so there is no seed."""
     import torch
 
     started = time.perf_counter()
@@ -190,25 +210,34 @@ def fit(
     best_val = val.nll(val.logits(theta))
     best = theta.clone()
     since = torch.zeros(n_layers, n_probes, device=device)
-    done = torch.zeros(n_layers, n_probes, dtype=torch.bool, device=device)
+    status = torch.zeros(n_layers, n_probes, dtype=torch.int64, device=device)  # 0 = still running
+    fresh = torch.ones(n_layers, n_probes, dtype=torch.bool, device=device)  # no usable curvature pairs
+    flat = torch.zeros(n_layers, n_probes, device=device)  # consecutive steps without progress
     pairs: list[tuple[Any, Any, Any]] = []
     step = 0
     for step in range(1, max_steps + 1):  # noqa: B007
+        running = status == 0
         d = _two_loop(g, pairs, h0)
         slope = (g * d).sum(1)
-        uphill = slope >= 0  # lost curvature information: restart from the scaled gradient
-        d = torch.where(uphill.unsqueeze(1), -h0 * g, d) * (~done).unsqueeze(1)
+        # the first step, a restart and a lost-curvature (uphill) direction: the scaled gradient,
+        # at most unit length (the curvature of a dominant direction can be ~D times the average)
+        restart = fresh | (slope >= 0)
+        grad_dir = -h0 * g
+        grad_dir = grad_dir / grad_dir.norm(dim=1, keepdim=True).clamp_min(1.0)
+        d = torch.where(restart.unsqueeze(1), grad_dir, d) * running.unsqueeze(1)
         slope = (g * d).sum(1)
         t = torch.ones(n_layers, 1, n_probes, device=device)
         new_logits = train.logits(theta + d)
         f_new = train.loss(new_logits, theta + d)
-        for _ in range(4):  # Armijo backtracking, per probe (with float32 round-off slack)
-            ok = done | (f_new <= f + 1e-4 * t[:, 0] * slope + 1e-6 * f.abs())
+        for _ in range(backtracking):  # Armijo backtracking, per probe (with float32 round-off slack)
+            ok = ~running | (f_new <= f + 1e-4 * t[:, 0] * slope + 1e-7 * f.abs())
             if bool(ok.all()):
                 break
-            t = t.where(ok.unsqueeze(1), t * 0.25)
+            t = t.where(ok.unsqueeze(1), t * 0.5)
             new_logits = new_logits.where(ok.unsqueeze(1), train.logits(theta + t * d))
             f_new = f_new.where(ok, train.loss(new_logits, theta + t * d))
+        else:
+            ok = ~running | (f_new <= f + 1e-4 * t[:, 0] * slope + 1e-7 * f.abs())
         keep = ok.unsqueeze(1)
         theta_new = torch.where(keep, theta + t * d, theta)
         logits = torch.where(keep, new_logits, logits)
@@ -216,19 +245,31 @@ def fit(
         g_new = train.grad(logits, theta_new)
         s, yv = theta_new - theta, g_new - g
         sy = (s * yv).sum(1, keepdim=True)
-        pairs = [*pairs[-(memory - 1) :], (s, yv, torch.where(sy > 1e-12, 1.0 / sy.clamp_min(1e-12), 0.0))]
-        stalled = ~ok | (f - f_new <= 1e-6 * f.abs().clamp_min(1.0))
+        rho = torch.where(sy > 1e-12 * (s * s).sum(1, keepdim=True).sqrt().clamp_min(1e-30), 1.0 / sy, 0.0)
+        failed = running & ~ok  # no descent even with a tiny step
+        # a failed L-BFGS direction drops that probe's pairs and retries along the gradient next
+        # step; a failed gradient step means the probe is stuck (float32 cannot resolve a decrease)
+        status = torch.where(failed & restart, STALLED, status)
+        forget = (failed & ~restart).unsqueeze(1)
+        pairs = [(ps, py, pr.where(~forget, 0.0)) for ps, py, pr in pairs]
+        pairs = [*pairs[-(memory - 1) :], (s, yv, rho.where(~forget, 0.0))]
+        fresh = failed & ~restart
+        progress = f - f_new
+        flat = torch.where(ok & (progress <= 1e-7 * f.abs().clamp_min(1e-3)), flat + 1, 0.0)
         theta, f, g = theta_new, f_new, g_new
         v = val.nll(val.logits(theta))
-        better = v < best_val if patience is not None else torch.ones_like(done)
+        better = v < best_val if patience is not None else torch.ones_like(running)
         best_val = best_val.where(~better, v)
         best = best.where(~better.unsqueeze(1), theta)
         since = torch.where(better, 0.0, since + 1)
-        done |= stalled | (g.abs().amax(1) <= tolerance)
+        running = status == 0
+        converged = running & ((g.abs().amax(1) <= tolerance) | (flat >= 2))
+        status = torch.where(converged, CONVERGED, status)
         if patience is not None:
-            done |= since >= patience
-        if bool(done.all()):
+            status = torch.where((status == 0) & (since >= patience), EARLY_STOP, status)
+        if not bool((status == 0).any()):
             break
+    status = torch.where(status == 0, STEP_LIMIT, status)
     choice = best_val.view(n_layers, n_grid, n_labels).argmin(1)  # [L, K]: the L2 strength per probe
     chosen = best.view(n_layers, dim + 1, n_grid, n_labels)
     chosen = chosen.gather(2, choice.view(n_layers, 1, 1, n_labels).expand(n_layers, dim + 1, 1, n_labels))
@@ -236,9 +277,18 @@ def fit(
     w_raw = (w_std / std.transpose(1, 2)).transpose(1, 2)  # [L, K, D]
     b_raw = b_std - torch.einsum("lkd,ld->lk", w_raw, mean[:, 0])
     l2 = torch.tensor(list(l2_grid), device=device)[choice]
+    chosen_status = status.view(n_layers, n_grid, n_labels).gather(1, choice.unsqueeze(1))[:, 0]
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return Fit(W=w_raw, b=b_raw, l2=l2, steps=step, seconds=time.perf_counter() - started)
+    return Fit(
+        W=w_raw,
+        b=b_raw,
+        l2=l2,
+        steps=step,
+        seconds=time.perf_counter() - started,
+        status=chosen_status,
+        all_status=status,
+    )
 
 
 def scores(x: Any, probe: Fit) -> Any:
@@ -422,6 +472,17 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
     metrics["l2"] = [
         float(probe.l2[layers.index(r.layer), labels.index(r.label)]) for r in metrics.itertuples()
     ]
+    names = probe.status_names()
+    metrics["status"] = [names[layers.index(r.layer), labels.index(r.label)] for r in metrics.itertuples()]
+    unconverged = metrics[~metrics.status.isin(["converged", "early_stop"])]
+    if len(unconverged):
+        log.warning(
+            "%d of %d probes did not converge (%s): %s; raise probes.max_steps or look at the features",
+            len(unconverged),
+            len(metrics),
+            ", ".join(f"{n} {s}" for s, n in unconverged.status.value_counts().items()),
+            ", ".join(f"{r.label}@{r.layer}" for r in unconverged.itertuples()),
+        )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -458,6 +519,7 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
         "pooling": pr.pooling,
         "l2_grid": list(pr.l2_grid),
         "steps": probe.steps,
+        "probe_status": metrics.status.value_counts().to_dict(),
         "train_seconds": round(probe.seconds, 3),
         "device": str(device),
         "seed": pr.seed,
