@@ -55,13 +55,15 @@ def test_demo_dag_end_to_end(workflow_copy):
         assert storage / f["token_ids"].shape[0] <= 264
 
     # Probes on the shipped labelled set: the best layer (chosen on validation) is near perfect on
-    # these labels, which are easy from the text; the shuffled-label control stays at chance.
+    # these labels, which are easy from the text. The control task (a random label per trailing
+    # phrase, Hewitt & Liang) is lexical too, so the model solves it as well: no selectivity.
     summary = json.loads(wf.path("results/probes/labelled/smollm2/aggregate_metrics.json").read_text())
     assert set(summary["labels"]) == {"is_question", "has_negation", "has_number", "past_tense"}
     for label, best in summary["labels"].items():
         assert best["auroc"] >= 0.9, (label, best)
-        assert abs(best["control_auroc"] - 0.5) < 0.2, (label, best)
-    assert abs(summary["mean_control_auroc"] - 0.5) < 0.05
+        assert best["control_auroc"] >= 0.8, (label, best)
+        assert abs(best["selectivity"] - (best["auroc"] - best["control_auroc"])) < 1e-9
+    assert summary["control_task"].startswith("Hewitt & Liang")
     assert summary["n_probes"] == 31 * 4
     metrics = pd.read_csv(wf.path("results/probes/labelled/smollm2/metrics.csv"))
     assert len(metrics) == 31 * 4 and metrics.auroc.between(0, 1).all()

@@ -267,14 +267,47 @@ def test_a_probe_that_cannot_descend_is_counted_as_stalled():
     )
 
 
-def test_control_task_is_at_chance_and_metrics_have_the_contract_columns():
+def typed(encode_types: bool, n_types=40, per_type=15, dim=24, seed=0):
+    """Rows of control types; the features encode either each row's type (a type embedding) or
+    only the label (and no type), the label being a property of the type in the first case."""
+    rng = np.random.default_rng(seed)
+    types = np.repeat(np.arange(n_types), per_type)
+    rng.shuffle(types)
+    emb = rng.normal(size=(n_types, dim)) * 2
+    if encode_types:
+        y = (emb[:, 0] > 0).astype(np.int64)[types][:, None]  # the label is a function of the type
+        x = emb[types] + rng.normal(size=(len(types), dim))
+    else:
+        y = (rng.random(len(types)) < 0.5).astype(np.int64)[:, None]
+        x = rng.normal(size=(len(types), dim)) + np.outer(2 * y[:, 0] - 1, rng.normal(size=dim))
+    return torch.tensor(np.stack([x, x]), dtype=torch.float32), y, types.astype(str)
+
+
+@pytest.mark.parametrize("encode_types", [True, False])
+def test_type_level_control_measures_selectivity(encode_types):
+    x, y, types = typed(encode_types)
+    split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)  # types span the splits
+    control = control_labels(y, types, seed=0)
+    for t in np.unique(types):  # one label per type, in every split
+        assert len(np.unique(control[types == t])) == 1
+    both = np.concatenate([y, control], axis=1)
+    probe = fit(x, both, split, [1e-3, 1e-2, 1e-1], l2_from=[0, 0])
+    assert (probe.l2[:, 1] == probe.l2[:, 0]).all()  # the control takes its probe's L2
+    table = metrics_table(scores(x, probe).numpy(), both, split, [0, 1], ["a"])
+    assert (table.selectivity == table.auroc - table.control_auroc).all()
+    assert table.auroc.min() > 0.9
+    if encode_types:  # memorising types solves the control too: no selectivity
+        assert table.control_auroc.min() > 0.85 and table.selectivity.abs().max() < 0.15
+    else:  # the features say nothing of the type: the control is at chance
+        assert abs(table.control_auroc.mean() - 0.5) < 0.15 and table.selectivity.min() > 0.3
+
+
+def test_metrics_have_the_contract_columns_without_a_control_task():
     x, y = planted(seed=1)
     split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)
-    both = np.concatenate([y, control_labels(y, split, seed=0)], axis=1)
-    assert (both[:, 4:].sum(0) == y.sum(0)).all()  # same class balance
-    probe = fit(x, both, split, [1e-2, 1e-1, 1.0])
-    table = metrics_table(scores(x, probe).numpy(), both, split, [0, 1, 2], ["a", "b", "c", "d"])
-    assert list(table.columns[:11]) == [
+    probe = fit(x, y, split, [1e-2, 1e-1, 1.0])
+    table = metrics_table(scores(x, probe).numpy(), y, split, [0, 1, 2], list("abcd"), controls=False)
+    assert list(table.columns[:12]) == [
         "label",
         "layer",
         "auroc",
@@ -286,8 +319,9 @@ def test_control_task_is_at_chance_and_metrics_have_the_contract_columns():
         "n_train",
         "n_test",
         "control_auroc",
+        "selectivity",
     ]
-    assert len(table) == 12 and abs(table.control_auroc.mean() - 0.5) < 0.06
+    assert len(table) == 12 and table.control_auroc.isna().all() and table.selectivity.isna().all()
     assert table[table.layer == 2].auroc.min() > 0.8
 
 
@@ -321,6 +355,11 @@ def _bad_probe_cases():
             "12 rows are fewer than the splits need",
         ),
         "unknown label": (None, {"labels": ["is_question", "nope"]}, "no 'nope' column"),
+        "one control type": (
+            data([{**r, "control_type": "same"} for r in good]),
+            {},
+            "column 'control_type' has 1 type only",
+        ),
     }
 
 

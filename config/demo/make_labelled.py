@@ -4,7 +4,9 @@ Each text is built from a sentence skeleton (a subject and an action) and four b
 which are its labels, so their truth is known by construction and checkable from the text:
 is_question (a yes/no question ending in "?"), has_negation ("not" / "never"), has_number (a
 number, in digits or words) and past_tense. `group` is the skeleton: its variants never straddle
-the train/val/test split, so a probe cannot pass by recognising the skeleton.
+the train/val/test split, so a probe cannot pass by recognising the skeleton. `control_type` is
+the trailing phrase (16 types): the control task (Hewitt & Liang) gives each phrase one random label,
+so a probe solves it only by telling the phrases apart.
 """
 
 import json
@@ -62,7 +64,7 @@ def main(n=480, seed=0):
         seen.add(text)
         rows.append({"id": len(rows), "text": text, "group": f"s{s:02d}-a{a:02d}",
                      "is_question": int(question), "has_negation": int(negated),
-                     "has_number": int(number), "past_tense": int(past)})
+                     "has_number": int(number), "past_tense": int(past), "control_type": extra})
     out = Path(__file__).with_name("labelled.jsonl")
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{out}: {len(rows)} rows, {len({r['group'] for r in rows})} groups")

@@ -2,19 +2,21 @@
 (design.md §3 "Probes"); the activations they read come from :mod:`shardwise.activations`.
 
 The trainer (:func:`fit`) holds every probe of every L2 strength in one tensor [L, D + 1, G x K']
-(L layers, G grid values, K' = 2K labels: the K real ones and K control copies whose labels are
-shuffled inside each split, Hewitt & Liang 2019) and runs L-BFGS on all of them at once, one
-batched matmul forward and one back per step, on the GPU when there is one; every probe has its own
-curvature pairs, line search and stopping (converged, no progress, or no better validation loss for
-`patience` steps: early stopping). Features are standardised per layer with train statistics; the
-logistic loss is class-balanced (each class weighs half); each probe keeps the weights of its best
-validation loss, and per (layer, label) the L2 strength with the best validation loss wins.
+(L layers, G grid values, K' labels: the K real ones and, when the table has a `control_type`
+column, K control tasks in the sense of Hewitt & Liang 2019: every type keeps one random label in
+train and test, so only memorising types solves it; selectivity = auroc - control_auroc) and runs
+L-BFGS on all of them at once, one batched matmul forward and one back per step, on the GPU when
+there is one; every probe has its own curvature pairs, line search and stopping (:func:`fit`).
+Features are standardised per layer with train statistics; the logistic loss is class-balanced
+(each class weighs half); each probe keeps the weights of its best validation loss, and per
+(layer, label) the L2 strength with the best validation loss wins.
 The split (:func:`group_split`) keeps every `group` on one side and balances each label's
 classes across train/val/test.
 
 Outputs in ``results/probes/<probe set>/<model>/`` (``labelled``: probes.data; ``toxicity``: the
 generations' own toxicity, :func:`toxicity_table`): ``metrics.csv`` (label, layer, auroc, auprc,
-f1, accuracy, precision, recall, n_train, n_test, control_auroc, n_test_positive, l2, val_auroc),
+f1, accuracy, precision, recall, n_train, n_test, control_auroc, selectivity, n_test_positive,
+val_auroc, l2, status),
 ``probes.safetensors`` (W [L, K, D] and b [L, K] in the raw activation space:
 p = sigmoid(x @ W[l, k] + b[l, k])), ``aggregate_metrics.json`` (per label the layer with the best
 validation AUROC and its test metrics) and ``auroc_heatmap.png``.
@@ -163,6 +165,7 @@ def fit(
     tolerance: float = 1e-5,
     memory: int = 10,
     backtracking: int = 50,
+    l2_from: Sequence[int] | None = None,
 ) -> Fit:
     """Train every (layer, label) probe for every L2 strength at once, with batched L-BFGS.
 
@@ -179,7 +182,9 @@ def fit(
     validation loss has not improved for `patience` steps (it keeps the weights of its best
     validation loss; patience None: no early stopping, the weights it converged to), as `stalled`
     when even a tiny step along the gradient does not descend, and as `step_limit` after
-    `max_steps` (Fit.status). The start is zero, so there is no seed."""
+    `max_steps` (Fit.status). The start is zero, so there is no seed. Per (layer, label) the L2
+    strength with the best validation loss is chosen; `l2_from[k]` = j makes label k use label j's
+    choice instead (a control task takes its real probe's L2)."""
     import torch
 
     started = time.perf_counter()
@@ -271,6 +276,8 @@ def fit(
             break
     status = torch.where(status == 0, STEP_LIMIT, status)
     choice = best_val.view(n_layers, n_grid, n_labels).argmin(1)  # [L, K]: the L2 strength per probe
+    if l2_from is not None:
+        choice = choice[:, torch.as_tensor(list(l2_from), device=device)]
     chosen = best.view(n_layers, dim + 1, n_grid, n_labels)
     chosen = chosen.gather(2, choice.view(n_layers, 1, 1, n_labels).expand(n_layers, dim + 1, 1, n_labels))
     w_std, b_std = chosen[:, :dim, 0], chosen[:, dim, 0]  # [L, D, K], [L, K]
@@ -298,18 +305,29 @@ def scores(x: Any, probe: Fit) -> Any:
     return torch.sigmoid(torch.matmul(x, probe.W.transpose(1, 2)) + probe.b.unsqueeze(1))
 
 
+def _auroc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
 def metrics_table(
-    p: np.ndarray, y: np.ndarray, split: np.ndarray, layers: Sequence[int], labels: Sequence[str]
+    p: np.ndarray,
+    y: np.ndarray,
+    split: np.ndarray,
+    layers: Sequence[int],
+    labels: Sequence[str],
+    controls: bool = True,
 ) -> pd.DataFrame:
-    """Metrics per (label, layer) on the test split (and the validation AUROC): p [L, N, 2K] holds
-    the real probes then the control probes; y [N, 2K] likewise (control labels shuffled)."""
+    """Metrics per (label, layer) on the test split (and the validation AUROC): p [L, N, K'] holds
+    the real probes, then (controls) the control-task probes in the same order; y [N, K'] likewise.
+    selectivity = auroc - control_auroc (NaN without a control task)."""
     from sklearn.metrics import (
         accuracy_score,
         average_precision_score,
         f1_score,
         precision_score,
         recall_score,
-        roc_auc_score,
     )
 
     te, va = split == 2, split == 1
@@ -319,11 +337,13 @@ def metrics_table(
     for j, label in enumerate(labels):
         for i, layer in enumerate(layers):
             pred = p[i, te, j] >= 0.5
+            auroc = _auroc(y[te, j], p[i, te, j])
+            control = _auroc(y[te, k + j], p[i, te, k + j]) if controls else float("nan")
             rows.append(
                 {
                     "label": label,
                     "layer": layer,
-                    "auroc": roc_auc_score(y[te, j], p[i, te, j]),
+                    "auroc": auroc,
                     "auprc": average_precision_score(y[te, j], p[i, te, j]),
                     "f1": f1_score(y[te, j], pred, zero_division=0),
                     "accuracy": accuracy_score(y[te, j], pred),
@@ -331,23 +351,24 @@ def metrics_table(
                     "recall": recall_score(y[te, j], pred, zero_division=0),
                     "n_train": n_train,
                     "n_test": int(te.sum()),
-                    "control_auroc": roc_auc_score(y[te, k + j], p[i, te, k + j]),
+                    "control_auroc": control,
+                    "selectivity": auroc - control,
                     "n_test_positive": int(y[te, j].sum()),
-                    "val_auroc": roc_auc_score(y[va, j], p[i, va, j]),
+                    "val_auroc": _auroc(y[va, j], p[i, va, j]),
                 }
             )
     return pd.DataFrame(rows)
 
 
-def control_labels(y: np.ndarray, split: np.ndarray, seed: int) -> np.ndarray:
-    """The control task: each label shuffled inside each split (same class balance, no signal)."""
-    rng = np.random.default_rng(seed + 1)
-    out = y.copy()
-    for s in range(3):
-        rows = np.flatnonzero(split == s)
-        for k in range(y.shape[1]):
-            out[rows, k] = y[rng.permutation(rows), k]
-    return out
+def control_labels(y: np.ndarray, types: Sequence[Any], seed: int) -> np.ndarray:
+    """The control task of Hewitt & Liang (2019): every control type gets one seeded random label
+    per label column, drawn with that label's positive rate, and keeps it in train, val and test;
+    only a probe that tells the types apart can solve it. [N, K] 0/1."""
+    _, inverse = np.unique(np.asarray(types, dtype=str), return_inverse=True)
+    rng = np.random.default_rng([seed, 1])
+    rate = y.mean(0)
+    per_type = (rng.random((inverse.max() + 1, y.shape[1])) < rate).astype(y.dtype)
+    return per_type[inverse]
 
 
 def check_split(
@@ -461,14 +482,20 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
     y = table[labels].to_numpy()
     split = group_split(table["group"].tolist(), y, pr.val_fraction, pr.test_fraction, pr.seed)
     check_split(split, y, labels, f"probes data file {pr.data}")
-    y_all = np.concatenate([y, control_labels(y, split, pr.seed)], axis=1)
+    k = len(labels)
+    controls = "control_type" in table.columns
+    if controls:  # the control task's probes train in the same batch, each with its probe's L2
+        y_all = np.concatenate([y, control_labels(y, table["control_type"].tolist(), pr.seed)], axis=1)
+        l2_from = [*range(k), *range(k)]
+    else:
+        log.info("%s has no control_type column: no control task, selectivity is NaN", pr.data)
+        y_all, l2_from = y, None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x = x.to(device)
-    probe = fit(x, y_all, split, pr.l2_grid, pr.max_steps, pr.patience, pr.tolerance)
+    probe = fit(x, y_all, split, pr.l2_grid, pr.max_steps, pr.patience, pr.tolerance, l2_from=l2_from)
     with torch.no_grad():
         p = scores(x, probe).cpu().numpy()
-    metrics = metrics_table(p, y_all, split, layers, labels)
-    k = len(labels)
+    metrics = metrics_table(p, y_all, split, layers, labels, controls)
     metrics["l2"] = [
         float(probe.l2[layers.index(r.layer), labels.index(r.label)]) for r in metrics.itertuples()
     ]
@@ -503,7 +530,10 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
         best[label] = {
             "best_layer": int(top.layer),
             "chosen_by": "validation AUROC",
-            **{m: float(top[m]) for m in ("auroc", "auprc", "f1", "accuracy", "control_auroc", "l2")},
+            **{
+                m: float(top[m])
+                for m in ("auroc", "auprc", "f1", "accuracy", "control_auroc", "selectivity", "l2")
+            },
             "max_test_auroc_any_layer": float(rows.auroc.max()),
         }
     summary = {
@@ -512,6 +542,7 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
         "labels": best,
         "mean_test_auroc": float(metrics.auroc.mean()),
         "mean_control_auroc": float(metrics.control_auroc.mean()),
+        "control_task": "Hewitt & Liang: a random label per control_type" if controls else None,
         "n_rows": {s: int((split == i).sum()) for i, s in enumerate(SPLITS)},
         "n_groups": int(table["group"].nunique()),
         "n_probes": len(layers) * k,

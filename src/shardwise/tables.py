@@ -148,8 +148,9 @@ def load_labelled(
     path: str | Path, labels: list[str] | tuple[str, ...], what: str = "probes data"
 ) -> pd.DataFrame:
     """A validated labelled table: `id` (unique integers, else the row number), `text`, `group`
-    (the row's own id when absent) and each label column as 0/1 ints. Every label must be binary
-    (0/1, true/false) and have both classes."""
+    (the row's own id when absent), each label column as 0/1 ints, and `control_type` (str) when the
+    file has it. Every label must be binary (0/1, true/false) and have both classes; control_type
+    needs at least two types."""
     path = Path(path)
     df = load_texts(path, what)
     if not labels:
@@ -169,4 +170,14 @@ def load_labelled(
             raise InputError(
                 f"{what} file {path}: label {label!r} has one class only (all {int(df[label].iloc[0])})"
             )
-    return df[["id", "text", "group", *labels]]
+    extra = []
+    if "control_type" in df.columns:  # Hewitt & Liang control task: one random label per type
+        df["control_type"] = df["control_type"].astype(str)
+        n_types = df["control_type"].nunique()
+        if n_types < 2:
+            raise InputError(
+                f"{what} file {path}: column 'control_type' has {n_types} type only; the control task "
+                "needs several types (or drop the column)"
+            )
+        extra = ["control_type"]
+    return df[["id", "text", "group", *labels, *extra]]
