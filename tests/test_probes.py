@@ -18,8 +18,10 @@ from shardwise.config import load_config
 from shardwise.errors import InputError
 from shardwise.models import load_model
 from shardwise.probes import (
+    auroc_bootstrap,
     check_split,
     control_labels,
+    f1_threshold,
     fit,
     group_split,
     metrics_table,
@@ -307,13 +309,14 @@ def test_metrics_have_the_contract_columns_without_a_control_task():
     split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)
     probe = fit(x, y, split, [1e-2, 1e-1, 1.0])
     table = metrics_table(scores(x, probe).numpy(), y, split, [0, 1, 2], list("abcd"), controls=False)
-    assert list(table.columns[:12]) == [
+    assert list(table.columns[:13]) == [
         "label",
         "layer",
         "auroc",
         "auprc",
         "f1",
         "accuracy",
+        "balanced_accuracy",
         "precision",
         "recall",
         "n_train",
@@ -323,6 +326,31 @@ def test_metrics_have_the_contract_columns_without_a_control_task():
     ]
     assert len(table) == 12 and table.control_auroc.isna().all() and table.selectivity.isna().all()
     assert table[table.layer == 2].auroc.min() > 0.8
+    assert (table.auroc_ci_low <= table.auroc).all() and (table.auroc <= table.auroc_ci_high).all()
+    assert (table.auroc_ci_high - table.auroc_ci_low).between(0.001, 0.3).all()
+
+
+def test_auroc_bootstrap_is_sklearns_auroc_of_each_resample_ties_included():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(60) < 0.3).astype(np.int64)
+    p = np.round(rng.random(60) + 0.3 * y, 1)  # few distinct scores: many ties
+    boot = auroc_bootstrap(y, p, n_boot=50, seed=7)
+    draws = np.random.default_rng(7).integers(0, 60, size=(50, 60))
+    ref = [roc_auc_score(y[d], p[d]) if 0 < y[d].sum() < 60 else np.nan for d in draws]
+    np.testing.assert_allclose(boot, ref, rtol=0, atol=1e-12)
+
+
+def test_f1_threshold_is_the_best_cut_on_validation():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(4)
+    y = (rng.random(200) < 0.2).astype(np.int64)
+    p = np.round(rng.random(200) * 0.5 + 0.4 * y, 2)
+    t = f1_threshold(y, p)
+    best = max(f1_score(y, p >= c) for c in np.unique(p))
+    assert f1_score(y, p >= t) == pytest.approx(best)
 
 
 # --------------------------------------------------------------------------- through Snakemake

@@ -15,8 +15,8 @@ classes across train/val/test.
 
 Outputs in ``results/probes/<probe set>/<model>/`` (``labelled``: probes.data; ``toxicity``: the
 generations' own toxicity, :func:`toxicity_table`): ``metrics.csv`` (label, layer, auroc, auprc,
-f1, accuracy, precision, recall, n_train, n_test, control_auroc, selectivity, n_test_positive,
-val_auroc, l2, status),
+f1, accuracy, balanced_accuracy, precision, recall, n_train, n_test, control_auroc, selectivity,
+n_test_positive, auroc_ci_low, auroc_ci_high, threshold, val_auroc, l2, status),
 ``probes.safetensors`` (W [L, K, D] and b [L, K] in the raw activation space:
 p = sigmoid(x @ W[l, k] + b[l, k])), ``aggregate_metrics.json`` (per label the layer with the best
 validation AUROC and its test metrics) and ``auroc_heatmap.png``.
@@ -305,6 +305,39 @@ def scores(x: Any, probe: Fit) -> Any:
     return torch.sigmoid(torch.matmul(x, probe.W.transpose(1, 2)) + probe.b.unsqueeze(1))
 
 
+def auroc_bootstrap(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """AUROC of n_boot resamples (with replacement) of the items (y, p): [n_boot].
+
+    The scores are ranked once; a resample is a vector of counts per distinct score, so each one
+    costs O(n) (Mann-Whitney with ties counted half) instead of a sort. Resamples with one class
+    only are NaN."""
+    values, inverse = np.unique(p, return_inverse=True)
+    n_values = len(values)
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    for lo in range(0, n_boot, 64):  # blocks of resamples bound the memory: 64 x n counts
+        b = min(64, n_boot - lo)
+        draw = rng.integers(0, len(y), size=(b, len(y)))
+        cell = np.arange(b)[:, None] * n_values + inverse[draw]
+        pos = np.bincount(cell[y[draw] == 1], minlength=b * n_values).reshape(b, n_values)
+        neg = np.bincount(cell[y[draw] == 0], minlength=b * n_values).reshape(b, n_values)
+        below = np.cumsum(neg, 1) - neg
+        n_pos, n_neg = pos.sum(1), neg.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[lo : lo + b] = (pos * (below + 0.5 * neg)).sum(1) / (n_pos * n_neg)
+    return out
+
+
+def f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The score threshold (predict 1 at p >= t) with the best F1 on (y, p): chosen on validation."""
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    tp = np.cumsum(ys)
+    last = np.r_[ps[1:] != ps[:-1], True]  # only cut between distinct scores
+    f1 = 2 * tp / (np.arange(1, len(ys) + 1) + ys.sum())
+    return float(ps[np.flatnonzero(last)[np.argmax(f1[last])]]) if len(ys) else 0.5
+
+
 def _auroc(y: np.ndarray, p: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -318,13 +351,19 @@ def metrics_table(
     layers: Sequence[int],
     labels: Sequence[str],
     controls: bool = True,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Metrics per (label, layer) on the test split (and the validation AUROC): p [L, N, K'] holds
     the real probes, then (controls) the control-task probes in the same order; y [N, K'] likewise.
+    auroc_ci_low/high: the 2.5/97.5 % percentiles of `n_boot` bootstrap resamples of the test items;
+    f1, precision, recall, accuracy and balanced_accuracy at `threshold`, the score with the best F1
+    on validation (not 0.5: class-balanced probes are not calibrated to the base rate);
     selectivity = auroc - control_auroc (NaN without a control task)."""
     from sklearn.metrics import (
         accuracy_score,
         average_precision_score,
+        balanced_accuracy_score,
         f1_score,
         precision_score,
         recall_score,
@@ -336,8 +375,10 @@ def metrics_table(
     rows = []
     for j, label in enumerate(labels):
         for i, layer in enumerate(layers):
-            pred = p[i, te, j] >= 0.5
+            threshold = f1_threshold(y[va, j], p[i, va, j])
+            pred = p[i, te, j] >= threshold
             auroc = _auroc(y[te, j], p[i, te, j])
+            boot = auroc_bootstrap(y[te, j], p[i, te, j], n_boot, seed)
             control = _auroc(y[te, k + j], p[i, te, k + j]) if controls else float("nan")
             rows.append(
                 {
@@ -347,6 +388,7 @@ def metrics_table(
                     "auprc": average_precision_score(y[te, j], p[i, te, j]),
                     "f1": f1_score(y[te, j], pred, zero_division=0),
                     "accuracy": accuracy_score(y[te, j], pred),
+                    "balanced_accuracy": balanced_accuracy_score(y[te, j], pred),
                     "precision": precision_score(y[te, j], pred, zero_division=0),
                     "recall": recall_score(y[te, j], pred, zero_division=0),
                     "n_train": n_train,
@@ -354,6 +396,9 @@ def metrics_table(
                     "control_auroc": control,
                     "selectivity": auroc - control,
                     "n_test_positive": int(y[te, j].sum()),
+                    "auroc_ci_low": float(np.nanpercentile(boot, 2.5)),
+                    "auroc_ci_high": float(np.nanpercentile(boot, 97.5)),
+                    "threshold": threshold,
                     "val_auroc": _auroc(y[va, j], p[i, va, j]),
                 }
             )
@@ -495,7 +540,7 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
     probe = fit(x, y_all, split, pr.l2_grid, pr.max_steps, pr.patience, pr.tolerance, l2_from=l2_from)
     with torch.no_grad():
         p = scores(x, probe).cpu().numpy()
-    metrics = metrics_table(p, y_all, split, layers, labels, controls)
+    metrics = metrics_table(p, y_all, split, layers, labels, controls, seed=pr.seed)
     metrics["l2"] = [
         float(probe.l2[layers.index(r.layer), labels.index(r.label)]) for r in metrics.itertuples()
     ]
@@ -532,7 +577,18 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
             "chosen_by": "validation AUROC",
             **{
                 m: float(top[m])
-                for m in ("auroc", "auprc", "f1", "accuracy", "control_auroc", "selectivity", "l2")
+                for m in (
+                    "auroc",
+                    "auroc_ci_low",
+                    "auroc_ci_high",
+                    "auprc",
+                    "f1",
+                    "accuracy",
+                    "balanced_accuracy",
+                    "control_auroc",
+                    "selectivity",
+                    "l2",
+                )
             },
             "max_test_auroc_any_layer": float(rows.auroc.max()),
         }
