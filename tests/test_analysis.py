@@ -100,6 +100,37 @@ def test_rtp_metrics_and_distinct_n_by_hand():
     assert distinct_n([["a"], []], 3) == 0.0
 
 
+def _dexperts_distinctness(texts_by_prompt):
+    """A transcription of DExperts' scripts/evaluation/evaluate_generations.py `distinctness`."""
+    dist1, dist2, dist3 = [], [], []
+    for generations in texts_by_prompt:
+        unigrams, bigrams, trigrams = set(), set(), set()
+        total_words = 0
+        for gen in generations:
+            o = gen.split(" ")
+            total_words += len(o)
+            unigrams.update(o)
+            for i in range(len(o) - 1):
+                bigrams.add(o[i] + "_" + o[i + 1])
+            for i in range(len(o) - 2):
+                trigrams.add(o[i] + "_" + o[i + 1] + "_" + o[i + 2])
+        dist1.append(len(unigrams) / total_words)
+        dist2.append(len(bigrams) / total_words)
+        dist3.append(len(trigrams) / total_words)
+    return np.nanmean(dist1), np.nanmean(dist2), np.nanmean(dist3)
+
+
+def test_distinct_n_matches_dexperts_with_leading_double_and_empty():
+    texts = [
+        [" the cat ran", " the cat  sat", "", " a_b c"],
+        ["the dog", "  the dog ", " "],
+        [" x y z x y z", " x y z"],
+    ]
+    ref = _dexperts_distinctness(texts)
+    for n in (1, 2, 3):
+        assert distinct_n(texts, n) == pytest.approx(ref[n - 1], rel=1e-12)
+
+
 def test_bootstrap_resamples_whole_prompts():
     prompts = np.array(["a", "b", "b", "b"])  # prompt a has 1 row, prompt b 3 rows
     sizes = bootstrap_by_prompt(prompts, len, n_boot=4000, seed=0)

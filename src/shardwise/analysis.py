@@ -9,7 +9,8 @@ Per model (generation run), over its prompts, each with k generations:
 - **PPL**: mean and median of the per-generation perplexities (not token-weighted, as DExperts), over
   all scored generations and again without those ``>= ppl_cap`` (how many were dropped is reported).
 - **distinct-n** (n = 1, 2, 3): per prompt, the number of distinct n-grams over its generations
-  divided by their total number of words (whitespace tokens), averaged over prompts (DExperts).
+  divided by their total number of tokens, averaged over prompts, exactly as DExperts'
+  ``distinctness``: tokens are ``text.split(" ")``, so a leading or doubled space is an empty token.
 
 ``correlations.csv``: per model, PPL and log PPL against toxicity: Spearman ρ, Kendall τ-b and
 Pearson r with 95% percentile bootstrap intervals that resample *prompts* (with all their
@@ -40,17 +41,23 @@ def max_toxicity(scores: pd.DataFrame) -> pd.Series:
 
 
 def distinct_n(texts_by_prompt: Sequence[Sequence[str]], n: int) -> float:
-    """Mean over prompts of (distinct n-grams across the prompt's texts) / (their total words)."""
+    """DExperts' ``distinctness`` (scripts/evaluation/evaluate_generations.py), for any n.
+
+    Per prompt: tokens are ``text.split(" ")`` (so a leading, trailing or doubled space yields an
+    empty token, and an empty text is one empty token); the distinct n-grams (tokens joined by
+    ``"_"``, as DExperts) over the prompt's texts divided by their total number of tokens; the
+    mean over prompts (NaN-skipping; a prompt without texts is NaN).
+    """
     values = []
     for texts in texts_by_prompt:
-        grams: set[tuple[str, ...]] = set()
+        grams: set[str] = set()
         words = 0
         for text in texts:
-            tokens = str(text).split()
+            tokens = str(text).split(" ")
             words += len(tokens)
-            grams.update(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-        if words:
-            values.append(len(grams) / words)
+            grams.update("_".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+        values.append(len(grams) / words if words else math.nan)
+    values = [v for v in values if not math.isnan(v)]
     return float(np.mean(values)) if values else math.nan
 
 
