@@ -203,3 +203,66 @@ def test_profanity_check_and_an_hf_classifier_with_its_label(tmp_path, tiny_mode
         ModelError, match=r"toxicity model 'clf': no label 'hate' \(its labels: neutral, toxic\)"
     ):
         toxicity.score(["x"], "hf", label="hate", **kw)
+
+
+def _score_files(tmp_path):
+    from shardwise.analysis import scores_table
+
+    gen = pd.DataFrame(
+        {
+            "prompt_id": ["p", "p", "q", "q"],
+            "sample_id": [0, 1, 0, 1],
+            "prompt": ["a"] * 4,
+            "continuation": [" x", " y", " z", " w"],
+            "n_new_tokens": [1, 1, 1, 1],
+        }
+    )
+    flu = pd.DataFrame(
+        {
+            "prompt_id": gen.prompt_id,
+            "sample_id": gen.sample_id,
+            "nll_sum": [1.0, 2.0, 3.0, 4.0],
+            "n_tokens": [1, 1, 1, 1],
+            "ppl": np.exp([1.0, 2.0, 3.0, 4.0]),
+        }
+    )
+    tox = pd.DataFrame(
+        {"prompt_id": gen.prompt_id, "sample_id": gen.sample_id, "toxicity": [0.1, 0.2, 0.3, 0.4]}
+    )
+    gen.to_parquet(tmp_path / "gen.parquet")
+
+    def table(flu, tox):
+        flu.to_parquet(tmp_path / "flu.parquet")
+        tox.to_parquet(tmp_path / "tox.parquet")
+        return scores_table(
+            ["m"], [tmp_path / "gen.parquet"], [tmp_path / "flu.parquet"], [tmp_path / "tox.parquet"]
+        )
+
+    return flu, tox, table
+
+
+def test_scores_are_joined_by_key_not_row_position(tmp_path):
+    flu, tox, table = _score_files(tmp_path)
+    ordered = table(flu, tox)
+    shuffled = table(
+        flu.iloc[[3, 1, 0, 2]].reset_index(drop=True), tox.iloc[[2, 3, 1, 0]].reset_index(drop=True)
+    )
+    pd.testing.assert_frame_equal(ordered, shuffled)
+    assert ordered.toxicity.tolist() == [0.1, 0.2, 0.3, 0.4] and ordered.nll_sum.tolist() == [1, 2, 3, 4]
+
+
+def test_missing_or_nan_score_is_a_one_line_error(tmp_path):
+    flu, tox, table = _score_files(tmp_path)
+    with pytest.raises(
+        InputError, match=r"^m: .*tox.parquet: no score for \(prompt_id, sample_id\) = \('q', 1\)"
+    ) as e:
+        table(flu, tox.iloc[:3])
+    assert "\n" not in str(e.value)
+    nan = tox.copy()
+    nan.loc[1, "toxicity"] = np.nan
+    with pytest.raises(
+        InputError, match=r"^m: .*tox.parquet: NaN toxicity for \(prompt_id, sample_id\) = \('p', 1\)"
+    ):
+        table(flu, nan)
+    with pytest.raises(InputError, match=r"flu.parquet: no score for \(prompt_id, sample_id\) = \('p', 0\)"):
+        table(flu.iloc[1:], tox)

@@ -171,31 +171,73 @@ def correlation_rows(model: str, scores: pd.DataFrame, n_boot: int, seed: int) -
     return rows
 
 
+KEY = ["prompt_id", "sample_id"]
+
+
+def _key(row: pd.Series) -> str:
+    vals = [v.item() if hasattr(v, "item") else v for v in (row["prompt_id"], row["sample_id"])]
+    return f"({vals[0]!r}, {vals[1]!r})"
+
+
+def _join_scores(
+    run: str, gen: pd.DataFrame, scores: pd.DataFrame, columns: Sequence[str], path: str
+) -> pd.DataFrame:
+    """gen with `columns` of `scores` joined on (prompt_id, sample_id), one to one; a duplicate,
+    missing or NaN score raises InputError naming the run, the key and the file."""
+    missing = [c for c in (*KEY, *columns) if c not in scores.columns]
+    if missing:
+        raise InputError(f"{run}: {path}: missing column(s) {', '.join(missing)}")
+    dup = scores.duplicated(KEY, keep=False)
+    if dup.any():
+        k = scores.loc[dup, KEY].iloc[0]
+        raise InputError(f"{run}: {path}: duplicate score for (prompt_id, sample_id) = {_key(k)}")
+    merged = gen.assign(_row=np.arange(len(gen))).merge(
+        scores[[*KEY, *columns]], on=KEY, how="outer", validate="one_to_one", indicator=True
+    )
+    for side, what in (("left_only", "no score"), ("right_only", "a score but no generation")):
+        bad = merged[merged["_merge"] == side]
+        if len(bad):
+            k = bad.iloc[0]
+            raise InputError(
+                f"{run}: {path}: {what} for (prompt_id, sample_id) = {_key(k)} ({len(bad)} key(s) in all)"
+            )
+    score_col = columns[0]
+    nan = merged[score_col].isna()
+    if nan.any():
+        k = merged[nan].iloc[0]
+        raise InputError(
+            f"{run}: {path}: NaN {score_col} for (prompt_id, sample_id) = {_key(k)} ({int(nan.sum())} in all)"
+        )
+    merged = merged.sort_values("_row", kind="stable").reset_index(drop=True)  # the generations' order
+    return merged.drop(columns=["_merge", "_row"])
+
+
 def scores_table(
     runs: Sequence[str], generations: Sequence[str], fluency: Sequence[str], toxicity: Sequence[str]
 ) -> pd.DataFrame:
+    """Per run, generations joined to their fluency and toxicity scores by (prompt_id, sample_id),
+    not by row position; rows in the generations' order."""
     from shardwise.fluency import load_generations
 
     parts = []
     for run, g, f, t in zip(runs, generations, fluency, toxicity, strict=True):
         gen = load_generations(g, ("prompt_id", "sample_id", "continuation", "n_new_tokens"))
-        flu, tox = pd.read_parquet(f), pd.read_parquet(t)
-        if len(flu) != len(gen) or len(tox) != len(gen):
-            raise InputError(
-                f"{run}: {len(gen)} generations but {len(flu)} fluency and {len(tox)} toxicity scores"
-            )
+        gen = gen[[*KEY, "continuation", "n_new_tokens"]].reset_index(drop=True)
+        # fluency: ppl is NaN by design for an empty continuation (0 scored tokens); check nll_sum
+        merged = _join_scores(run, gen, pd.read_parquet(f), ("nll_sum", "ppl", "n_tokens"), str(f))
+        merged = _join_scores(run, merged, pd.read_parquet(t), ("toxicity",), str(t))
         parts.append(
             pd.DataFrame(
                 {
                     "model": run,
-                    "prompt_id": gen["prompt_id"].to_numpy(),
-                    "sample_id": gen["sample_id"].to_numpy(),
-                    "ppl": flu["ppl"].to_numpy(),
-                    "toxicity": tox["toxicity"].to_numpy(),
-                    "n_new_tokens": gen["n_new_tokens"].to_numpy(),
-                    "nll_sum": flu["nll_sum"].to_numpy(),
-                    "n_scored_tokens": flu["n_tokens"].to_numpy(),
-                    "continuation": gen["continuation"].to_numpy(),
+                    "prompt_id": merged["prompt_id"].to_numpy(),
+                    "sample_id": merged["sample_id"].to_numpy(),
+                    "ppl": merged["ppl"].to_numpy(),
+                    "toxicity": merged["toxicity"].to_numpy(),
+                    "n_new_tokens": merged["n_new_tokens"].to_numpy(),
+                    "nll_sum": merged["nll_sum"].to_numpy(),
+                    "n_scored_tokens": merged["n_tokens"].to_numpy(),
+                    "continuation": merged["continuation"].to_numpy(),
                 }
             )
         )
