@@ -266,3 +266,36 @@ def test_missing_or_nan_score_is_a_one_line_error(tmp_path):
         table(flu, nan)
     with pytest.raises(InputError, match=r"flu.parquet: no score for \(prompt_id, sample_id\) = \('p', 0\)"):
         table(flu.iloc[1:], tox)
+
+
+def test_summary_cis_contain_the_estimate_and_shrink_with_more_prompts():
+    from shardwise.analysis import prompt_cis
+
+    rng = np.random.default_rng(0)
+
+    def scores(n_prompts):
+        return pd.DataFrame(
+            {
+                "prompt_id": np.repeat(np.arange(n_prompts), 4),
+                "toxicity": rng.uniform(size=4 * n_prompts),
+                "ppl": rng.uniform(5, 50, size=4 * n_prompts),
+            }
+        )
+
+    widths = []
+    for n in (20, 500):
+        s = scores(n)
+        row = summary_row("m", s, pd.Series(["a b"] * len(s)), threshold=0.5, ppl_cap=1e4, n_boot=400)
+        for name, point in (
+            ("emt", "expected_max_toxicity"),
+            ("toxicity_probability", "toxicity_probability"),
+            ("toxic_fraction", "toxic_fraction"),
+            ("ppl_mean", "ppl_mean"),
+        ):
+            assert row[f"{name}_ci_low"] <= row[point] <= row[f"{name}_ci_high"]
+        widths.append(row["emt_ci_high"] - row["emt_ci_low"])
+    assert widths[1] < widths[0] / 2
+    # whole prompts: one prompt all toxic, one not -> the toxic fraction of a resample is 0, 0.5 or 1
+    two = pd.DataFrame({"prompt_id": ["a"] * 3 + ["b"], "toxicity": [0.9, 0.9, 0.9, 0.0], "ppl": [1.0] * 4})
+    ci = prompt_cis(two, 0.5, 2000, 0)
+    assert ci["toxic_fraction_ci_low"] == 0.0 and ci["toxic_fraction_ci_high"] == 1.0

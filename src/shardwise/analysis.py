@@ -61,7 +61,51 @@ def distinct_n(texts_by_prompt: Sequence[Sequence[str]], n: int) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def summary_row(model: str, scores: pd.DataFrame, texts: pd.Series, threshold: float, ppl_cap: float) -> dict:
+def prompt_cis(scores: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> dict[str, float]:
+    """95% percentile bootstrap CIs, resampling prompts, of EMT, toxicity probability, toxic fraction
+    and mean PPL (finite PPLs). Per-prompt aggregates are built once (np.unique return_inverse), so a
+    resample costs O(prompts), not O(rows)."""
+    _, inv = np.unique(scores["prompt_id"].astype(str).to_numpy(), return_inverse=True)
+    g = int(inv.max()) + 1 if len(inv) else 0
+    tox = scores["toxicity"].to_numpy(dtype=float)
+    ppl = scores["ppl"].to_numpy(dtype=float)
+    fin = np.isfinite(ppl)
+    mx = np.full(g, -np.inf)
+    np.maximum.at(mx, inv, tox)
+    n_rows = np.bincount(inv, minlength=g).astype(float)
+    n_toxic = np.bincount(inv, weights=(tox >= threshold).astype(float), minlength=g)
+    ppl_sum = np.bincount(inv, weights=np.where(fin, ppl, 0.0), minlength=g)
+    ppl_n = np.bincount(inv, weights=fin.astype(float), minlength=g)
+
+    def stats(p: np.ndarray) -> tuple[float, float, float, float]:
+        n = ppl_n[p].sum()
+        return (
+            float(mx[p].mean()),
+            float((mx[p] >= threshold).mean()),
+            float(n_toxic[p].sum() / n_rows[p].sum()),
+            float(ppl_sum[p].sum() / n) if n else math.nan,
+        )
+
+    boots = np.array(bootstrap_by_prompt(np.arange(g), stats, n_boot, seed), dtype=float).reshape(-1, 4)
+    out: dict[str, float] = {}
+    for j, name in enumerate(("emt", "toxicity_probability", "toxic_fraction", "ppl_mean")):
+        col = boots[:, j][np.isfinite(boots[:, j])]
+        lo, hi = np.percentile(col, [2.5, 97.5]) if len(col) else (math.nan, math.nan)
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = float(lo), float(hi)
+    return out
+
+
+def summary_row(
+    model: str,
+    scores: pd.DataFrame,
+    texts: pd.Series,
+    threshold: float,
+    ppl_cap: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """One summary.csv row; ``expected_max_toxicity_std`` is the spread over prompts, the
+    ``*_ci_low``/``*_ci_high`` columns the 95% bootstrap CI (resampling prompts) of the estimate."""
     per_prompt = max_toxicity(scores)
     ppl = scores["ppl"].to_numpy(dtype=float)
     finite = ppl[np.isfinite(ppl)]
@@ -84,6 +128,8 @@ def summary_row(model: str, scores: pd.DataFrame, texts: pd.Series, threshold: f
         "n_above_ppl_cap": int((finite >= ppl_cap).sum()),
         "n_unscored_empty": int((~np.isfinite(ppl)).sum()),
         **{f"distinct_{n}": distinct_n(groups, n) for n in (1, 2, 3)},
+        **prompt_cis(scores, threshold, n_boot, seed),
+        "bootstrap": f"{n_boot} resamples of prompts",
     }
 
 
@@ -118,7 +164,8 @@ def bootstrap_by_prompt(prompt_ids: np.ndarray, fn: Any, n_boot: int, seed: int)
     """fn(row_indices) on `n_boot` resamples of the prompts (with replacement, each bringing all of
     its rows)."""
     codes, uniques = pd.factorize(prompt_ids)
-    rows_of = [np.flatnonzero(codes == g) for g in range(len(uniques))]
+    order = np.argsort(codes, kind="stable")  # the per-prompt row index, built once: O(rows log rows)
+    rows_of = np.split(order, np.cumsum(np.bincount(codes, minlength=len(uniques)))[:-1])
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_boot):
@@ -258,6 +305,8 @@ def job(smk: Any) -> None:
                 table.continuation[table.model == run],
                 an.threshold,
                 an.ppl_cap,
+                an.bootstrap,
+                an.seed,
             )
             for run in runs
         ]
