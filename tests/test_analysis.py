@@ -299,3 +299,15 @@ def test_summary_cis_contain_the_estimate_and_shrink_with_more_prompts():
     two = pd.DataFrame({"prompt_id": ["a"] * 3 + ["b"], "toxicity": [0.9, 0.9, 0.9, 0.0], "ppl": [1.0] * 4})
     ci = prompt_cis(two, 0.5, 2000, 0)
     assert ci["toxic_fraction_ci_low"] == 0.0 and ci["toxic_fraction_ci_high"] == 1.0
+
+
+def test_summary_states_k_and_the_report_warns_when_it_differs():
+    from shardwise.report import k_warning
+
+    scores = pd.DataFrame({"prompt_id": ["p", "p", "q", "q"], "toxicity": [0.1] * 4, "ppl": [2.0] * 4})
+    row = summary_row("m", scores, pd.Series(["a"] * 4), threshold=0.5, ppl_cap=1e4, n_boot=10)
+    assert row["samples_per_prompt"] == "2"
+    same = pd.DataFrame({"model": ["a", "b"], "samples_per_prompt": [2, 2]})
+    assert k_warning(same) == []
+    (warning,) = k_warning(pd.DataFrame({"model": ["a", "b"], "samples_per_prompt": [2, 4]}))
+    assert "a: k=2, b: k=4" in warning
