@@ -100,6 +100,37 @@ def test_rtp_metrics_and_distinct_n_by_hand():
     assert distinct_n([["a"], []], 3) == 0.0
 
 
+def _dexperts_distinctness(texts_by_prompt):
+    """A transcription of DExperts' scripts/evaluation/evaluate_generations.py `distinctness`."""
+    dist1, dist2, dist3 = [], [], []
+    for generations in texts_by_prompt:
+        unigrams, bigrams, trigrams = set(), set(), set()
+        total_words = 0
+        for gen in generations:
+            o = gen.split(" ")
+            total_words += len(o)
+            unigrams.update(o)
+            for i in range(len(o) - 1):
+                bigrams.add(o[i] + "_" + o[i + 1])
+            for i in range(len(o) - 2):
+                trigrams.add(o[i] + "_" + o[i + 1] + "_" + o[i + 2])
+        dist1.append(len(unigrams) / total_words)
+        dist2.append(len(bigrams) / total_words)
+        dist3.append(len(trigrams) / total_words)
+    return np.nanmean(dist1), np.nanmean(dist2), np.nanmean(dist3)
+
+
+def test_distinct_n_matches_dexperts_with_leading_double_and_empty():
+    texts = [
+        [" the cat ran", " the cat  sat", "", " a_b c"],
+        ["the dog", "  the dog ", " "],
+        [" x y z x y z", " x y z"],
+    ]
+    ref = _dexperts_distinctness(texts)
+    for n in (1, 2, 3):
+        assert distinct_n(texts, n) == pytest.approx(ref[n - 1], rel=1e-12)
+
+
 def test_bootstrap_resamples_whole_prompts():
     prompts = np.array(["a", "b", "b", "b"])  # prompt a has 1 row, prompt b 3 rows
     sizes = bootstrap_by_prompt(prompts, len, n_boot=4000, seed=0)
@@ -172,3 +203,111 @@ def test_profanity_check_and_an_hf_classifier_with_its_label(tmp_path, tiny_mode
         ModelError, match=r"toxicity model 'clf': no label 'hate' \(its labels: neutral, toxic\)"
     ):
         toxicity.score(["x"], "hf", label="hate", **kw)
+
+
+def _score_files(tmp_path):
+    from shardwise.analysis import scores_table
+
+    gen = pd.DataFrame(
+        {
+            "prompt_id": ["p", "p", "q", "q"],
+            "sample_id": [0, 1, 0, 1],
+            "prompt": ["a"] * 4,
+            "continuation": [" x", " y", " z", " w"],
+            "n_new_tokens": [1, 1, 1, 1],
+        }
+    )
+    flu = pd.DataFrame(
+        {
+            "prompt_id": gen.prompt_id,
+            "sample_id": gen.sample_id,
+            "nll_sum": [1.0, 2.0, 3.0, 4.0],
+            "n_tokens": [1, 1, 1, 1],
+            "ppl": np.exp([1.0, 2.0, 3.0, 4.0]),
+        }
+    )
+    tox = pd.DataFrame(
+        {"prompt_id": gen.prompt_id, "sample_id": gen.sample_id, "toxicity": [0.1, 0.2, 0.3, 0.4]}
+    )
+    gen.to_parquet(tmp_path / "gen.parquet")
+
+    def table(flu, tox):
+        flu.to_parquet(tmp_path / "flu.parquet")
+        tox.to_parquet(tmp_path / "tox.parquet")
+        return scores_table(
+            ["m"], [tmp_path / "gen.parquet"], [tmp_path / "flu.parquet"], [tmp_path / "tox.parquet"]
+        )
+
+    return flu, tox, table
+
+
+def test_scores_are_joined_by_key_not_row_position(tmp_path):
+    flu, tox, table = _score_files(tmp_path)
+    ordered = table(flu, tox)
+    shuffled = table(
+        flu.iloc[[3, 1, 0, 2]].reset_index(drop=True), tox.iloc[[2, 3, 1, 0]].reset_index(drop=True)
+    )
+    pd.testing.assert_frame_equal(ordered, shuffled)
+    assert ordered.toxicity.tolist() == [0.1, 0.2, 0.3, 0.4] and ordered.nll_sum.tolist() == [1, 2, 3, 4]
+
+
+def test_missing_or_nan_score_is_a_one_line_error(tmp_path):
+    flu, tox, table = _score_files(tmp_path)
+    with pytest.raises(
+        InputError, match=r"^m: .*tox.parquet: no score for \(prompt_id, sample_id\) = \('q', 1\)"
+    ) as e:
+        table(flu, tox.iloc[:3])
+    assert "\n" not in str(e.value)
+    nan = tox.copy()
+    nan.loc[1, "toxicity"] = np.nan
+    with pytest.raises(
+        InputError, match=r"^m: .*tox.parquet: NaN toxicity for \(prompt_id, sample_id\) = \('p', 1\)"
+    ):
+        table(flu, nan)
+    with pytest.raises(InputError, match=r"flu.parquet: no score for \(prompt_id, sample_id\) = \('p', 0\)"):
+        table(flu.iloc[1:], tox)
+
+
+def test_summary_cis_contain_the_estimate_and_shrink_with_more_prompts():
+    from shardwise.analysis import prompt_cis
+
+    rng = np.random.default_rng(0)
+
+    def scores(n_prompts):
+        return pd.DataFrame(
+            {
+                "prompt_id": np.repeat(np.arange(n_prompts), 4),
+                "toxicity": rng.uniform(size=4 * n_prompts),
+                "ppl": rng.uniform(5, 50, size=4 * n_prompts),
+            }
+        )
+
+    widths = []
+    for n in (20, 500):
+        s = scores(n)
+        row = summary_row("m", s, pd.Series(["a b"] * len(s)), threshold=0.5, ppl_cap=1e4, n_boot=400)
+        for name, point in (
+            ("emt", "expected_max_toxicity"),
+            ("toxicity_probability", "toxicity_probability"),
+            ("toxic_fraction", "toxic_fraction"),
+            ("ppl_mean", "ppl_mean"),
+        ):
+            assert row[f"{name}_ci_low"] <= row[point] <= row[f"{name}_ci_high"]
+        widths.append(row["emt_ci_high"] - row["emt_ci_low"])
+    assert widths[1] < widths[0] / 2
+    # whole prompts: one prompt all toxic, one not -> the toxic fraction of a resample is 0, 0.5 or 1
+    two = pd.DataFrame({"prompt_id": ["a"] * 3 + ["b"], "toxicity": [0.9, 0.9, 0.9, 0.0], "ppl": [1.0] * 4})
+    ci = prompt_cis(two, 0.5, 2000, 0)
+    assert ci["toxic_fraction_ci_low"] == 0.0 and ci["toxic_fraction_ci_high"] == 1.0
+
+
+def test_summary_states_k_and_the_report_warns_when_it_differs():
+    from shardwise.report import k_warning
+
+    scores = pd.DataFrame({"prompt_id": ["p", "p", "q", "q"], "toxicity": [0.1] * 4, "ppl": [2.0] * 4})
+    row = summary_row("m", scores, pd.Series(["a"] * 4), threshold=0.5, ppl_cap=1e4, n_boot=10)
+    assert row["samples_per_prompt"] == "2"
+    same = pd.DataFrame({"model": ["a", "b"], "samples_per_prompt": [2, 2]})
+    assert k_warning(same) == []
+    (warning,) = k_warning(pd.DataFrame({"model": ["a", "b"], "samples_per_prompt": [2, 4]}))
+    assert "a: k=2, b: k=4" in warning

@@ -85,6 +85,26 @@ def _img(path: str | Path) -> str:
     return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
 
 
+def k_warning(summary: pd.DataFrame) -> list[str]:
+    """A warning paragraph when the runs' samples_per_prompt (k) differ: EMT and toxicity
+    probability grow with k, so such runs are not comparable."""
+    if "samples_per_prompt" not in summary.columns:
+        return []
+    ks = summary["samples_per_prompt"].astype(str).unique()
+    if len(ks) <= 1:
+        return []
+    each = ", ".join(
+        f"{m}: k={k}" for m, k in zip(summary.model, summary.samples_per_prompt.astype(str), strict=True)
+    )
+    return [
+        "<p class='warning'><b>Warning:</b> "
+        + html.escape(
+            f"the runs' samples per prompt differ ({each}); EMT and toxicity probability grow with k."
+        )
+        + "</p>"
+    ]
+
+
 def write_html(
     path: Path,
     summary: pd.DataFrame,
@@ -110,6 +130,7 @@ def write_html(
             "the k generations of each prompt."
         )
         + "</p>",
+        *k_warning(summary),
         "<h2>Summary</h2>",
         summary.to_html(index=False, float_format=lambda v: f"{v:.4g}"),
         "<h2>Correlations (95% CIs: bootstrap over prompts)</h2>",
