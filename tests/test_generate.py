@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pandas as pd
 import pytest
 import torch
@@ -133,3 +135,22 @@ def test_sampler_suppresses_eos_before_min_new_tokens():
     s = Sampling(1, 1, 2, 1.0, 1.0, 0, 0)
     assert (sample_many(eos_heavy, s, step_offset=0) != 0).all()  # step 0 < min_new_tokens 2
     assert (sample_many(eos_heavy, s, step_offset=2) == 0).float().mean() > 0.85  # step 2: allowed
+
+
+def test_the_models_own_generation_config_does_not_change_the_samples(model_and_tokenizer, prompts):
+    """transformers 5 fills every field a generate() call leaves unset from model.generation_config
+    and runs those processors before ours: repetition_penalty 3 + no_repeat_ngram_size 2 in the
+    model's config changed 10 of 12 continuations."""
+    model, tok = model_and_tokenizer
+    reference = generate_table(model, tok, prompts, SAMPLING, batch_size=4)
+    saved = model.generation_config
+    shipped = copy.deepcopy(saved)
+    shipped.repetition_penalty, shipped.no_repeat_ngram_size = 3.0, 2
+    shipped.temperature, shipped.top_k, shipped.top_p, shipped.do_sample = 0.3, 5, 0.5, True
+    model.generation_config = shipped
+    try:
+        got = generate_table(model, tok, prompts, SAMPLING, batch_size=4)
+    finally:
+        model.generation_config = saved
+    pd.testing.assert_frame_equal(got, reference)
+    assert model.generation_config is saved  # left as it was

@@ -112,7 +112,36 @@ def generate_table(
     device: str = "cpu",
     progress: Any = None,
 ) -> pd.DataFrame:
-    """Sample `sampling.samples_per_prompt` continuations of each prompt; rows in prompt order."""
+    """Sample `sampling.samples_per_prompt` continuations of each prompt; rows in prompt order.
+
+    Only the config decides the sampling: transformers fills every field a generate() call leaves
+    unset from model.generation_config (a model may ship repetition_penalty, no_repeat_ngram_size,
+    top_k, temperature, ...) and runs those processors before ours, so generation runs with a
+    pristine generation config that keeps only the model's special-token ids (its EOS list among
+    them); the model's own one is put back afterwards."""
+    from transformers import GenerationConfig
+
+    shipped = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=shipped.bos_token_id,
+        eos_token_id=shipped.eos_token_id,
+        pad_token_id=shipped.pad_token_id,
+    )
+    try:
+        return _generate_table(model, tokenizer, prompts, sampling, batch_size, device, progress)
+    finally:
+        model.generation_config = shipped
+
+
+def _generate_table(
+    model: Any,
+    tokenizer: Any,
+    prompts: pd.DataFrame,
+    sampling: Sampling,
+    batch_size: int,
+    device: str,
+    progress: Any,
+) -> pd.DataFrame:
     import torch
     from transformers import GenerationConfig
 
