@@ -277,7 +277,7 @@ def _dense_kl(p_logits, q_logits, tau=1.0):
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * tau**2
 
 
-@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0, 8.0])
 def test_kd_loss_with_the_whole_vocabulary_is_the_dense_kl(tau):
     g = torch.Generator().manual_seed(0)
     teacher, student = torch.randn(3, 5, 50, generator=g) * 3, torch.randn(3, 5, 50, generator=g) * 3
@@ -285,6 +285,9 @@ def test_kd_loss_with_the_whole_vocabulary_is_the_dense_kl(tau):
     loss = kd_loss(student, ids, values, temperature=tau)
     torch.testing.assert_close(loss, _dense_kl(teacher, student, tau), rtol=1e-5, atol=1e-5)
     assert kd_loss(teacher, ids, values, temperature=tau).abs() < 1e-5  # zero at the teacher itself
+    s = student.clone().requires_grad_()
+    kd_loss(s, ids, values, temperature=tau).backward()
+    assert torch.isfinite(s.grad).all()
 
 
 def test_kd_loss_on_the_top_k_is_the_kl_of_the_coarse_grained_distributions():

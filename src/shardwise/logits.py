@@ -280,7 +280,8 @@ def kd_loss(
 
     Numerics: the teacher's rest is a difference of k fp16-rounded probabilities, so a rest below
     REST_RESOLUTION (1e-4) counts as 0 (else tempering, r^(1/tau), would inflate rounding noise);
-    the student's rest is floored at ~1e-12 (with k = V it is exactly 0).
+    the student's rest is floored at ~1e-12 (LOG_REST_FLOOR) unless it is exactly 0 (k = V), which
+    stays 0 so that tempering cannot inflate the floor into spurious mass.
 
     Shapes: student_logits [..., V], topk_ids [..., k] (int), topk_logprobs [..., k]; mask [...]
     (1 = a real token). Returns the mean over (unmasked) positions.
@@ -292,7 +293,9 @@ def kd_loss(
     ids = topk_ids.long()
     log_q = log_q_all.gather(-1, ids)
     log_q_rest = torch.logsumexp(log_q_all.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
-    log_q_rest = log_q_rest.clamp_min(LOG_REST_FLOOR)
+    # floor a tiny rest, but keep an exact 0 (k = V): tempering would inflate a floored 1e-12 to
+    # 1e-12^(1/tau) (~1e-3 at tau = 4) and bias the k = V loss
+    log_q_rest = torch.where(torch.isneginf(log_q_rest), log_q_rest, log_q_rest.clamp_min(LOG_REST_FLOOR))
 
     log_p = topk_logprobs.float()
     rest = 1.0 - log_p.exp().sum(-1, keepdim=True)
@@ -303,7 +306,8 @@ def kd_loss(
         log_p = torch.log_softmax(log_p / tau, dim=-1)
         log_q = torch.log_softmax(log_q / tau, dim=-1)
     p = log_p.exp()
-    per_position = (torch.xlogy(p, p) - p * log_q).sum(-1) * tau**2  # xlogy: 0 log 0 = 0
+    cross = torch.where(p > 0, p * log_q, 0.0)  # 0 * log 0 = 0 (both rests 0 when k = V)
+    per_position = (torch.xlogy(p, p) - cross).sum(-1) * tau**2  # xlogy: 0 log 0 = 0
     if mask is None:
         return per_position.mean()
     m = mask.to(per_position.dtype)
