@@ -67,6 +67,37 @@ def make_tiny_model(path: Path, seed: int = 0, vocab_size: int = 320) -> Path:
     return path
 
 
+def make_metaspace_model(seed: int = 0, vocab_size: int = 300) -> tuple[Any, Any]:
+    """A random 2-layer Llama with a SentencePiece-style tokenizer (BPE over a Metaspace
+    pre-tokenizer, "▁" for spaces, a Metaspace decoder that drops the leading space of a text,
+    BOS prepended), as Llama-2 and Mistral ship: (model, tokenizer), in memory."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["prompt"] for line in (REPO / "config/demo/prompts.jsonl").open()]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.bos_token_id,
+    )
+    return LlamaForCausalLM(cfg).eval(), fast
+
+
 @pytest.fixture(scope="session")
 def tiny_model_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model directory as a user would have it (source: local)."""

@@ -75,6 +75,76 @@ def test_score_table_packs_by_token_budget_and_marks_empty_continuations(model_a
     np.testing.assert_allclose(small.ppl[:3], np.exp(small.nll_sum[:3] / small.n_tokens[:3]))
 
 
+def _dexperts_ppl(model, tok, prompt, gen):
+    """One generation's PPL as DExperts' `conditional_perplexity` (scripts/evaluation/
+    evaluate_generations.py) computes it: prompt and prompt + generation tokenised on their own
+    (`tokenizer.encode`), loss(full) - loss(prompt) over the token-count difference. A one-token
+    sequence has loss 0 (DExperts' mean over no tokens would be NaN)."""
+
+    def total(text):
+        ids = torch.tensor([tok.encode(text)])
+        if ids.shape[1] < 2:
+            return 0.0, ids.shape[1]
+        with torch.no_grad():
+            loss = model(ids, labels=ids).loss.double()
+        return float(loss) * (ids.shape[1] - 1), ids.shape[1]
+
+    (p_loss, p_len), (f_loss, f_len) = total(prompt), total(prompt + gen)
+    return math.exp((f_loss - p_loss) / (f_len - p_len)), f_len - p_len
+
+
+# (prompt, continuation): the cut inside a word, after a trailing space, before a suffix, and at
+# ordinary word boundaries
+BOUNDARY_CASES = [
+    ("The weather forecast for tomorrow says it will be sun", "ny and warm"),
+    ("The weather fore", "cast for tomorrow"),
+    ("After three weeks of rain, the ", "farmers went out"),
+    ("The hurricane made landfall ", "near the coast"),
+    ("Snow fell all night", "s and by morning"),
+    ("The mitochondria is known as the power", "house of the cell"),
+    ("The mitochondria is known as", " the powerhouse"),
+    ("After three weeks of rain,", " the farmers"),
+    ("The hurricane", "\n\nThe end"),
+    ("The hurri", "cane made landfall"),
+]
+
+
+@pytest.fixture(scope="module")
+def wide_vocab(tmp_path_factory):
+    """Tokenizers with 1,500-token vocabularies: enough merges that a cut splits whole words."""
+    from conftest import make_metaspace_model, make_tiny_model
+
+    byte_level = load_model(make_tiny_model(tmp_path_factory.mktemp("wide") / "m", vocab_size=1500))
+    return {"byte-level": byte_level, "metaspace": make_metaspace_model(vocab_size=1500)}
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_perplexity_is_dexperts_joint_tokenisation_at_word_boundaries(wide_vocab, kind):
+    model, tok = wide_vocab[kind]
+    table = pd.DataFrame(
+        {
+            "prompt_id": range(len(BOUNDARY_CASES)),
+            "sample_id": 0,
+            "prompt": [p for p, _ in BOUNDARY_CASES],
+            "continuation": [c for _, c in BOUNDARY_CASES],
+        }
+    )
+    joint_differs = sum(
+        tok.encode(p + c)[: len(tok.encode(p))] != tok.encode(p) for p, c in BOUNDARY_CASES
+    )
+    assert joint_differs >= 3  # the cases do cut through tokens
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for batch_tokens in (16, 4096):  # alone and packed
+        got = score_table(model, tok, table, batch_tokens=batch_tokens, pad_id=pad)
+        for i, (p, c) in enumerate(BOUNDARY_CASES):
+            ref, n = _dexperts_ppl(model, tok, p, c)
+            assert got.n_tokens[i] == n
+            if n > 0:
+                assert got.ppl[i] == pytest.approx(ref, rel=1e-4), (p, c)
+            else:  # the continuation merged into the prompt's last word: DExperts divides by <= 0
+                assert math.isnan(got.ppl[i]), (p, c)
+
+
 def test_rtp_metrics_and_distinct_n_by_hand():
     scores = pd.DataFrame(
         {

@@ -1,15 +1,17 @@
 """Stage `score_fluency`: prompt-conditioned perplexity of every generation, sharded
 (design.md §3 "Analysis", §4).
 
-Each generation is scored as ``prompt_ids + continuation_ids``, prompt and continuation tokenised
-separately (so the continuation's tokens are the ones the text was judged on, as in DExperts),
-the prompt with the tokenizer's special tokens (BOS where the model expects one), the continuation
-without. Only continuation tokens are scored: the loss mask is built from token counts, never from
-the pad id, so a pad token equal to EOS does not hide a real EOS. Batches are packed by a padded-token
-budget from length-sorted items; padding is on the right with the default positions, or, for
-``padding_side="left"``, with explicit ``position_ids`` (an absolute-position model would otherwise
-see shifted positions). Stored per generation: ``nll_sum`` (nats), ``n_tokens`` scored and
-``ppl = exp(nll_sum / n_tokens)`` (NaN for an empty continuation).
+Each generation is scored as DExperts' ``conditional_perplexity`` scores it (its
+scripts/evaluation/evaluate_generations.py): ``prompt + continuation`` tokenised jointly, with the
+tokenizer's special tokens (BOS where the model expects one), and the prompt's own loss subtracted,
+so a cut inside a word ("... will be sun" + "ny") is scored as the joint text's tokens, not as
+tokens the text never had (:func:`score_table`). The loss mask is built from token positions,
+never from the pad id, so a pad token equal to EOS does not hide a real EOS. Batches are packed by a
+padded-token budget from length-sorted items; padding is on the right with the default positions,
+or, for ``padding_side="left"``, with explicit ``position_ids`` (an absolute-position model would
+otherwise see shifted positions). Stored per generation: ``nll_sum`` (nats), ``n_tokens`` (joint minus prompt token count) and
+``ppl = exp(nll_sum / n_tokens)`` (NaN where ``n_tokens <= 0``: an empty continuation, or one
+that merged into the prompt's last word).
 """
 
 from __future__ import annotations
@@ -94,6 +96,15 @@ def continuation_nll(
     return nll.cpu().numpy(), keep.sum(1).cpu().numpy()
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def score_table(
     model: Any,
     tokenizer: Any,
@@ -103,22 +114,51 @@ def score_table(
     device: str = "cpu",
     progress: Any = None,
 ) -> pd.DataFrame:
-    """nll_sum, n_tokens, ppl for each row of a generations table (rows in table order)."""
-    prompts = [tokenizer(p).input_ids for p in table["prompt"]]
-    conts = [tokenizer(c, add_special_tokens=False).input_ids for c in table["continuation"]]
-    seqs = [p + c for p, c in zip(prompts, conts, strict=True)]
-    nll = np.zeros(len(seqs))
-    count = np.zeros(len(seqs), dtype=np.int64)
-    for batch in batches([len(s) for s in seqs], batch_tokens):
-        scored = [j for j in batch if conts[j]]
-        if scored:
-            n, c = continuation_nll(
-                model, [seqs[j] for j in scored], [len(prompts[j]) for j in scored], pad_id, device=device
+    """DExperts' conditional perplexity of each row of a generations table (rows in table order).
+
+    As DExperts' ``conditional_perplexity``: ``prompt`` and ``prompt + continuation`` are each
+    tokenised on their own, with the tokenizer's special tokens; ``nll_sum = NLL(full) - NLL(prompt)``
+    and ``n_tokens = len(full) - len(prompt)``. The two sequences share their tokens up to where the
+    joint tokenisation first differs (the boundary token, when a cut falls inside a word); the NLL of
+    that shared prefix is the same in both, so only the full sequence's tokens from there on are
+    scored, minus the prompt's own tokens from there on (an extra, short sequence only when the
+    boundary moved). ``ppl`` is NaN when ``n_tokens <= 0`` (an empty continuation, or one that merged
+    into the prompt's last word)."""
+    n = len(table)
+    nll = np.zeros(n)
+    count = np.zeros(n, dtype=np.int64)
+    if n:
+        prompts = list(table["prompt"])
+        unique = list(dict.fromkeys(prompts))
+        encoded = dict(zip(unique, tokenizer(unique).input_ids, strict=True))
+        fulls = tokenizer([p + c for p, c in zip(prompts, table["continuation"], strict=True)]).input_ids
+        items: list[tuple[list[int], int]] = []  # (sequence, first scored position)
+        owners: list[list[tuple[int, float]]] = []  # (row, +1 for the full sequence / -1 for the prompt)
+        corrections: dict[tuple[str, int], int] = {}
+        for r, (prompt, full) in enumerate(zip(prompts, fulls, strict=True)):
+            own = encoded[prompt]
+            count[r] = len(full) - len(own)
+            first = max(_common_prefix(own, full), 1)  # token 0 has no prediction
+            if first < len(full):
+                items.append((full, first))
+                owners.append([(r, 1.0)])
+            if first < len(own):
+                key = (prompt, first)
+                if key not in corrections:
+                    corrections[key] = len(items)
+                    items.append((own, first))
+                    owners.append([])
+                owners[corrections[key]].append((r, -1.0))
+        for batch in batches([len(seq) for seq, _ in items], batch_tokens):
+            part, _ = continuation_nll(
+                model, [items[i][0] for i in batch], [items[i][1] for i in batch], pad_id, device=device
             )
-            nll[scored], count[scored] = n, c
-        if progress is not None:
-            progress.update(len(batch))
-    with np.errstate(invalid="ignore", divide="ignore"):
+            for i, value in zip(batch, part, strict=True):
+                for r, sign in owners[i]:
+                    nll[r] += sign * value
+            if progress is not None:
+                progress.update(sum(1 for i in batch for _, sign in owners[i] if sign > 0))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         ppl = np.where(count > 0, np.exp(nll / np.maximum(count, 1)), math.nan)
     return pd.DataFrame(
         {
