@@ -87,7 +87,26 @@ def test_top_k_1_is_greedy_decoding(model_and_tokenizer, prompts):
         new = out[0, ids.shape[1] :].tolist()
         if tok.eos_token_id in new:
             new = new[: new.index(tok.eos_token_id)]
-        assert row.continuation == tok.decode(new, skip_special_tokens=True)
+        prompt = tok.decode(ids[0], skip_special_tokens=True)
+        assert row.continuation == tok.decode(ids[0].tolist() + new, skip_special_tokens=True)[len(prompt) :]
+
+
+def test_continuations_keep_the_space_at_the_prompt_boundary():
+    """A SentencePiece-style tokenizer (Llama-2, Mistral) drops the leading space of a text it
+    decodes: decoded on its own, " ran" would come back as "ran", glued to the prompt."""
+    from conftest import make_metaspace_model
+
+    model, tok = make_metaspace_model()
+    texts = ["The weather forecast for tomorrow says", "After three weeks of rain, the farmers", "The"]
+    prompts = pd.DataFrame({"prompt_id": ["a", "b", "c"], "prompt": texts})
+    table = generate_table(model, tok, prompts, SAMPLING, batch_size=4)
+    starts_with_space = table.continuation.str.startswith(" ").sum()
+    assert starts_with_space >= 2  # the random model starts words too; their space is kept
+    spaced = table[table.continuation.str.startswith(" ")]
+    for row in spaced.itertuples():  # re-tokenised, the text gives the prompt's tokens, then a word start
+        ids = tok(row.prompt + row.continuation).input_ids
+        n = len(tok(row.prompt).input_ids)
+        assert tok.convert_ids_to_tokens(ids[n]).startswith("\u2581")
 
 
 def test_row_seed_depends_on_base_prompt_and_sample_only():

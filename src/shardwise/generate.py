@@ -3,7 +3,9 @@
 Output per generation run: ``results/generations/<run>.parquet`` with one row per
 (prompt, sample): prompt_id, sample_id, prompt, continuation, n_prompt_tokens, n_new_tokens,
 finish_reason ("stop": the model ended it; "length": max_new_tokens reached), seed, and the prompt
-table's extra columns.
+table's extra columns. ``continuation`` is the part after the decoded prompt of prompt and new tokens
+decoded together, so the boundary (a leading space a SentencePiece decoder would drop) is kept and
+``prompt + continuation`` is the text the model produced.
 
 Reproducibility: each (prompt_id, sample_id) has its own random stream (:func:`row_seed`), and
 sampling draws one uniform number per step from that stream (:class:`SeededSampler`, inverse-CDF
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -103,6 +106,19 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
+def _continuation_text(tokenizer: Any, prompt_ids: list[int], new_ids: list[int], prompt_text: str) -> str:
+    """The continuation's text: prompt and new tokens decoded together, minus the decoded prompt.
+
+    Decoded on their own, the new tokens lose what depends on what precedes them: a SentencePiece
+    decoder (Llama-2, Mistral) drops the leading space of a text, gluing the continuation to the
+    prompt; a character split over the boundary bytes would be garbled."""
+    full = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    if full.startswith(prompt_text):
+        return full[len(prompt_text) :]
+    n = len(os.path.commonprefix([full, prompt_text]))
+    return full[n:]
+
+
 def generate_table(
     model: Any,
     tokenizer: Any,
@@ -149,6 +165,7 @@ def _generate_table(
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     encoded = [tokenizer(p).input_ids for p in prompts["prompt"]]
+    decoded = [tokenizer.decode(ids, skip_special_tokens=True) for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda j: len(encoded[j]))  # stable
     rows = [(j, s) for j in order for s in range(k)]
     ids_col = list(prompts["prompt_id"])
@@ -187,7 +204,7 @@ def _generate_table(
             stop = next((t for t, tok in enumerate(tokens) if tok in eos_ids), None)
             content = tokens if stop is None else tokens[:stop]
             results[(j, s)] = {
-                "continuation": tokenizer.decode(content, skip_special_tokens=True),
+                "continuation": _continuation_text(tokenizer, encoded[j], content, decoded[j]),
                 "n_prompt_tokens": len(encoded[j]),
                 "n_new_tokens": len(content),
                 "finish_reason": "length" if stop is None else "stop",
