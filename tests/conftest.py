@@ -30,8 +30,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
-def make_tiny_model(path: Path, seed: int = 0, vocab_size: int = 320) -> Path:
-    """A random 2-layer Llama with a byte-level BPE tokenizer trained on the demo prompts."""
+def make_tiny_model(path: Path, seed: int = 0, vocab_size: int = 320, hidden_size: int = 32) -> Path:
+    """A random 2-layer Llama with a byte-level BPE tokenizer trained on the demo prompts.
+
+    At hidden_size 32 its bfloat16 logits on the CPU do not depend on the batch; from ~576 (SmolLM2's
+    width) they do, as a real model's do."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -51,8 +54,8 @@ def make_tiny_model(path: Path, seed: int = 0, vocab_size: int = 320) -> Path:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -79,7 +82,9 @@ def make_metaspace_model(seed: int = 0, vocab_size: int = 300) -> tuple[Any, Any
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -180,7 +180,10 @@ def test_demo_dag_runs_as_node_jobs_of_four_gpus(slurm_cluster, tmp_path):
 
 def test_one_job_per_shard_with_one_gpu_each(slurm_cluster, tmp_path, tiny_model_src):
     wf = slurm_workflow(
-        tmp_path, tiny_model_src, 24, {"n_shards": 4, "shards_per_job": 1, "gpus_per_shard": 1}
+        tmp_path,
+        tiny_model_src,
+        24,
+        {"n_shards": 4, "shards_per_job": 1, "gpus_per_shard": 1, "chunk_size": 6},
     )
     before = job_ids()
     wf.run()

@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 import yaml
-from conftest import Workflow, job_counts, tiny_config, write_prompts
+from conftest import Workflow, job_counts, make_tiny_model, tiny_config, write_prompts
 
 from shardwise.config import load_config
 from shardwise.generate import generate_table
@@ -53,7 +53,7 @@ def test_dry_run_of_the_demo_lists_the_stages(workflow_copy):
 
 
 def test_dry_run_groups_shards_into_jobs(workflow_copy, tiny_model_src):
-    setup(workflow_copy, tiny_model_src, shards={"n_shards": 10, "shards_per_job": 4})
+    setup(workflow_copy, tiny_model_src, shards={"n_shards": 10, "shards_per_job": 4, "chunk_size": 2})
     assert job_counts(workflow_copy.run("-n").stdout)["generate"] == 3
 
 
@@ -75,7 +75,7 @@ def _bad_cases():
         "too many shards": (
             cfg(shards={"n_shards": 99}),
             None,
-            "n_shards (99) exceeds the number of prompts (24)",
+            "n_shards (99) exceeds the number of chunks of 256 prompts (chunk_size) (1)",
         ),
         "unknown source": (
             lambda c: c["models"]["tiny"].update(source="s3"),
@@ -138,6 +138,32 @@ def test_same_generations_whatever_the_shard_layout(workflow_copy, tiny_model_sr
     pd.testing.assert_frame_equal(one, three)
     stores = list(wf.path("results/generations/tiny/shards").iterdir())
     assert len(stores) == 2  # the 3-shard run's store is kept, not overwritten
+
+
+def test_bf16_generations_do_not_depend_on_n_shards_or_shards_per_job(workflow_copy, tmp_path):
+    """In bfloat16 a different batch changes the texts (logits move by more than a draw's margin),
+    so shards must cut at chunk boundaries: every prompt is then generated in the same batch."""
+    wf = workflow_copy
+    wide = make_tiny_model(tmp_path / "wide", hidden_size=576)  # batch-dependent in bf16, as SmolLM2
+    write_prompts(wf.path("config/prompts.jsonl"), 40)
+
+    def run(**shards):
+        cfg = tiny_config(
+            wide, batch_size=6, sampling={"max_new_tokens": 12}, shards={"chunk_size": 5, **shards}
+        )
+        cfg["models"]["tiny"]["dtype"] = "bfloat16"
+        wf.write_config(cfg)
+        # on the CPU the number of torch threads changes bf16 sums too: one per worker in both runs
+        wf.run("--set-threads", "generate=1")
+        return generations(wf)
+
+    three = run(n_shards=3, shards_per_job=2)
+    one = run(n_shards=1, shards_per_job=1)
+    pd.testing.assert_frame_equal(one, three)
+    assert one.continuation.str.len().gt(0).mean() > 0.8
+    (record,) = wf.path("results/generations/tiny/shards").glob("*/0000-of-0001.json")
+    stats = json.loads(record.read_text())["stats"]
+    assert stats["dtype"] == "bfloat16" and stats["batch_size"] == 6 and stats["torch_threads"] == 1
 
 
 def test_killed_worker_rerun_recomputes_only_its_shard(workflow_copy, tiny_model_src, tiny_model):
@@ -215,8 +241,8 @@ def test_shardwise_check_agrees_with_the_workflow(workflow_copy, tiny_model_src)
     bad = wf.shardwise("check", "config/config.yaml", check=False)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
-        "shardwise: error: generate.shards.n_shards (30) exceeds the number of prompts (24) "
-        "in config/prompts.jsonl"
+        "shardwise: error: generate.shards.n_shards (30) exceeds the number of chunks of 8 prompts "
+        "(chunk_size) (3) in config/prompts.jsonl"
     ]
 
 

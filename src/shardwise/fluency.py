@@ -9,9 +9,9 @@ tokens the text never had (:func:`score_table`). The loss mask is built from tok
 never from the pad id, so a pad token equal to EOS does not hide a real EOS. Batches are packed by a
 padded-token budget from length-sorted items; padding is on the right with the default positions,
 or, for ``padding_side="left"``, with explicit ``position_ids`` (an absolute-position model would
-otherwise see shifted positions). Stored per generation: ``nll_sum`` (nats), ``n_tokens`` (joint minus prompt token count) and
-``ppl = exp(nll_sum / n_tokens)`` (NaN where ``n_tokens <= 0``: an empty continuation, or one
-that merged into the prompt's last word).
+otherwise see shifted positions). Stored per generation: ``nll_sum`` (nats), ``n_tokens`` (the
+joint minus the prompt's token count) and ``ppl = exp(nll_sum / n_tokens)`` (NaN where
+``n_tokens <= 0``: an empty continuation, or one that merged into the prompt's last word).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def continuation_nll(
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # the shorter one bounds the prefix
         if x != y:
             break
         n += 1

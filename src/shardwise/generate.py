@@ -14,13 +14,16 @@ over the filtered distribution). Which other rows share the batch, the batch siz
 themselves between batch shapes: in float32 these flip a token only when a draw lands within ~1e-7
 of a token boundary (0 of 48 SmolLM2 continuations changed between batch sizes 16 and 3); in
 bfloat16 they do not stay that small (32 of 48 changed), so texts depend on the batch size there.
+Shards therefore cut at multiples of `chunk_size` and batches form inside chunks, so `n_shards` and
+`shards_per_job` never change which rows share a batch; in bf16/fp16 the batch size is part of the
+fingerprint (:func:`make_plan`); on the CPU the torch thread count changes bf16 sums too, and is
+recorded with the dtype and batch size in each shard's stats.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -115,7 +118,7 @@ def _continuation_text(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]
     full = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
     if full.startswith(prompt_text):
         return full[len(prompt_text) :]
-    n = len(os.path.commonprefix([full, prompt_text]))
+    n = next((i for i, (a, b) in enumerate(zip(full, prompt_text, strict=False)) if a != b), len(prompt_text))
     return full[n:]
 
 
@@ -241,15 +244,24 @@ def make_plan(
     results: str | Path = "results",
     logs: str | Path = "logs",
 ) -> ShardPlan:
+    """The run's shards. They cut at multiples of `chunk_size` and batches form inside chunks, so
+    every prompt is generated in the same batch whatever `n_shards` or `shards_per_job` is. The
+    model's dtype is part of the identity, and so is `batch_size` unless the dtype is float32: in
+    bfloat16 or float16 the batch changes the texts, so a new batch size starts a new store (the old
+    one is kept, and reused if the old batch size comes back)."""
     run = cfg.generate.runs[run_name]
     if n_items is None:
         n_items = len(load_prompts(cfg.generate.prompts))
+    dtype = cfg.models[run.model].dtype
     identity = {
         "sampling": asdict(run.sampling),
         "model": read_record(model_dir)["identity"],
+        "dtype": dtype,
         "prompts_sha256": sha256_file(cfg.generate.prompts),
         "code": code_version(*CODE),
     }
+    if dtype != "float32":
+        identity["batch_size"] = cfg.generate.batch_size
     return ShardPlan(
         stage=STAGE,
         key=run_name,
@@ -259,11 +271,13 @@ def make_plan(
         root=Path(results) / "generations" / run_name,
         log_dir=Path(logs) / STAGE / run_name,
         ext=CODEC.ext,
+        align=cfg.generate.shards.chunk_size,
     )
 
 
 def compute_shard(ctx: ShardContext) -> None:
     """Worker body: generate the shard's pending chunks and commit each one."""
+    import torch
     from tqdm import tqdm
 
     a = ctx.args
@@ -283,6 +297,9 @@ def compute_shard(ctx: ShardContext) -> None:
             new_tokens += int(table["n_new_tokens"].sum())
     seconds = time.perf_counter() - started
     ctx.stats.update(
+        dtype=str(model.dtype).removeprefix("torch."),
+        batch_size=a["batch_size"],
+        torch_threads=torch.get_num_threads(),
         sequences=total,
         new_tokens=new_tokens,
         generate_seconds=round(seconds, 2),

@@ -103,7 +103,7 @@ def check_inputs(cfg: Config) -> dict[str, int]:
         check_source(cfg.models[weights])
     if gen.runs:
         counts["prompts"] = n = len(load_prompts(gen.prompts))
-        _check_shards("generate", gen.shards, n, "prompts", f"in {gen.prompts}")
+        _check_shards("generate", gen.shards, n, "prompts", f"in {gen.prompts}", align=gen.shards.chunk_size)
     if tl.teachers:
         if tl.corpus is not None:
             n, where = len(load_texts(tl.corpus)), f"in {tl.corpus}"
