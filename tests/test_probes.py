@@ -19,12 +19,16 @@ from shardwise.errors import InputError
 from shardwise.models import load_model
 from shardwise.probes import (
     auroc_bootstrap,
+    auroc_columns,
     check_split,
     control_labels,
     f1_threshold,
     fit,
     group_split,
     metrics_table,
+    p_values,
+    permutation_null,
+    permuted_labels,
     scores,
     toxicity_probe_data,
     toxicity_table,
@@ -302,6 +306,70 @@ def test_type_level_control_measures_selectivity(encode_types):
         assert table.control_auroc.min() > 0.85 and table.selectivity.abs().max() < 0.15
     else:  # the features say nothing of the type: the control is at chance
         assert abs(table.control_auroc.mean() - 0.5) < 0.15 and table.selectivity.min() > 0.3
+
+
+def test_fixed_l2_per_column_is_the_grid_fit_at_that_value():
+    x, y = planted(n=400, seed=3)
+    split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)
+    grid = fit(x, y, split, [0.05])
+    fixed = fit(x, y, split, [0.0], l2_columns=torch.full((3, 4), 0.05))
+    torch.testing.assert_close(fixed.W, grid.W, rtol=1e-4, atol=1e-5)
+    per_layer = torch.tensor([[0.01] * 4, [0.05] * 4, [1.0] * 4])
+    mixed = fit(x, y, split, [0.0], l2_columns=per_layer)
+    torch.testing.assert_close(mixed.W[1], grid.W[1], rtol=1e-4, atol=1e-5)  # layers stay apart
+    assert torch.equal(mixed.l2, per_layer)
+
+
+def test_permuted_labels_shuffle_within_train_and_val_and_keep_test():
+    rng = np.random.default_rng(0)
+    y = (rng.random((300, 2)) < [0.3, 0.6]).astype(np.int64)
+    split = rng.integers(0, 3, 300)
+    null = permuted_labels(y, split, 7, seed=1)
+    assert null.shape == (300, 14)
+    for c in range(14):
+        k = c // 7
+        for s in (0, 1, 2):
+            assert null[split == s, c].sum() == y[split == s, k].sum()  # class balance per split
+        assert (null[split == 2, c] == y[split == 2, k]).all()
+        assert (null[split == 0, c] != y[split == 0, k]).any()
+    assert len({null[:, c].tobytes() for c in range(7)}) == 7
+
+
+def test_auroc_columns_is_sklearns_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.round(rng.random((200, 5)) + y[:, None] * np.arange(5) * 0.1, 1)  # many ties
+    np.testing.assert_allclose(auroc_columns(y, p), [roc_auc_score(y, p[:, m]) for m in range(5)])
+
+
+def test_permutation_p_values_small_for_a_planted_signal_and_uniform_for_noise():
+    from shardwise.config import load_config
+
+    pr = load_config({"probes": {"max_steps": 100}}).probes
+    rng = np.random.default_rng(0)
+    n, dim, k_noise = 400, 12, 30
+    x = rng.normal(size=(1, n, dim))
+    signal = (x[0, :, 0] + rng.normal(size=n) * 0.5 > 0).astype(np.int64)
+    noise = (rng.random((n, k_noise)) < 0.5).astype(np.int64)
+    y = np.concatenate([signal[:, None], noise], axis=1)
+    xt = torch.tensor(x, dtype=torch.float32)
+    split = group_split([str(i) for i in range(n)], y[:, :1], 0.2, 0.3, seed=0)
+    probe = fit(xt, y, split, [1e-2, 1e-1, 1.0])
+    te = split == 2
+    p_test = scores(xt, probe).numpy()[0][te]
+    auroc = [auroc_columns(y[te, j], p_test[:, j : j + 1])[0] for j in range(31)]
+    null, unconverged = permutation_null(xt, y, split, probe.l2, 39, pr, memory_bytes=2e5)  # small batches
+    assert null.shape == (1, 31, 39) and unconverged == 0
+    p = p_values(np.array(auroc), null[0])
+    assert p[0] == 1 / 40  # the planted signal beats every shuffle
+    assert abs(null[0, 0].mean() - 0.5) < 0.05
+    noise_p = p[1:]
+    assert 0.35 < noise_p.mean() < 0.65 and (noise_p < 0.1).mean() < 0.3  # roughly uniform
+    from scipy.stats import kstest
+
+    assert kstest(noise_p, "uniform").pvalue > 0.01
 
 
 def test_metrics_have_the_contract_columns_without_a_control_task():

@@ -193,6 +193,7 @@ class ProbesConfig:
     max_steps: int
     patience: int
     tolerance: float
+    permutations: int
     toxicity: bool
     shards: ShardSpec
 

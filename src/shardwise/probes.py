@@ -16,7 +16,8 @@ classes across train/val/test.
 Outputs in ``results/probes/<probe set>/<model>/`` (``labelled``: probes.data; ``toxicity``: the
 generations' own toxicity, :func:`toxicity_table`): ``metrics.csv`` (label, layer, auroc, auprc,
 f1, accuracy, balanced_accuracy, precision, recall, n_train, n_test, control_auroc, selectivity,
-n_test_positive, auroc_ci_low, auroc_ci_high, threshold, val_auroc, l2, status),
+n_test_positive, auroc_ci_low, auroc_ci_high, threshold, val_auroc, l2, status, p_value,
+null_auroc_mean, null_auroc_q95: the permutation null of :func:`permutation_null`),
 ``probes.safetensors`` (W [L, K, D] and b [L, K] in the raw activation space:
 p = sigmoid(x @ W[l, k] + b[l, k])), ``aggregate_metrics.json`` (per label the layer with the best
 validation AUROC and its test metrics) and ``auroc_heatmap.png``.
@@ -166,6 +167,7 @@ def fit(
     memory: int = 10,
     backtracking: int = 50,
     l2_from: Sequence[int] | None = None,
+    l2_columns: Any = None,
 ) -> Fit:
     """Train every (layer, label) probe for every L2 strength at once, with batched L-BFGS.
 
@@ -184,7 +186,8 @@ def fit(
     when even a tiny step along the gradient does not descend, and as `step_limit` after
     `max_steps` (Fit.status). The start is zero, so there is no seed. Per (layer, label) the L2
     strength with the best validation loss is chosen; `l2_from[k]` = j makes label k use label j's
-    choice instead (a control task takes its real probe's L2)."""
+    choice instead (a control task takes its real probe's L2). `l2_columns` [L, K] fixes every
+    probe's L2 strength instead (no grid: one probe per column, as the permutation null needs)."""
     import torch
 
     started = time.perf_counter()
@@ -195,6 +198,8 @@ def fit(
     mean = x[:, tr].mean(1, keepdim=True)
     std = x[:, tr].std(1, keepdim=True).clamp_min(1e-6)
     n_layers, _, dim = x.shape
+    if l2_columns is not None:
+        l2_grid = [0.0]
     n_grid, n_labels = len(l2_grid), y.shape[1]
     n_probes = n_grid * n_labels  # per layer; column g * K + k is label k at L2 strength g
 
@@ -202,8 +207,12 @@ def fit(
         z = (x[:, rows] - mean) / std
         return torch.cat([z, torch.ones_like(z[:, :, :1])], 2)
 
-    lam = torch.tensor(list(l2_grid), dtype=torch.float32, device=device).repeat_interleave(n_labels)
-    lam_rows = torch.cat([lam.expand(dim, n_probes), torch.zeros(1, n_probes, device=device)])
+    if l2_columns is not None:  # [L, D + 1, K]: every probe its own strength
+        lam = torch.as_tensor(l2_columns, dtype=torch.float32, device=device).reshape(n_layers, 1, n_labels)
+        lam_rows = torch.cat([lam.expand(n_layers, dim, n_labels), torch.zeros_like(lam)], 1)
+    else:  # [D + 1, G x K], the same for every layer
+        lam = torch.tensor(list(l2_grid), dtype=torch.float32, device=device).repeat_interleave(n_labels)
+        lam_rows = torch.cat([lam.expand(dim, n_probes), torch.zeros(1, n_probes, device=device)])
     train = _Objective(design(tr), y[tr].repeat(1, n_grid), lam_rows)
     val = _Objective(design(va), y[va].repeat(1, n_grid), lam_rows)
     # initial inverse Hessian: the logistic curvature is at most 1/4 per unit-variance feature
@@ -212,7 +221,10 @@ def fit(
     theta = torch.zeros(n_layers, dim + 1, n_probes, device=device)
     logits = train.logits(theta)
     f, g = train.loss(logits, theta), train.grad(logits, theta)
-    best_val = val.nll(val.logits(theta))
+    # the zero start is no candidate: a probe keeps the best-validation weights among its steps, so
+    # it never ends at W = 0 unless its optimum is 0 (a label the features do not predict would
+    # otherwise stop at 0 and score every item alike: AUROC 0.5 by ties, not by a fit)
+    best_val = torch.full((n_layers, n_probes), float("inf"), device=device)
     best = theta.clone()
     since = torch.zeros(n_layers, n_probes, device=device)
     status = torch.zeros(n_layers, n_probes, dtype=torch.int64, device=device)  # 0 = still running
@@ -283,7 +295,8 @@ def fit(
     w_std, b_std = chosen[:, :dim, 0], chosen[:, dim, 0]  # [L, D, K], [L, K]
     w_raw = (w_std / std.transpose(1, 2)).transpose(1, 2)  # [L, K, D]
     b_raw = b_std - torch.einsum("lkd,ld->lk", w_raw, mean[:, 0])
-    l2 = torch.tensor(list(l2_grid), device=device)[choice]
+    fixed = l2_columns is not None
+    l2 = lam[:, 0].clone() if fixed else torch.tensor(list(l2_grid), device=device)[choice]
     chosen_status = status.view(n_layers, n_grid, n_labels).gather(1, choice.unsqueeze(1))[:, 0]
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -336,6 +349,78 @@ def f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
     last = np.r_[ps[1:] != ps[:-1], True]  # only cut between distinct scores
     f1 = 2 * tp / (np.arange(1, len(ys) + 1) + ys.sum())
     return float(ps[np.flatnonzero(last)[np.argmax(f1[last])]]) if len(ys) else 0.5
+
+
+def auroc_columns(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """AUROC of every column of p [n, M] against the 0/1 labels y [n] (Mann-Whitney, ties
+    counted half, as scikit-learn's roc_auc_score): [M]."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return np.full(p.shape[1], np.nan)
+    ranks = rankdata(p, axis=0)
+    return (ranks[y].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def permuted_labels(y: np.ndarray, split: np.ndarray, n_perm: int, seed: int) -> np.ndarray:
+    """The permutation null's labels [N, K x n_perm] (column k x n_perm + r: label k, shuffle r):
+    the labels the probe learns from (train, and val, which picks its weights) shuffled, each split
+    within itself, so its class balance stays; test labels stay real, so a probe's test AUROC under
+    the shuffle is a draw from the null of "the features say nothing about the label"."""
+    rng = np.random.default_rng([seed, 2])
+    k = y.shape[1]
+    out = np.repeat(y, n_perm, axis=1)
+    for s in (0, 1):
+        rows = np.flatnonzero(split == s)
+        order = rng.permuted(np.tile(rows, (k * n_perm, 1)), axis=1)
+        out[rows] = out[order.T, np.arange(k * n_perm)]
+    return out
+
+
+def permutation_null(
+    x: Any,
+    y: np.ndarray,
+    split: np.ndarray,
+    l2: Any,
+    n_perm: int,
+    pr: ProbesConfig,
+    memory_bytes: float = 2e9,
+) -> tuple[np.ndarray, int]:
+    """Test AUROCs [L, K, n_perm] of probes trained on shuffled labels (:func:`permuted_labels`),
+    each with its real probe's L2 strength `l2` [L, K]; as many shuffles per batch as fit in
+    `memory_bytes` of optimiser state. Returns (null AUROCs, probes that did not converge)."""
+    import torch
+
+    n_layers, _, dim = x.shape
+    k = y.shape[1]
+    labels = permuted_labels(y, split, n_perm, pr.seed)
+    te = split == 2
+    null = np.empty((n_layers, k, n_perm))
+    per_column = n_layers * (dim + 1) * 4 * (2 * 10 + 8)  # theta, best, grads, 10 L-BFGS pairs, ...
+    step = max(1, min(n_perm, int(memory_bytes // (per_column * k))))
+    unconverged = 0
+    for lo in range(0, n_perm, step):
+        r = range(lo, min(lo + step, n_perm))
+        cols = [j * n_perm + i for j in range(k) for i in r]
+        fixed = l2.repeat_interleave(len(r), dim=1)  # [L, K x len(r)], label-major like cols
+        probe = fit(
+            x, labels[:, cols], split, [0.0], pr.max_steps, pr.patience, pr.tolerance, l2_columns=fixed
+        )
+        unconverged += sum(probe.not_converged().values())
+        with torch.no_grad():
+            p = scores(x[:, torch.as_tensor(np.flatnonzero(te), device=x.device)], probe).cpu().numpy()
+        for j in range(k):
+            part = slice(j * len(r), (j + 1) * len(r))
+            for layer in range(n_layers):
+                null[layer, j, lo : lo + len(r)] = auroc_columns(y[te, j], p[layer][:, part])
+    return null, unconverged
+
+
+def p_values(auroc: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """One-sided permutation p-values (1 + #{null >= auroc}) / (1 + n_perm), along the last axis."""
+    return (1 + (null >= auroc[..., None]).sum(-1)) / (1 + null.shape[-1])
 
 
 def _auroc(y: np.ndarray, p: np.ndarray) -> float:
@@ -546,6 +631,14 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
     ]
     names = probe.status_names()
     metrics["status"] = [names[layers.index(r.layer), labels.index(r.label)] for r in metrics.itertuples()]
+    null, null_unconverged = permutation_null(x, y, split, probe.l2[:, :k], pr.permutations, pr)
+    where = [(layers.index(r.layer), labels.index(r.label)) for r in metrics.itertuples()]
+    null_rows = np.stack([null[i, j] for i, j in where])  # [rows, P]
+    metrics["p_value"] = p_values(metrics["auroc"].to_numpy(), null_rows)
+    metrics["null_auroc_mean"] = null_rows.mean(1)
+    metrics["null_auroc_q95"] = np.quantile(null_rows, 0.95, axis=1)
+    if null_unconverged:
+        log.warning("%d of %d permutation-null probes did not converge", null_unconverged, null.size)
     unconverged = metrics[~metrics.status.isin(["converged", "early_stop"])]
     if len(unconverged):
         log.warning(
@@ -587,6 +680,7 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
                     "balanced_accuracy",
                     "control_auroc",
                     "selectivity",
+                    "p_value",
                     "l2",
                 )
             },
@@ -599,6 +693,8 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
         "mean_test_auroc": float(metrics.auroc.mean()),
         "mean_control_auroc": float(metrics.control_auroc.mean()),
         "control_task": "Hewitt & Liang: a random label per control_type" if controls else None,
+        "permutations": pr.permutations,
+        "p_value": "(1 + #{null AUROC >= AUROC}) / (1 + permutations), train and val labels shuffled",
         "n_rows": {s: int((split == i).sum()) for i, s in enumerate(SPLITS)},
         "n_groups": int(table["group"].nunique()),
         "n_probes": len(layers) * k,
