@@ -129,9 +129,7 @@ def test_perplexity_is_dexperts_joint_tokenisation_at_word_boundaries(wide_vocab
             "continuation": [c for _, c in BOUNDARY_CASES],
         }
     )
-    joint_differs = sum(
-        tok.encode(p + c)[: len(tok.encode(p))] != tok.encode(p) for p, c in BOUNDARY_CASES
-    )
+    joint_differs = sum(tok.encode(p + c)[: len(tok.encode(p))] != tok.encode(p) for p, c in BOUNDARY_CASES)
     assert joint_differs >= 3  # the cases do cut through tokens
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for batch_tokens in (16, 4096):  # alone and packed
