@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_config, write_prompts
+from conftest import job_counts, tiny_config, write_prompts
 
 from shardwise.activations import make_plan, merge_files, pooled_states, resolve_layers
 from shardwise.config import load_config
@@ -35,7 +35,7 @@ from shardwise.probes import (
 )
 from shardwise.shards import run_job
 
-LABELS = ["is_question", "has_negation", "has_number", "past_tense"]
+LABELS = ["subject_plural", "main_negated", "has_number", "past_tense"]
 DEMO = Path(__file__).resolve().parents[1] / "config/demo/labelled.jsonl"
 
 
@@ -60,14 +60,15 @@ def probes_config(model_src: Path, data: Path, **probes) -> dict:
     return cfg
 
 
-def compute(tmp: Path, model_dir: Path, raw_cfg: dict) -> tuple[Path, object]:
+def compute(tmp: Path, model_dir: Path, raw_cfg: dict, name: str = "tiny") -> tuple[Path, object]:
     """The activations stage without Snakemake: every job, then the verified merge."""
     from shardwise.activations import compute_shard
 
     cfg = load_config(raw_cfg)
-    plan, codec, layers = make_plan(cfg, "tiny", model_dir, results=tmp / "results", logs=tmp / "logs")
+    plan, codec, layers = make_plan(cfg, name, model_dir, results=tmp / "results", logs=tmp / "logs")
     pr = cfg.probes
     args = {
+        "random_seed": pr.seed if pr.weights_of(name)[1] else None,
         "data": str(pr.data),
         "labels": list(pr.labels),
         "model_dir": str(model_dir),
@@ -80,9 +81,38 @@ def compute(tmp: Path, model_dir: Path, raw_cfg: dict) -> tuple[Path, object]:
     manifests = [tmp / "jobs" / f"job-{j:04d}.json" for j in range(plan.spec.n_jobs)]
     for job, manifest in enumerate(manifests):
         run_job(plan, job, compute_shard, codec, args, manifest, threads=2)
-    out = tmp / "tiny.h5"
+    out = tmp / f"{name}.h5"
     merge_files(plan, codec, manifests, out)
     return out, plan
+
+
+def test_random_weights_baseline_is_seeded_and_the_same_in_every_shard(tmp_path, tiny_model_src, tiny_model):
+    from shardwise.models import random_model
+
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:96]))
+    shards = {"n_shards": 3, "chunk_size": 8}
+    raw = probes_config(tiny_model_src, data, random_baseline=True, seed=5, shards=shards)
+    pr = load_config(raw).probes
+    assert pr.probed() == ("tiny", "tiny-random")
+    assert pr.weights_of("tiny-random") == ("tiny", True) and pr.weights_of("tiny") == ("tiny", False)
+    trained, _ = compute(tmp_path / "a", tiny_model, raw)
+    redrawn, _ = compute(tmp_path / "b", tiny_model, raw, name="tiny-random")
+    with h5py.File(trained) as f, h5py.File(redrawn) as g:
+        a, b = f["activations"][...].astype(np.float32), g["activations"][...].astype(np.float32)
+        assert g.attrs["revision"].startswith("random weights (seed 5)")
+    assert a.shape == b.shape and not np.allclose(a, b, rtol=0.1, atol=1e-4)
+    # every shard drew the same weights: recompute items of each shard with one fresh draw
+    model, tok = random_model(tiny_model, "cpu", "float32", seed=5)
+    rows = data.read_text().splitlines()
+    for item in (0, 40, 90):  # shards 0, 1, 2
+        text = json.loads(rows[item])["text"]
+        enc = tok([text], truncation=True, max_length=32, return_special_tokens_mask=True)
+        with torch.no_grad():
+            hidden = model(torch.tensor(enc["input_ids"]), output_hidden_states=True).hidden_states
+        content = 1 - torch.tensor(enc["special_tokens_mask"][0])
+        mean = torch.stack([(h[0] * content[:, None]).sum(0) / content.sum() for h in hidden[:2]])
+        np.testing.assert_allclose(b[:2, item], mean.numpy(), rtol=2e-2, atol=2e-3)  # (the top is pre-norm)
 
 
 def test_layer_indices_and_hook_pooling_match_the_hidden_states(tiny_model):
@@ -450,11 +480,21 @@ def _bad_probe_cases():
             {"shards": {"n_shards": 1}},
             "12 rows are fewer than the splits need",
         ),
-        "unknown label": (None, {"labels": ["is_question", "nope"]}, "no 'nope' column"),
+        "unknown label": (None, {"labels": ["subject_plural", "nope"]}, "no 'nope' column"),
         "one control type": (
             data([{**r, "control_type": "same"} for r in good]),
             {},
             "column 'control_type' has 1 type only",
+        ),
+        "control type decides a label": (
+            data([{**r, "control_type": f"{r['past_tense']}-{r['id'] % 5}"} for r in good]),
+            {},
+            "label 'past_tense' is constant within every control_type",
+        ),
+        "no permutations": (
+            None,
+            {"permutations": 0},
+            "probes.permutations: 0 is less than the minimum of 1",
         ),
     }
 
@@ -473,6 +513,17 @@ def test_bad_probe_input_is_one_line(workflow_copy, tiny_model_src, case):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("shardwise: error:")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr
     assert expected in errors[0]
+
+
+def test_random_baseline_adds_its_own_activations_and_probes_to_the_dag(workflow_copy, tiny_model_src):
+    wf = workflow_copy
+    write_prompts(wf.path("config/prompts.jsonl"), 24)
+    wf.path("config/labelled.jsonl").write_text(DEMO.read_text())
+    wf.write_config(probes_config(tiny_model_src, Path("config/labelled.jsonl"), random_baseline=True))
+    out = wf.run("-n", "probes").stdout
+    counts = job_counts(out)
+    assert counts["train_probes"] == 2 and counts["merge_activations"] == 2 and counts["prepare_model"] == 1
+    assert "results/probes/labelled/tiny-random/metrics.csv" in out
 
 
 def test_probes_through_snakemake_and_a_layer_out_of_range(workflow_copy, tiny_model_src):

@@ -1,70 +1,70 @@
 """Writes labelled.jsonl: the demo's probing set (run from the repo root; seeded, so reproducible).
 
-Each text is built from a sentence skeleton (a subject and an action) and four binary choices,
-which are its labels, so their truth is known by construction and checkable from the text:
-is_question (a yes/no question ending in "?"), has_negation ("not" / "never"), has_number (a
-number, in digits or words) and past_tense. `group` is the skeleton: its variants never straddle
-the train/val/test split, so a probe cannot pass by recognising the skeleton. `control_type` is
-the trailing phrase (16 types): the control task (Hewitt & Liang) gives each phrase one random label,
-so a probe solves it only by telling the phrases apart.
+Every text is one template, "<phrase>, the <noun> <prep> the <noun> that is/are [not] <adj> is/are
+[not] <adj>.", with four binary labels true by construction:
+- subject_plural (contextual): the subject (the first noun) is plural. The other noun, the attractor
+  inside the subject phrase, always has the other number, and both nouns come from one list, so the
+  words alone (a bag of tokens) cannot tell: "the keys near the door" and "the door near the keys"
+  hold the same tokens. Only the order, i.e. context, decides.
+- main_negated (contextual): the main verb is negated. Every text has exactly one "not", either in the
+  relative clause ("that is not red") or on the main verb ("is not old"); both verbs are always
+  there ("is" and "are", agreeing with their nouns), so again only the order decides.
+- has_number (lexical): the opening phrase holds a number, in digits or words.
+- past_tense (lexical): "was/were" instead of "is/are".
+At layer 0 (token embeddings, no context) the contextual labels are at chance and the lexical ones
+already decodable; the heatmap shows where the context-dependent information appears.
+
+`group` is the unordered noun pair: both orders of a pair stay on one side of the train/val/test
+split. `control_type` is the subject noun's lemma (12 types): the control task (Hewitt & Liang) gives
+each lemma one random label, so solving it takes finding the subject, as the real task does, and
+memorising its word; no label is a function of it.
 """
 
 import json
 import random
 from pathlib import Path
 
-SUBJECTS = ["the farmer", "my sister", "the old doctor", "our neighbour", "the pilot", "a student",
-            "the baker", "his uncle", "the teacher", "her brother", "the nurse", "a tourist",
-            "the mayor", "my friend", "the painter", "the driver", "our cousin", "the singer",
-            "the gardener", "a stranger"]
-ACTIONS = [  # base form, third person present, past
-    ("walk to the market", "walks to the market", "walked to the market"),
-    ("open the window", "opens the window", "opened the window"),
-    ("cook dinner", "cooks dinner", "cooked dinner"),
-    ("paint the fence", "paints the fence", "painted the fence"),
-    ("visit the museum", "visits the museum", "visited the museum"),
-    ("write a report", "writes a report", "wrote a report"),
-    ("drive to work", "drives to work", "drove to work"),
-    ("sing a song", "sings a song", "sang a song"),
-    ("buy fresh bread", "buys fresh bread", "bought fresh bread"),
-    ("fix the bike", "fixes the bike", "fixed the bike"),
-    ("plant a tree", "plants a tree", "planted a tree"),
-    ("clean the kitchen", "cleans the kitchen", "cleaned the kitchen"),
-]
-WITH_NUMBER = ["with 3 friends", "at 9 o'clock", "for two hours", "with twelve people", "on 14 May",
-               "for 45 minutes", "with five children", "at 6 in the morning"]
-WITHOUT_NUMBER = ["with a friend", "in the morning", "for a while", "with some people", "on a sunny day",
-                  "after lunch", "with the children", "before sunset"]
+NOUNS = [("key", "keys"), ("door", "doors"), ("box", "boxes"), ("chair", "chairs"),
+         ("window", "windows"), ("lamp", "lamps"), ("book", "books"), ("cup", "cups"),
+         ("table", "tables"), ("bottle", "bottles"), ("wall", "walls"), ("coat", "coats")]
+PREPS = ["near", "beside", "behind", "under"]
+ADJECTIVES = ["red", "old", "clean", "broken", "small", "heavy", "new", "cold"]
+WITH_NUMBER = ["In 2019", "After 3 days", "At 9 o'clock", "For two hours", "On 14 May",
+               "After 45 minutes", "With five people watching", "At 6 in the morning"]
+WITHOUT_NUMBER = ["Last year", "After a while", "In the morning", "For a moment", "On a sunny day",
+                  "After lunch", "With people watching", "Before sunset"]
 
 
-def sentence(subject, action, past, negated, question, extra):
-    base, present, pasts = action
-    aux = "did" if past else "does"
-    if question:
-        body = f"{aux.capitalize()} {subject} {'not ' if negated else ''}{base} {extra}?"
-    elif negated:
-        word = "never" if len(extra) % 2 else "not"
-        body = f"{subject[0].upper() + subject[1:]} {aux} {word} {base} {extra}."
-    else:
-        body = f"{subject[0].upper() + subject[1:]} {pasts if past else present} {extra}."
-    return body
+def verb(plural, past):
+    return ("were" if plural else "was") if past else ("are" if plural else "is")
+
+
+def sentence(phrase, subject, attractor, prep, plural, main_negated, past, adj_rel, adj_main):
+    n1 = NOUNS[subject][plural]
+    n2 = NOUNS[attractor][not plural]
+    rel = f"{verb(not plural, past)} {'' if main_negated else 'not '}{adj_rel}"
+    main = f"{verb(plural, past)} {'not ' if main_negated else ''}{adj_main}"
+    return f"{phrase}, the {n1} {prep} the {n2} that {rel} {main}."
 
 
 def main(n=480, seed=0):
     rng = random.Random(seed)
-    rows = []
-    seen = set()
+    rows, seen = [], set()
     while len(rows) < n:
-        s, a = rng.randrange(len(SUBJECTS)), rng.randrange(len(ACTIONS))
-        past, negated, question, number = (rng.random() < 0.5 for _ in range(4))
-        extra = rng.choice(WITH_NUMBER if number else WITHOUT_NUMBER)
-        text = sentence(SUBJECTS[s], ACTIONS[a], past, negated, question, extra)
+        subject, attractor = rng.sample(range(len(NOUNS)), 2)
+        plural, negated, past, number = (rng.random() < 0.5 for _ in range(4))
+        phrase = rng.choice(WITH_NUMBER if number else WITHOUT_NUMBER)
+        adj_rel, adj_main = rng.sample(ADJECTIVES, 2)
+        prep = rng.choice(PREPS)
+        text = sentence(phrase, subject, attractor, prep, plural, negated, past, adj_rel, adj_main)
         if text in seen:
             continue
         seen.add(text)
-        rows.append({"id": len(rows), "text": text, "group": f"s{s:02d}-a{a:02d}",
-                     "is_question": int(question), "has_negation": int(negated),
-                     "has_number": int(number), "past_tense": int(past), "control_type": extra})
+        pair = sorted((NOUNS[subject][0], NOUNS[attractor][0]))
+        rows.append({"id": len(rows), "text": text, "group": "-".join(pair),
+                     "subject_plural": int(plural), "main_negated": int(negated),
+                     "has_number": int(number), "past_tense": int(past),
+                     "control_type": NOUNS[subject][0]})
     out = Path(__file__).with_name("labelled.jsonl")
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{out}: {len(rows)} rows, {len({r['group'] for r in rows})} groups")

@@ -182,8 +182,10 @@ def make_plan(
         n_items = len(load_labelled(pr.data, pr.labels))
     layers = resolve_layers(pr.layers, n_blocks(model_dir))
     record = read_record(model_dir)
+    _, redrawn = pr.weights_of(name)
     identity = {
         "model": record["identity"],
+        "random_weights_seed": pr.seed if redrawn else None,
         "layers": layers,
         "pooling": pr.pooling,
         "max_length": pr.max_length,
@@ -203,7 +205,9 @@ def make_plan(
     )
     attrs = {
         "model": name,
-        "revision": revision(record),
+        "revision": f"random weights (seed {pr.seed}), architecture of {revision(record)}"
+        if redrawn
+        else revision(record),
         "pooling": pr.pooling,
         "max_length": pr.max_length,
         "fingerprint": plan.fingerprint,
@@ -222,7 +226,9 @@ def compute_shard(ctx: ShardContext) -> None:
     if not chunks:
         return
     table = load_labelled(a["data"], a["labels"])
-    model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
+    model, tokenizer, device = load_shard_model(
+        a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus, random_seed=a.get("random_seed")
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts, ids_col = table["text"].tolist(), table["id"].to_numpy()
     started, n_tokens = time.perf_counter(), 0
@@ -275,11 +281,13 @@ def job(smk: Any) -> None:
     """Snakemake rule `activations`: run one job's shards and write its manifest."""
     cfg, plan, codec, layers = _plan_for(smk)
     pr = cfg.probe_sets()[smk.wildcards.probe_set]
+    weights, redrawn = pr.weights_of(smk.wildcards.name)
     args = {
         "data": str(pr.data),
         "labels": list(pr.labels),
         "model_dir": str(smk.input.model),
-        "dtype": cfg.models[smk.wildcards.name].dtype,
+        "dtype": cfg.models[weights].dtype,
+        "random_seed": pr.seed if redrawn else None,
         "layers": layers,
         "pooling": pr.pooling,
         "max_length": pr.max_length,

@@ -194,8 +194,27 @@ class ProbesConfig:
     patience: int
     tolerance: float
     permutations: int
+    random_baseline: bool
     toxicity: bool
     shards: ShardSpec
+
+    def probed(self) -> tuple[str, ...]:
+        """The `{name}`s probed: each of `models`, then with random_baseline its `<name>-random`."""
+        return self.models + (tuple(random_name(m) for m in self.models) if self.random_baseline else ())
+
+    def weights_of(self, name: str) -> tuple[str, bool]:
+        """(the model whose prepared directory `name` reads, whether its weights are re-drawn)."""
+        if self.random_baseline and name not in self.models and name.endswith(RANDOM_SUFFIX):
+            return name.removesuffix(RANDOM_SUFFIX), True
+        return name, False
+
+
+RANDOM_SUFFIX = "-random"
+
+
+def random_name(model: str) -> str:
+    """The random-weights baseline of `model` (probes.random_baseline)."""
+    return model + RANDOM_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -327,6 +346,13 @@ def load_config(raw: Mapping[str, Any], source: str = "config", base_dir: Path |
             if k not in ("data", "labels", "models", "layers", "shards", "l2_grid")
         },
     )
+    if probes.random_baseline:
+        for name in probes.models:
+            if random_name(name) in models:
+                raise ConfigError(
+                    f"{source}: probes.random_baseline: the baseline of {name!r} is named "
+                    f"{random_name(name)!r}, which is already a model in `models`; rename that model"
+                )
     if probes.models and not probes.labels:
         raise ConfigError(f"{source}: probes.labels: name at least one label column of {probes.data}")
     an = resolved["analysis"]

@@ -229,9 +229,30 @@ def load_model(
     return model, tokenizer
 
 
-def load_shard_model(model_dir: str | Path, dtype: str, device: str, n_gpus: int) -> tuple[Any, Any, str]:
+def random_model(model_dir: str | Path, device: str, dtype: str, seed: int) -> tuple[Any, Any]:
+    """The architecture of a prepared model with weights drawn afresh (its config's initialiser,
+    seeded, on the CPU, so every worker draws the same ones) and its tokenizer."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model.to(device=device, dtype=resolve_dtype(dtype, device))
+    model.eval()
+    return model, tokenizer
+
+
+def load_shard_model(
+    model_dir: str | Path, dtype: str, device: str, n_gpus: int, random_seed: int | None = None
+) -> tuple[Any, Any, str]:
     """A shard worker's model: on `device`, or spread over the worker's GPUs with
-    device_map="auto" when it has more than one. Returns (model, tokenizer, input device)."""
+    device_map="auto" when it has more than one; with `random_seed`, the same architecture with
+    random weights (:func:`random_model`, one device). Returns (model, tokenizer, input device)."""
+    if random_seed is not None:
+        model, tokenizer = random_model(model_dir, device, dtype, random_seed)
+        return model, tokenizer, str(model.device)
     spread = n_gpus > 1 and device != "cpu"
     model, tokenizer = load_model(model_dir, device, dtype, device_map="auto" if spread else None)
     return model, tokenizer, str(model.device)

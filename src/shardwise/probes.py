@@ -20,7 +20,8 @@ n_test_positive, auroc_ci_low, auroc_ci_high, threshold, val_auroc, l2, status, 
 null_auroc_mean, null_auroc_q95: the permutation null of :func:`permutation_null`),
 ``probes.safetensors`` (W [L, K, D] and b [L, K] in the raw activation space:
 p = sigmoid(x @ W[l, k] + b[l, k])), ``aggregate_metrics.json`` (per label the layer with the best
-validation AUROC and its test metrics) and ``auroc_heatmap.png``.
+validation AUROC and its test metrics), ``auroc_heatmap.png`` and ``selectivity_by_layer.png``
+(:func:`layer_plot`).
 """
 
 from __future__ import annotations
@@ -595,6 +596,50 @@ def heatmap(table: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def layer_plot(table: pd.DataFrame, path: Path, title: str) -> None:
+    """Per label, across layers: test AUROC with its 95 % CI, the control task's AUROC and the
+    permutation null's 95th percentile (top); selectivity = AUROC - control AUROC (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_control = table["control_auroc"].notna().any()
+    fig, axes = plt.subplots(
+        2 if has_control else 1,
+        1,
+        figsize=(7, 6 if has_control else 3.6),
+        dpi=120,
+        sharex=True,
+        squeeze=False,
+    )
+    top = axes[0, 0]
+    for i, (label, rows) in enumerate(table.groupby("label", sort=False)):
+        rows = rows.sort_values("layer")
+        colour = f"C{i}"
+        top.plot(rows.layer, rows.auroc, color=colour, label=label)
+        top.fill_between(rows.layer, rows.auroc_ci_low, rows.auroc_ci_high, color=colour, alpha=0.15, lw=0)
+        if has_control:
+            top.plot(rows.layer, rows.control_auroc, color=colour, ls="--", lw=1)
+            axes[1, 0].plot(rows.layer, rows.selectivity, color=colour, label=label)
+        if "null_auroc_q95" in rows:
+            top.plot(rows.layer, rows.null_auroc_q95, color=colour, ls=":", lw=0.8)
+    top.set_ylabel("test AUROC")
+    top.set_ylim(min(0.4, float(table.auroc.min()) - 0.05), 1.02)
+    top.set_title(
+        title + "\nsolid: probe (band: 95 % CI), dashed: control task, dotted: null q95", fontsize=8
+    )
+    top.legend(fontsize=7, loc="lower right")
+    if has_control:
+        axes[1, 0].axhline(0, color="grey", lw=0.6)
+        axes[1, 0].set_ylabel("selectivity (AUROC - control)")
+    axes[-1, 0].set_xlabel("layer (0 = embeddings)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: str) -> dict[str, Any]:
     """Train and evaluate every probe of one model; write the four outputs."""
     import h5py
@@ -631,7 +676,16 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
     ]
     names = probe.status_names()
     metrics["status"] = [names[layers.index(r.layer), labels.index(r.label)] for r in metrics.itertuples()]
+    started = time.perf_counter()
     null, null_unconverged = permutation_null(x, y, split, probe.l2[:, :k], pr.permutations, pr)
+    null_seconds = time.perf_counter() - started
+    log.info(
+        "permutation null: %d shuffles x %d labels x %d layers trained in %.2f s",
+        pr.permutations,
+        k,
+        len(layers),
+        null_seconds,
+    )
     where = [(layers.index(r.layer), labels.index(r.label)) for r in metrics.itertuples()]
     null_rows = np.stack([null[i, j] for i, j in where])  # [rows, P]
     metrics["p_value"] = p_values(metrics["auroc"].to_numpy(), null_rows)
@@ -704,12 +758,14 @@ def run(activations: str | Path, pr: ProbesConfig, out_dir: str | Path, name: st
         "steps": probe.steps,
         "probe_status": metrics.status.value_counts().to_dict(),
         "train_seconds": round(probe.seconds, 3),
+        "null_seconds": round(null_seconds, 3),
         "device": str(device),
         "seed": pr.seed,
     }
     atomic_write_json(out / "aggregate_metrics.json", summary)
     title = f"{name} on {pr.data.name}: linear probes, test AUROC ({pr.pooling} pooling)"
     heatmap(metrics, out / "auroc_heatmap.png", title)
+    layer_plot(metrics, out / "selectivity_by_layer.png", f"{name} on {pr.data.name} ({pr.pooling} pooling)")
     log.info(
         "%d probes (%d layers x %d labels) x %d L2 values trained in %.2f s on %s (%d steps)",
         len(layers) * k,

@@ -150,7 +150,7 @@ def load_labelled(
     """A validated labelled table: `id` (unique integers, else the row number), `text`, `group`
     (the row's own id when absent), each label column as 0/1 ints, and `control_type` (str) when the
     file has it. Every label must be binary (0/1, true/false) and have both classes; control_type
-    needs at least two types."""
+    needs at least two types and must not decide any label (a label constant within every type)."""
     path = Path(path)
     df = load_texts(path, what)
     if not labels:
@@ -179,5 +179,15 @@ def load_labelled(
                 f"{what} file {path}: column 'control_type' has {n_types} type only; the control task "
                 "needs several types (or drop the column)"
             )
+        sizes = df["control_type"].map(df["control_type"].value_counts())
+        shared = df[sizes >= 2]  # a type seen once is constant trivially
+        for label in labels:
+            per_type = shared.groupby("control_type")[label].nunique()
+            if len(per_type) >= 2 and len(shared) >= 10 and (per_type == 1).all():
+                raise InputError(
+                    f"{what} file {path}: label {label!r} is constant within every control_type (the "
+                    "type decides it), so its control task is a relabelling of the same types and "
+                    "selectivity is 0 by construction; use a control_type that does not decide the label"
+                )
         extra = ["control_type"]
     return df[["id", "text", "group", *labels, *extra]]

@@ -44,7 +44,7 @@ except ShardwiseError as exc:
 wildcard_constraints:
     job=r"\d{4}",
     model="|".join(GEN.runs) or "no-generation-runs",
-    name="|".join(CFG.models) or "no-models",
+    name="|".join([*CFG.models, *PROBES.probed()]) or "no-models",
     teacher="|".join(TL.teachers) or "no-teachers",
     probe_set="|".join(PROBE_SETS) or "no-probe-sets",
 
@@ -104,7 +104,7 @@ def teacher_logits_outputs():
 
 
 def probe_model_dir(wildcards):
-    return model_dir(wildcards.name)
+    return model_dir(PROBES.weights_of(wildcards.name)[0])
 
 
 def probe_data(wildcards):
@@ -146,12 +146,13 @@ def probes_outputs():
     return expand(
         "results/probes/{probe_set}/{name}/{file}",
         probe_set=PROBE_SETS,
-        name=PROBES.models,
+        name=PROBES.probed(),
         file=[
             "metrics.csv",
             "probes.safetensors",
             "aggregate_metrics.json",
             "auroc_heatmap.png",
+            "selectivity_by_layer.png",
         ],
     ) + ["results/probes/run_info.json"]
 

@@ -71,6 +71,15 @@ rule train_probes:
             subcategory="{probe_set}",
             labels={"model": "{name}", "figure": "test AUROC per layer and label"},
         ),
+        layers=report(
+            "results/probes/{probe_set}/{name}/selectivity_by_layer.png",
+            category="Probes",
+            subcategory="{probe_set}",
+            labels={
+                "model": "{name}",
+                "figure": "AUROC, control task and selectivity by layer",
+            },
+        ),
     log:
         "logs/train_probes/{probe_set}/{name}.log",
     conda:
