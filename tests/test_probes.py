@@ -387,6 +387,7 @@ def test_permutation_p_values_small_for_a_planted_signal_and_uniform_for_noise()
     xt = torch.tensor(x, dtype=torch.float32)
     split = group_split([str(i) for i in range(n)], y[:, :1], 0.2, 0.3, seed=0)
     probe = fit(xt, y, split, [1e-2, 1e-1, 1.0])
+    assert (probe.W.abs().amax(-1) > 0).all()  # early-stopped noise probes too: never left at W = 0
     te = split == 2
     p_test = scores(xt, probe).numpy()[0][te]
     auroc = [auroc_columns(y[te, j], p_test[:, j : j + 1])[0] for j in range(31)]
