@@ -63,12 +63,12 @@ def test_demo_dag_end_to_end(workflow_copy):
     assert set(summary["labels"]) == {"subject_plural", "main_negated", "has_number", "past_tense"}
     for label, best in summary["labels"].items():
         assert best["auroc"] >= 0.9, (label, best)
-        assert best["control_auroc"] >= 0.8, (label, best)
         assert abs(best["selectivity"] - (best["auroc"] - best["control_auroc"])) < 1e-9
     assert summary["control_task"].startswith("Hewitt & Liang")
     assert summary["n_probes"] == 31 * 4
     metrics = pd.read_csv(wf.path("results/probes/labelled/smollm2/metrics.csv"))
     assert len(metrics) == 31 * 4 and metrics.auroc.between(0, 1).all()
+    assert (metrics.groupby("label").control_auroc.max() >= 0.9).all()  # the model finds the subject
     by_layer = metrics.pivot(index="layer", columns="label", values="auroc")
     for label in ("subject_plural", "main_negated"):
         assert by_layer[label].loc[0] < 0.65 < 0.95 < by_layer[label].loc[4:].min(), by_layer[label]
@@ -116,10 +116,10 @@ def test_demo_dag_end_to_end(workflow_copy):
         by_prompt = [g.continuation.tolist() for _, g in gen.groupby("prompt_id", sort=False)]
         ref = _dexperts_distinctness(by_prompt)
         for n in (1, 2, 3):
-            assert row[f"distinct_{n}"] == pytest.approx(ref[n - 1], rel=1e-9), (run, n)
+            assert row[f"distinct_{n}"] == pytest.approx(ref[n - 1], rel=1e-5), (run, n)  # csv: 6 digits
     gen = table.merge(scores[scores.model == "smollm2"], on=["prompt_id", "sample_id"])
     for i in rng.choice(len(gen), size=12, replace=False):
-        ref, n_ref = _dexperts_ppl(model, tok, gen.prompt[i], gen.continuation_x[i])
+        ref, n_ref = _dexperts_ppl(model, tok, gen.prompt[i], gen.continuation[i])
         assert gen.n_scored_tokens[i] == n_ref and gen.ppl[i] == pytest.approx(ref, rel=1e-4)
     corr = pd.read_csv(wf.path("results/analysis/correlations.csv"))
     assert set(corr.method) == {"spearman", "kendall_tau_b", "pearson", "partial_spearman_given_length"}

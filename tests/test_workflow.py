@@ -166,6 +166,53 @@ def test_bf16_generations_do_not_depend_on_n_shards_or_shards_per_job(workflow_c
     assert stats["dtype"] == "bfloat16" and stats["batch_size"] == 6 and stats["torch_threads"] == 1
 
 
+def test_lost_or_damaged_shards_heal_by_running_the_same_command(workflow_copy, tiny_model_src):
+    """The shard store decides what is missing, not Snakemake's memory of the job."""
+    wf = workflow_copy
+    setup(wf, tiny_model_src, shards={"n_shards": 3, "shards_per_job": 1, "chunk_size": 8})
+    wf.run()
+    reference = generations(wf)
+    (store,) = wf.path("results/generations/tiny/shards").iterdir()
+    shard = [store / f"{i:04d}-of-0003.parquet" for i in range(3)]
+
+    def mtimes(*indices):
+        return {i: shard[i].stat().st_mtime_ns for i in indices}
+
+    # a lost shard file under a merged output that is still there: the job's manifest goes (its
+    # data is gone), the merged output stays valid and untouched; status shows the shard pending
+    merged = wf.path("results/generations/tiny.parquet")
+    before, merged_at = mtimes(0, 2), merged.stat().st_mtime_ns
+    shard[1].unlink()
+    proc = wf.run()
+    assert "shardwise: generate/tiny job 1: shard 1 (file missing); its manifest" in proc.stderr
+    assert not wf.path("results/generations/tiny/jobs/job-0001.json").exists()
+    assert merged.stat().st_mtime_ns == merged_at
+    assert "generate/tiny: 3 shards (2 done, 0 running, 0 failed, 1 pending)" in wf.shardwise("status").stdout
+
+    # ... and the next time that merge has to run, the same command recomputes just that shard
+    merged.unlink()
+    wf.run()
+    assert mtimes(0, 2) == before and shard[1].is_file()
+    pd.testing.assert_frame_equal(generations(wf), reference)
+
+    # a byte flipped (same size): the merge names it and takes it out; the next run heals it
+    data = bytearray(shard[2].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard[2].write_bytes(bytes(data))
+    wf.path("results/generations/tiny.parquet").unlink()
+    failed = wf.run(check=False)
+    assert failed.returncode != 0
+    expected = "1 shard(s) failed verification: shard 2 (0002-of-0003.parquet): fails its sha256"
+    assert f"generate/tiny: {expected}" in failed.stderr
+    assert "run the same command again - it recomputes only these shards, then merges" in failed.stderr
+    assert failed.stderr.count("Error in rule merge_generations") == 1  # no hopeless retries
+    before = mtimes(0, 1)
+    wf.run()
+    assert mtimes(0, 1) == before
+    pd.testing.assert_frame_equal(generations(wf), reference)
+    assert (store / "0002-of-0003.parquet.bad").is_file()  # kept for inspection
+
+
 def test_killed_worker_rerun_recomputes_only_its_shard(workflow_copy, tiny_model_src, tiny_model):
     wf = workflow_copy
     setup(

@@ -190,13 +190,19 @@ class ShardPlan:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def is_done(self, i: int) -> bool:
-        """Done = record at its final name, current fingerprint, data file of the recorded size."""
+    def is_done(self, i: int, checksum: bool = False) -> bool:
+        """Done = record at its final name, current fingerprint, data file of the recorded size
+        (and, with `checksum`, of the recorded sha256: a job checks that before skipping a shard;
+        a status poll does not read the data). A shard that fails the checksum is invalidated."""
         record = self.read_record(i)
         if record is None or record.get("fingerprint") != self.shard_fingerprint(i):
             return False
         path = self.shard_path(i)
-        return path.is_file() and path.stat().st_size == record.get("bytes")
+        problem = _shard_problem(path, record, checksum)
+        if problem and checksum and path.is_file() and path.stat().st_size == record.get("bytes"):
+            log.warning("shard %d of %s: %s; computing it again", i, self.name, problem)
+            invalidate(self, i, path)
+        return problem is None
 
     def write_plan_file(self) -> None:
         path = self.store / "plan.json"
@@ -490,7 +496,7 @@ def run_job(
 
     indices = plan.spec.job_shards(job)
     plan.write_plan_file()
-    pending = [i for i in indices if not plan.is_done(i)]
+    pending = [i for i in indices if not plan.is_done(i, checksum=True)]
     for i in sorted(set(indices) - set(pending)):
         log.info("shard %d of %s: done, skipped (%s)", i, plan.name, plan.shard_path(i))
 
@@ -590,21 +596,97 @@ def run_job(
 # --------------------------------------------------------------------------- merge verification
 
 
+def _shard_problem(path: Path, record: dict[str, Any], checksum: bool) -> str | None:
+    """Why a shard file does not hold its record's data (None: it does)."""
+    if not path.is_file():
+        return "file missing"
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        return f"{size} bytes, recorded {record.get('bytes')} (truncated or altered)"
+    if checksum and sha256_file(path) != record.get("sha256"):
+        return "fails its sha256 checksum (altered or corrupt)"
+    return None
+
+
+def heal_manifests(results: str | Path = "results") -> list[str]:
+    """Remove every job manifest (``results/**/jobs/job-NNNN.json``) that lists a shard whose file
+    is missing or has another size than recorded, so that Snakemake schedules that job again and
+    it recomputes just those shards (the others are done and skipped). Cheap: one stat per shard,
+    no reading; the merge checks the checksums. Returns one line per removed manifest."""
+    lines = []
+    for manifest in sorted(Path(results).glob("**/jobs/job-*.json")):
+        try:
+            data = json.loads(manifest.read_text())
+            store, shards = Path(data["store"]), data["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours, or half-written: the merge names it
+        bad = []
+        for record in shards:
+            problem = _shard_problem(store / str(record.get("file")), record, checksum=False)
+            if problem:
+                bad.append(f"shard {record.get('index')} ({problem})")
+        if bad:
+            manifest.unlink(missing_ok=True)
+            lines.append(
+                f"{data.get('stage')}/{data.get('key')} job {data.get('job')}: {', '.join(bad)}; "
+                f"its manifest {manifest} is removed, so this run computes those shards again"
+            )
+    return lines
+
+
+def invalidate(plan: ShardPlan, index: int, path: Path) -> None:
+    """Take a shard that failed verification out of the store: its record goes (so it is pending)
+    and its data file is kept aside as ``<file>.bad`` for inspection."""
+    plan.record_path(index).unlink(missing_ok=True)
+    if path.is_file():
+        os.replace(path, path.with_name(path.name + ".bad"))
+
+
 def verify(plan: ShardPlan, manifests: Sequence[str | Path]) -> list[Path]:
     """Check the jobs' manifests against `plan`; return the shard files in row order.
 
-    Refuses, naming the shard: a manifest or shard of another run (stale fingerprint), a missing
-    file, a size or sha256 mismatch (truncated or altered), and row ranges that do not cover
-    [0, n_items) exactly once.
+    Checks every shard (size and sha256) and every row range, and on failure raises one
+    ShardError naming all bad shards. A shard whose file is missing, truncated or fails its
+    checksum is invalidated (:func:`invalidate`) and the manifests listing it are removed, as is a
+    manifest of another run (stale fingerprint): the same command run again recomputes exactly
+    those shards and merges. Row ranges that do not cover [0, n_items) exactly once are refused.
     """
     entries: list[tuple[dict[str, Any], Path]] = []
     for manifest in manifests:
         try:
             data = json.loads(Path(manifest).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ShardError(f"{plan.name}: manifest {manifest} unreadable ({exc})") from None
+            Path(manifest).unlink(missing_ok=True)
+            raise ShardError(
+                f"{plan.name}: manifest {manifest} unreadable ({exc}); it is removed: run the same "
+                "command again to recompute its job"
+            ) from None
         for record in data.get("shards", []):
             entries.append((record, Path(manifest)))
+
+    bad: list[str] = []
+    drop: set[Path] = set()
+    for record, manifest in entries:
+        i = record["index"]
+        label = f"shard {i} ({record.get('file')})"
+        if not 0 <= i < plan.spec.n_shards or record["fingerprint"] != plan.shard_fingerprint(i):
+            bad.append(f"{label}: stale (fingerprint {record['fingerprint']} is of another config or input)")
+            drop.add(manifest)
+            continue
+        path = plan.store / record["file"]
+        problem = _shard_problem(path, record, checksum=True)
+        if problem:
+            bad.append(f"{label}: {problem}")
+            invalidate(plan, i, path)
+            drop.add(manifest)
+    if bad:
+        for manifest in drop:
+            manifest.unlink(missing_ok=True)
+        raise ShardError(
+            f"{plan.name}: {len(bad)} shard(s) failed verification: {'; '.join(bad)}. They are out "
+            f"of the store and their job manifests ({', '.join(sorted(str(m) for m in drop))}) are "
+            "removed: run the same command again - it recomputes only these shards, then merges."
+        )
 
     by_start = sorted(entries, key=lambda e: (e[0]["rows"][0], e[0]["rows"][1]))
     expected = 0
@@ -621,23 +703,8 @@ def verify(plan: ShardPlan, manifests: Sequence[str | Path]) -> list[Path]:
                 f"{plan.name}: rows [{expected}, {start}) are covered by no shard "
                 f"(missing shard before {label})"
             )
-        if not 0 <= i < plan.spec.n_shards or record["fingerprint"] != plan.shard_fingerprint(i):
-            raise ShardError(
-                f"{label}: stale shard: fingerprint {record['fingerprint']} is not the "
-                f"current one for this config and input; rerun the stage"
-            )
-        path = plan.store / record["file"]
-        if not path.is_file():
-            raise ShardError(f"{label}: file {path} is missing")
-        size = path.stat().st_size
-        if size != record["bytes"]:
-            raise ShardError(
-                f"{label}: {path} has {size} bytes, recorded {record['bytes']} (truncated or altered)"
-            )
-        if sha256_file(path) != record["sha256"]:
-            raise ShardError(f"{label}: {path} fails its sha256 checksum (altered or corrupt)")
         expected = stop
-        paths.append(path)
+        paths.append(plan.store / record["file"])
     if expected != plan.n_items:
         raise ShardError(
             f"{plan.name}: rows [{expected}, {plan.n_items}) are covered by no shard (missing shard)"

@@ -29,6 +29,8 @@ rule merge_fluency:
         "results/analysis/fluency/{model}.parquet",
     log:
         "logs/merge_fluency/{model}.log",
+    # a failed verification already removed what it could not verify: retrying it is hopeless
+    retries: 0
     conda:
         ENV
     params:

@@ -24,6 +24,7 @@ from shardwise import teacher_logits as _teacher_logits
 from shardwise.errors import ShardwiseError
 from shardwise.fingerprint import code_version
 from shardwise.config import TOXICITY_PROBE_DATA
+from shardwise.shards import heal_manifests
 from shardwise.smk import check_inputs, fail, run_info, workflow_config
 
 CFG = workflow_config(config, workflow.configfiles)
@@ -39,6 +40,12 @@ try:  # fail at parse time (also in a dry run), in one line, before any job can 
     check_inputs(CFG)
 except ShardwiseError as exc:
     fail(str(exc))
+
+if workflow.is_main_process:
+    # The shard store decides what is missing: a job manifest whose shard files are gone or
+    # truncated is removed, so this run (a dry run shows it) recomputes just those shards.
+    for _line in heal_manifests("results"):
+        print(f"shardwise: {_line}", file=sys.stderr)
 
 
 wildcard_constraints:

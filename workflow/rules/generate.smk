@@ -29,6 +29,8 @@ rule merge_generations:
         "results/generations/{model}.parquet",
     log:
         "logs/merge_generations/{model}.log",
+    # a failed verification already removed what it could not verify: retrying it is hopeless
+    retries: 0
     conda:
         ENV
     params:

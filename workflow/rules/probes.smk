@@ -48,6 +48,8 @@ rule merge_activations:
         "results/activations/{probe_set}/{name}.h5",
     log:
         "logs/merge_activations/{probe_set}/{name}.log",
+    # a failed verification already removed what it could not verify: retrying it is hopeless
+    retries: 0
     conda:
         ENV
     params:

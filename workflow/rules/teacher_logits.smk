@@ -29,6 +29,8 @@ rule merge_teacher_logits:
         "results/teacher_logits/{teacher}.h5",
     log:
         "logs/merge_teacher_logits/{teacher}.log",
+    # a failed verification already removed what it could not verify: retrying it is hopeless
+    retries: 0
     conda:
         ENV
     params:
