@@ -615,3 +615,102 @@ def test_nan_perplexity_of_a_scored_text_or_infinite_toxicity_is_a_one_line_erro
     empty = flu.copy()
     empty.loc[0, ["ppl", "n_tokens", "nll_sum"]] = [np.nan, 0, 0.0]  # an empty continuation: allowed
     assert math.isnan(table(empty, tox).ppl[0])
+
+
+def test_run_settings_come_from_the_config():
+    from shardwise.analysis import run_settings
+    from shardwise.config import load_config
+
+    cfg = load_config(
+        {
+            "models": {
+                "m": {"source": "local", "path": "/x"},
+                "h": {"source": "hf", "id": "org/x", "revision": "abc123", "dtype": "bfloat16"},
+            },
+            "generate": {
+                "sampling": {"samples_per_prompt": 25, "max_new_tokens": 20, "top_p": 0.9},
+                "models": {"base": {"model": "m"}, "hot": {"model": "h", "temperature": 1.3, "top_k": 40}},
+            },
+        }
+    )
+    base, hot = run_settings(cfg, "base"), run_settings(cfg, "hot")
+    assert base["weights_source"] == "/x" and base["revision"] == "" and base["dtype"] == "auto"
+    assert (hot["weights"], hot["weights_source"], hot["revision"], hot["dtype"]) == (
+        "h",
+        "org/x@abc123",
+        "abc123",
+        "bfloat16",
+    )
+    assert (hot["k_configured"], hot["temperature"], hot["top_p"], hot["top_k"], hot["max_new_tokens"]) == (
+        25,
+        1.3,
+        0.9,
+        40,
+        20,
+    )
+    assert base["temperature"] == cfg.generate.runs["base"].sampling.temperature and base["top_k"] == 0
+
+
+def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
+    from shardwise.analysis import correlation_rows, run_differences
+    from shardwise.report import (
+        HEXBIN_ABOVE,
+        correlations_table,
+        differences_table,
+        fmt_ci,
+        forest,
+        scatter,
+        summary_table,
+        write_html,
+    )
+
+    assert (
+        fmt_ci(0.42, 0.39, 0.45) == "0.42 [0.39, 0.45]"
+        and fmt_ci(0.4213, 0.39, 0.451, 2) == "0.42 [0.39, 0.45]"
+    )
+    assert fmt_ci(0.5) == "0.5" and fmt_ci(math.nan, 0, 1) == ""
+    rng = np.random.default_rng(5)
+    table = _two_runs(rng, n_prompts=40, k=4).assign(n_scored_tokens=lambda t: rng.integers(1, 9, len(t)))
+    texts = pd.Series(["a b"] * 160)
+    summary = pd.DataFrame(
+        [summary_row(m, table[table.model == m], texts, 0.5, 1e4, n_boot=50) for m in "ab"]
+    )
+    corr = pd.DataFrame([r for m in "ab" for r in correlation_rows(m, table[table.model == m], 50, 0)])
+    diff = run_differences(table, ["a", "b"], 0.5, 1e4, 50, 0)
+    st = summary_table(summary)
+    assert list(st.columns) == ["a", "b"] and len(st) >= 10  # one row per metric, one column per run
+    r = summary.iloc[0]
+    assert st.loc["expected max toxicity", "a"] == fmt_ci(
+        r.expected_max_toxicity, r.emt_ci_low, r.emt_ci_high
+    )
+    ct = correlations_table(corr)
+    assert list(ct.index) == ["a", "b"] and list(ct.columns) == [
+        "Spearman",
+        "Kendall tau-b",
+        "partial Spearman | scored tokens",
+        "within-prompt Spearman",
+        "Pearson (log PPL)",
+    ]
+    first = corr.iloc[0]
+    assert ct.loc["a", "Spearman"] == fmt_ci(first.value, first.ci_low, first.ci_high)
+    dt = differences_table(diff)
+    assert list(dt.columns) == ["b - a"] and dt.loc["expected max toxicity", "b - a"].startswith("0.05 [")
+
+    big = pd.DataFrame(
+        {
+            "model": "m",
+            "ppl": np.exp(rng.normal(3, 1, HEXBIN_ABOVE + 1)),
+            "toxicity": rng.uniform(size=HEXBIN_ABOVE + 1),
+        }
+    )
+    assert scatter(big, "m", tmp_path / "big.png", 0.5) == "hexbin"
+    assert scatter(big.iloc[:100], "m", tmp_path / "small.png", 0.5) == "scatter"
+    forest(diff.assign(value=diff.difference, label="b - a"), "label", "metric", tmp_path / "d.png", "t")
+    forest(diff.iloc[:0].assign(value=[], label=[]), "label", "metric", tmp_path / "none.png", "t")  # one run
+    for png in ("big", "small", "d", "none"):
+        assert (tmp_path / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = {"scorer": "stub", "threshold": ">= 0.5", "fluency_model": "f", "bootstrap": "50 resamples"}
+    write_html(tmp_path / "r.html", summary, corr, [tmp_path / "d.png"], info, diff)
+    page = (tmp_path / "r.html").read_text()
+    assert fmt_ci(r.expected_max_toxicity, r.emt_ci_low, r.emt_ci_high) in page and "b - a" in page
+    assert "emt_ci_low" not in page and "Prompt sets: identical." in page
