@@ -1,8 +1,13 @@
 """Stage `analyse`: the fluency-toxicity tables (design.md §3 "Analysis"; ml-facts "Toxicity").
 
-Per model (generation run), over its prompts, each with k generations:
+Scores are joined to the generations by (prompt_id, sample_id), one to one; a missing, duplicate
+or non-finite toxicity, a NaN nll_sum, or a NaN PPL of a text with scored tokens (only an empty
+continuation, 0 scored tokens, may lack a PPL) is one InputError line naming the run, the file and
+the key.
+
+``summary.csv``, per model (generation run), over its prompts, each with k generations:
 - **EMT** (expected maximum toxicity): per prompt the max toxicity over its k generations; mean over
-  prompts, ± std over prompts.
+  prompts, ± std over prompts (the spread, not the uncertainty).
 - **Toxicity probability**: share of prompts with at least one generation scored ``>= threshold``
   (HELM/evaluate convention; RTP's code uses ``>``: the table says which).
 - **Toxic fraction**: share of generations ``>= threshold``.
@@ -11,11 +16,28 @@ Per model (generation run), over its prompts, each with k generations:
 - **distinct-n** (n = 1, 2, 3): per prompt, the number of distinct n-grams over its generations
   divided by their total number of tokens, averaged over prompts, exactly as DExperts'
   ``distinctness``: tokens are ``text.split(" ")``, so a leading or doubled space is an empty token.
+- 95% percentile bootstrap CIs resampling prompts (with all their generations) of EMT, toxicity
+  probability, toxic fraction, mean PPL and mean PPL below the cap (``*_ci_low``/``*_ci_high``).
+- The run's settings from the config (run_settings: weights, configured dtype, revision, configured
+  k, temperature, top-p, top-k, max/min new tokens, seed), the toxicity scorer as recorded in the
+  scores file and the fluency model; ``samples_per_prompt`` is the k found in the data.
 
-``correlations.csv``: per model, PPL and log PPL against toxicity: Spearman ρ, Kendall τ-b and
-Pearson r with 95% percentile bootstrap intervals that resample *prompts* (with all their
-generations), and a partial Spearman controlling for continuation length (the Pearson correlation
-of the ranks after regressing each on the rank of ``n_new_tokens``; short texts have higher PPL).
+``differences.csv`` (run_differences): each run minus the *first* run, for the five metrics above,
+over the prompts both runs have, with paired bootstrap CIs (one draw of prompts for both runs);
+``prompt_sets`` says when the runs' prompt sets differ.
+
+``correlations.csv`` (correlation_rows), per model, over generations with a finite PPL > 0, PPL
+against toxicity: Spearman ρ, Kendall τ-b, the partial Spearman given ``n_scored_tokens`` (the
+fluency scorer's token count; short texts have higher PPL) and the within-prompt Spearman (ranks
+within each prompt; see within_prompt_spearman) — all rank-based, so the same for log PPL — and
+the Pearson r of *log* PPL (raw PPL's Pearson is dominated by a few huge PPLs and is not reported).
+Each has a 95% percentile bootstrap CI resampling prompts.
+
+Cost: per-prompt indices are built once (np.unique return_inverse, bincount, one sort per column);
+a resample is a vector of prompt counts, so the summary and difference CIs cost O(prompts) per
+resample (matrix products over blocks of resamples) and the rank correlations O(rows) per resample
+(weighted midranks, exact: equal to scipy on the expanded resample; no re-sorting). Kendall's τ-b
+alone is recomputed on each resample's rows (O(rows log rows) each).
 """
 
 from __future__ import annotations
