@@ -389,29 +389,40 @@ class _Ranker:
         return r, (gs > 0).sum(axis=1) > 1
 
 
-def _wcorr(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted Pearson correlation per row of (b, n) arrays: the Pearson r of the expanded sample."""
-    sw = w.sum(axis=1, keepdims=True)
-    da = a - (w * a).sum(axis=1, keepdims=True) / sw
-    db = b - (w * b).sum(axis=1, keepdims=True) / sw
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", a, b)
+
+
+def _ratio(num: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """num / sqrt(a * b), clipped to [-1, 1]; NaN where a * b is 0."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = (w * da * db).sum(axis=1) / np.sqrt((w * da * da).sum(axis=1) * (w * db * db).sum(axis=1))
-    return np.clip(r, -1.0, 1.0)
+        den = np.sqrt(a * b)
+        return np.where(den > 0, np.clip(num / np.where(den > 0, den, 1.0), -1.0, 1.0), np.nan)
 
 
 def _weighted_stats(
     x: np.ndarray, y: np.ndarray, z: np.ndarray, rk: tuple[_Ranker, _Ranker, _Ranker], w: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Spearman(x, y), Pearson(log x, y) and the partial Spearman given z for each row of the row
-    weights w (b, n); NaN where a variable is constant in the resample."""
+    weights w (b, n): the Pearson correlations of the expanded resample, whose midranks have mean
+    (M + 1) / 2 (M = the resample's size); NaN where a variable is constant in the resample."""
     (rx, vx), (ry, vy), (rz, vz) = (r.ranks(w) for r in rk)
-    r_xy = np.where(vx & vy, _wcorr(rx, ry, w), np.nan)
-    part = _partial(r_xy, np.where(vz, _wcorr(rx, rz, w), np.nan), np.where(vz, _wcorr(ry, rz, w), np.nan))
-    lx = np.broadcast_to(np.log(x), w.shape)
+    m = w.sum(axis=1, keepdims=True)
+    cx, cy, cz = rx - (m + 1) / 2, ry - (m + 1) / 2, rz - (m + 1) / 2
+    wcx, wcy = w * cx, w * cy
+    sxx, syy, szz = _dot(wcx, cx), _dot(wcy, cy), _dot(w * cz, cz)
+    r_xy = np.where(vx & vy, _ratio(_dot(wcx, cy), sxx, syy), np.nan)
+    r_xz = np.where(vz, _ratio(_dot(wcx, cz), sxx, szz), np.nan)
+    r_yz = np.where(vz, _ratio(_dot(wcy, cz), syy, szz), np.nan)
+    lx = np.log(x)
+    dl = lx[None, :] - (w @ lx)[:, None] / m
+    dy = y[None, :] - (w @ y)[:, None] / m
+    wdl = w * dl
+    pearson = _ratio(_dot(wdl, dy), _dot(wdl, dl), _dot(w * dy, dy))
     return {
         "spearman": r_xy,
-        "pearson": np.where(vx & vy, _wcorr(lx, np.broadcast_to(y, w.shape), w), np.nan),
-        "partial_spearman_given_length": part,
+        "pearson": np.where(vx & vy, pearson, np.nan),
+        "partial_spearman_given_length": _partial(r_xy, r_xz, r_yz),
     }
 
 
