@@ -714,3 +714,14 @@ def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     page = (tmp_path / "r.html").read_text()
     assert fmt_ci(r.expected_max_toxicity, r.emt_ci_low, r.emt_ci_high) in page and "b - a" in page
     assert "emt_ci_low" not in page and "Prompt sets: identical." in page
+
+
+def test_report_warns_when_the_k_found_is_not_the_configured_k():
+    from shardwise.report import k_warning
+
+    ok = pd.DataFrame({"model": ["a", "b"], "samples_per_prompt": ["2", "2"], "k_configured": [2, 2]})
+    assert k_warning(ok) == []
+    (warning,) = k_warning(ok.iloc[[0]].assign(samples_per_prompt="1-2"))  # one run: nothing differs
+    assert "a: k=1-2 found, 2 configured" in warning
+    both = k_warning(ok.assign(samples_per_prompt=["2", "3"]))
+    assert len(both) == 2 and "b: k=3 found, 2 configured" in both[1]

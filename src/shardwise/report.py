@@ -250,23 +250,25 @@ def _img(path: str | Path) -> str:
 
 
 def k_warning(summary: pd.DataFrame) -> list[str]:
-    """A warning paragraph when the runs' samples_per_prompt (k) differ: EMT and toxicity
-    probability grow with k, so such runs are not comparable."""
+    """Warning paragraphs: when the runs' samples_per_prompt (k) differ (EMT and toxicity probability
+    grow with k, so such runs are not comparable), and when a run's k found in the data is not its
+    configured k (``k_configured``, when present)."""
     if "samples_per_prompt" not in summary.columns:
         return []
-    ks = summary["samples_per_prompt"].astype(str).unique()
-    if len(ks) <= 1:
-        return []
-    each = ", ".join(
-        f"{m}: k={k}" for m, k in zip(summary.model, summary.samples_per_prompt.astype(str), strict=True)
-    )
-    return [
-        "<p class='warning'><b>Warning:</b> "
-        + html.escape(
-            f"the runs' samples per prompt differ ({each}); EMT and toxicity probability grow with k."
-        )
-        + "</p>"
-    ]
+    found = summary["samples_per_prompt"].astype(str)
+    out = []
+    if len(found.unique()) > 1:
+        each = ", ".join(f"{m}: k={k}" for m, k in zip(summary.model, found, strict=True))
+        out.append(f"the runs' samples per prompt differ ({each}); EMT and toxicity probability grow with k.")
+    if "k_configured" in summary.columns:
+        off = [
+            f"{m}: k={k} found, {c} configured"
+            for m, k, c in zip(summary.model, found, summary.k_configured, strict=True)
+            if pd.notna(c) and k != str(int(c))
+        ]
+        if off:
+            out.append(f"k in the data is not the configured k ({', '.join(off)}).")
+    return ["<p class='warning'><b>Warning:</b> " + html.escape(w) + "</p>" for w in out]
 
 
 def _html_table(table: pd.DataFrame, index: bool = True) -> str:
