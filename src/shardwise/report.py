@@ -2,7 +2,8 @@
 URIs, so the file opens from the results folder or an e-mail attachment).
 
 The HTML holds: the scorer, threshold and fluency model; a warning when the runs' k differ; the
-per-run settings (weights, dtype, revision, k, temperature, top-p, top-k, max new tokens); the
+per-run settings (weights, dtype, revision, k, temperature, top-p, top-k, max new tokens) and a
+warning when a run's k in the data is not its configured k; the
 summary as one row per metric and one column per run, each estimate with its 95% CI as
 ``0.42 [0.39, 0.45]``; the differences of each run from the first (paired CIs) and the correlations
 as run x statistic tables in the same format; figures: bars per run, forest plots of the
@@ -267,7 +268,7 @@ def k_warning(summary: pd.DataFrame) -> list[str]:
             if pd.notna(c) and k != str(int(c))
         ]
         if off:
-            out.append(f"k in the data is not the configured k ({', '.join(off)}).")
+            out.append(f"k in the data is not the configured k ({'; '.join(off)}).")
     return ["<p class='warning'><b>Warning:</b> " + html.escape(w) + "</p>" for w in out]
 
 
