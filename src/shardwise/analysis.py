@@ -377,16 +377,17 @@ class _Ranker:
         vs = v[self.order]
         new = np.r_[True, vs[1:] != vs[:-1]]
         self.starts = np.flatnonzero(new)
-        self.tie = np.cumsum(new) - 1
+        self.ties = len(self.starts) < len(v)
+        self.group_of_row = np.empty(len(v), dtype=np.int64)
+        self.group_of_row[self.order] = np.cumsum(new) - 1  # each row's tie group, in row order
 
     def ranks(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(b, n) midranks for row weights w (b, n), and whether each resample has > 1 distinct value."""
-        ws = w[:, self.order]
-        gs = np.add.reduceat(ws, self.starts, axis=1)
+        gs = w[:, self.order]
+        if self.ties:
+            gs = np.add.reduceat(gs, self.starts, axis=1)
         mid = np.cumsum(gs, axis=1) - gs + (gs + 1) / 2
-        r = np.empty_like(ws)
-        r[:, self.order] = mid[:, self.tie]
-        return r, (gs > 0).sum(axis=1) > 1
+        return mid[:, self.group_of_row], (gs > 0).sum(axis=1) > 1
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
