@@ -379,3 +379,349 @@ def test_summary_states_k_and_the_report_warns_when_it_differs():
     assert k_warning(same) == []
     (warning,) = k_warning(pd.DataFrame({"model": ["a", "b"], "samples_per_prompt": [2, 4]}))
     assert "a: k=2, b: k=4" in warning
+
+
+def _two_runs(rng, n_prompts=300, k=5, spread=3.0, shift=0.05):
+    """Run a and run b on the same prompts; b's toxicity is a's plus `shift`. Prompts differ a lot
+    (a prompt effect of scale `spread`), generations within a prompt less."""
+    u = np.repeat(rng.normal(size=n_prompts) * spread, k)
+    tox = 0.9 / (1 + np.exp(-(u + rng.normal(size=n_prompts * k))))  # in (0, 0.9): no clipping
+    ppl = np.exp(3 + 0.3 * u + rng.normal(size=n_prompts * k) * 0.3)
+    a = pd.DataFrame(
+        {
+            "model": "a",
+            "prompt_id": np.repeat([f"p{i}" for i in range(n_prompts)], k),
+            "sample_id": np.tile(np.arange(k), n_prompts),
+            "toxicity": tox,
+            "ppl": ppl,
+        }
+    )
+    return pd.concat([a, a.assign(model="b", toxicity=tox + shift)], ignore_index=True)
+
+
+def test_paired_differences_cover_a_constant_shift_and_are_narrower_than_unpaired(caplog):
+    from shardwise.analysis import run_differences
+
+    table = _two_runs(np.random.default_rng(0))
+    paired = run_differences(table, ["a", "b"], 0.5, 1e4, n_boot=500, seed=0).set_index("metric")
+    unpaired = run_differences(table, ["a", "b"], 0.5, 1e4, n_boot=500, seed=0, paired=False)
+    unpaired = unpaired.set_index("metric")
+    a, b = (
+        summary_row(m, table[table.model == m], pd.Series(["x"] * 1500), 0.5, 1e4, n_boot=2) for m in "ab"
+    )
+    for metric, col in (
+        ("emt", "expected_max_toxicity"),
+        ("toxicity_probability", "toxicity_probability"),
+        ("toxic_fraction", "toxic_fraction"),
+        ("ppl_mean", "ppl_mean"),
+        ("ppl_mean_capped", "ppl_mean_capped"),
+    ):
+        assert paired.loc[metric, "difference"] == pytest.approx(b[col] - a[col], abs=1e-12)
+        assert paired.loc[metric, "run_value"] == pytest.approx(b[col], abs=1e-12)
+    emt = paired.loc["emt"]
+    assert emt.difference == pytest.approx(0.05)
+    assert emt.ci_low <= 0.05 <= emt.ci_high and emt.ci_high - emt.ci_low < 1e-9  # every resample: +0.05
+    wide = unpaired.loc["emt"]
+    assert wide.ci_low <= 0.05 <= wide.ci_high and wide.ci_high - wide.ci_low > 0.05
+    frac = paired.loc["toxic_fraction"]
+    assert frac.ci_low <= frac.difference <= frac.ci_high
+    assert (
+        frac.ci_high - frac.ci_low
+        < (unpaired.loc["toxic_fraction"].ci_high - unpaired.loc["toxic_fraction"].ci_low) / 2
+    )
+    assert paired.loc["ppl_mean", "difference"] == 0 and paired.loc["ppl_mean", "ci_high"] == 0
+    assert (paired.prompt_sets == "identical").all() and (paired.n_prompts == 300).all()
+    assert paired.bootstrap.iloc[0] == "500 paired resamples of prompts"
+
+    # prompt sets that differ: the shared prompts only, and said so
+    fewer = table[~((table.model == "b") & table.prompt_id.isin(["p0", "p1"]))]
+    with caplog.at_level("WARNING"):
+        part = run_differences(fewer, ["a", "b"], 0.5, 1e4, n_boot=50, seed=0).set_index("metric")
+    assert (part.n_prompts == 298).all() and (part.n_prompts_baseline == 300).all()
+    assert part.prompt_sets.iloc[0] == "differ: 298 shared of 298 (b) and 300 (a)"
+    assert "prompt sets differ" in caplog.text
+    shared = table[~table.prompt_id.isin(["p0", "p1"])]
+    ref = run_differences(shared, ["a", "b"], 0.5, 1e4, n_boot=50, seed=0).set_index("metric")
+    np.testing.assert_allclose(part.difference, ref.difference)
+    np.testing.assert_allclose(part.ci_low, ref.ci_low)
+
+
+def test_vectorised_prompt_bootstrap_equals_the_metrics_of_each_expanded_resample():
+    from shardwise.analysis import METRICS, _metrics_of, _prompt_aggregates, _prompt_codes, resample_counts
+
+    rng = np.random.default_rng(1)
+    s = _two_runs(rng, n_prompts=7, k=3)
+    s = s[s.model == "a"].reset_index(drop=True)
+    s.loc[[0, 4], "ppl"] = [np.nan, 2e4]
+    codes, g = _prompt_codes(s.prompt_id)
+    agg = _prompt_aggregates(s, codes, g, 0.5, 1e4)
+    ids = np.unique(s.prompt_id.astype(str))
+    (w,) = resample_counts(g, 5, seed=3)
+    got = _metrics_of(agg, w)
+    for r in range(5):
+        parts = [
+            s[s.prompt_id == ids[j]].assign(prompt_id=f"{j}-{c}")
+            for j in range(g)
+            for c in range(int(w[r, j]))
+        ]
+        row = summary_row("m", pd.concat(parts), pd.Series(["x"] * sum(map(len, parts))), 0.5, 1e4, n_boot=1)
+        ref = [
+            row[c]
+            for c in (
+                "expected_max_toxicity",
+                "toxicity_probability",
+                "toxic_fraction",
+                "ppl_mean",
+                "ppl_mean_capped",
+            )
+        ]
+        np.testing.assert_allclose(got[r], ref, rtol=1e-12)
+    assert len(METRICS) == 5 and w.sum(axis=1).tolist() == [g] * 5
+
+
+def _corr_table(rng, n_prompts, k, prompt_scale, noise):
+    u = np.repeat(rng.normal(size=n_prompts), k) * prompt_scale
+    return pd.DataFrame(
+        {
+            "prompt_id": np.repeat(np.arange(n_prompts), k),
+            "ppl": np.exp(3 + u + rng.normal(size=n_prompts * k) * noise),
+            "toxicity": 1 / (1 + np.exp(-(u + rng.normal(size=n_prompts * k) * noise - 2))),
+            "n_new_tokens": 20,
+            "n_scored_tokens": rng.integers(1, 21, size=n_prompts * k),
+        }
+    )
+
+
+def test_within_prompt_spearman_is_zero_when_only_the_prompt_drives_both():
+    from scipy.stats import spearmanr
+
+    from shardwise.analysis import correlation_rows, within_prompt_spearman
+
+    t = _corr_table(np.random.default_rng(2), n_prompts=400, k=10, prompt_scale=1.0, noise=0.786)
+    pooled = spearmanr(t.ppl, t.toxicity).statistic
+    within = within_prompt_spearman(t.ppl.to_numpy(), t.toxicity.to_numpy(), t.prompt_id)
+    assert 0.5 < pooled < 0.7 and abs(within) < 0.05
+    # the definition, straight: ranks within prompt, centred at the prompt's mean rank, Pearson
+    rx = t.groupby("prompt_id").ppl.rank() - t.groupby("prompt_id").ppl.transform("size").add(1) / 2
+    ry = t.groupby("prompt_id").toxicity.rank() - t.groupby("prompt_id").toxicity.transform("size").add(1) / 2
+    assert within == pytest.approx((rx * ry).sum() / math.sqrt((rx**2).sum() * (ry**2).sum()), abs=1e-12)
+    rows = {(r["x"], r["method"]): r for r in correlation_rows("m", t, n_boot=200, seed=0)}
+    w, p = rows["ppl", "within_prompt_spearman"], rows["ppl", "spearman"]
+    assert (
+        w["value"] == pytest.approx(within)
+        and w["ci_low"] < 0 < w["ci_high"]
+        and w["ci_high"] - w["ci_low"] < 0.15
+    )
+    assert p["value"] == pytest.approx(pooled) and 0.4 < p["ci_low"] < pooled < p["ci_high"]
+    # ties and a one-generation prompt: midranks within prompt, the lone prompt adds nothing
+    x, y = np.array([1.0, 1.0, 2.0, 5.0, 3.0]), np.array([0.0, 0.0, 1.0, 0.0, 9.0])
+    r = within_prompt_spearman(x, y, np.array(["a", "a", "a", "b", "c"])[[0, 1, 2, 3, 3]])
+    assert math.isnan(within_prompt_spearman(x, y, np.array(list("abcde"))))
+    assert r == pytest.approx(within_prompt_spearman(x, y, np.array(["a", "a", "a", "b", "b"])))
+
+
+def test_partial_spearman_controls_for_scored_tokens_with_a_ci_and_is_nan_for_a_constant_control():
+    import warnings
+
+    from shardwise.analysis import correlation_rows
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    length = rng.integers(1, 40, size=n)
+    t = pd.DataFrame(
+        {
+            "prompt_id": np.repeat(np.arange(n // 3), 3),
+            "ppl": np.exp(5 - 0.05 * length + rng.normal(size=n) * 0.3),
+            "toxicity": 1 / (1 + np.exp(0.1 * length + rng.normal(size=n) * 0.5)),
+            "n_new_tokens": 20,  # generated tokens: the same for all, so not the control
+            "n_scored_tokens": length,
+        }
+    )
+    rows = {(r["x"], r["method"]): r for r in correlation_rows("m", t, n_boot=200, seed=0)}
+    part = rows["ppl", "partial_spearman_given_length"]
+    from scipy.stats import rankdata
+
+    rx, ry, rz = rankdata(t.ppl), rankdata(t.toxicity), rankdata(length)
+    design = np.c_[np.ones(n), rz]
+    res = [v - design @ np.linalg.lstsq(design, v, rcond=None)[0] for v in (rx, ry)]
+    assert part["value"] == pytest.approx(np.corrcoef(*res)[0, 1], abs=1e-10)
+    assert abs(part["value"]) < 0.1 < rows["ppl", "spearman"]["value"]
+    assert part["ci_low"] <= part["value"] <= part["ci_high"] and part["control"] == "n_scored_tokens"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = correlation_rows("m", t.assign(n_scored_tokens=7), n_boot=20, seed=0)
+    flat = [r for r in rows if r["method"] == "partial_spearman_given_length"]
+    assert len(flat) == 1 and math.isnan(flat[0]["value"]) and math.isnan(flat[0]["ci_low"])
+
+
+def test_bootstrap_correlations_equal_scipy_on_each_expanded_resample_and_pearson_is_on_log_ppl():
+    from scipy.stats import pearsonr, spearmanr
+
+    from shardwise.analysis import (
+        _prompt_codes,
+        _Ranker,
+        _weighted_stats,
+        _within_of,
+        _within_sums,
+        correlation_rows,
+        partial_spearman,
+        resample_counts,
+        within_prompt_spearman,
+    )
+
+    rng = np.random.default_rng(4)
+    t = _corr_table(rng, n_prompts=9, k=4, prompt_scale=1.0, noise=1.0)
+    t["toxicity"] = np.round(t.toxicity, 1)  # ties
+    x, y, z = t.ppl.to_numpy(), t.toxicity.to_numpy(), t.n_scored_tokens.to_numpy(dtype=float)
+    codes, g = _prompt_codes(t.prompt_id)
+    (w,) = resample_counts(g, 6, seed=5)
+    got = _weighted_stats(x, y, z, (_Ranker(x), _Ranker(y), _Ranker(z)), w[:, codes])
+    within = _within_of(_within_sums(codes, g, x, y), w)
+    for r in range(6):
+        rows = np.repeat(np.arange(len(t)), w[r, codes].astype(int))
+        copy = np.concatenate([np.arange(int(c)) for c in w[r, codes]])  # a prompt drawn twice: 2 prompts
+        assert got["spearman"][r] == pytest.approx(spearmanr(x[rows], y[rows]).statistic, abs=1e-12)
+        assert got["pearson"][r] == pytest.approx(pearsonr(np.log(x[rows]), y[rows]).statistic, abs=1e-12)
+        ref = partial_spearman(x[rows], y[rows], z[rows])
+        assert got["partial_spearman_given_length"][r] == pytest.approx(ref, abs=1e-12)
+        ids = np.char.add(codes[rows].astype(str), np.char.add("-", copy.astype(str)))
+        assert within[r] == pytest.approx(within_prompt_spearman(x[rows], y[rows], ids), abs=1e-12)
+    corr = pd.DataFrame(correlation_rows("m", t, n_boot=30, seed=0))
+    assert set(zip(corr.x, corr.method, strict=True)) == {
+        ("ppl", "spearman"),
+        ("ppl", "kendall_tau_b"),
+        ("ppl", "partial_spearman_given_length"),
+        ("ppl", "within_prompt_spearman"),
+        ("log_ppl", "pearson"),
+    }  # no Pearson of raw PPL
+    assert corr.set_index("method").loc["pearson", "value"] == pytest.approx(pearsonr(np.log(x), y).statistic)
+
+
+def test_nan_perplexity_of_a_scored_text_or_infinite_toxicity_is_a_one_line_error(tmp_path):
+    flu, tox, table = _score_files(tmp_path)
+    bad = flu.copy()
+    bad.loc[2, "ppl"] = np.nan  # n_tokens 1: only an empty continuation may have no PPL
+    with pytest.raises(
+        InputError,
+        match=r"^m: .*flu.parquet: NaN ppl with n_tokens > 0 for \(prompt_id, sample_id\) = \(.q., 0\) \(1",
+    ):
+        table(bad, tox)
+    inf = tox.copy()
+    inf.loc[3, "toxicity"] = np.inf
+    with pytest.raises(
+        InputError, match=r"^m: .*tox.parquet: non-finite \(inf\) toxicity for .* = \('q', 1\)"
+    ):
+        table(flu, inf)
+    empty = flu.copy()
+    empty.loc[0, ["ppl", "n_tokens", "nll_sum"]] = [np.nan, 0, 0.0]  # an empty continuation: allowed
+    assert math.isnan(table(empty, tox).ppl[0])
+
+
+def test_run_settings_come_from_the_config():
+    from shardwise.analysis import run_settings
+    from shardwise.config import load_config
+
+    cfg = load_config(
+        {
+            "models": {
+                "m": {"source": "local", "path": "/x"},
+                "h": {"source": "hf", "id": "org/x", "revision": "abc123", "dtype": "bfloat16"},
+            },
+            "generate": {
+                "sampling": {"samples_per_prompt": 25, "max_new_tokens": 20, "top_p": 0.9},
+                "models": {"base": {"model": "m"}, "hot": {"model": "h", "temperature": 1.3, "top_k": 40}},
+            },
+        }
+    )
+    base, hot = run_settings(cfg, "base"), run_settings(cfg, "hot")
+    assert base["weights_source"] == "/x" and base["revision"] == "" and base["dtype"] == "auto"
+    assert (hot["weights"], hot["weights_source"], hot["revision"], hot["dtype"]) == (
+        "h",
+        "org/x@abc123",
+        "abc123",
+        "bfloat16",
+    )
+    assert (hot["k_configured"], hot["temperature"], hot["top_p"], hot["top_k"], hot["max_new_tokens"]) == (
+        25,
+        1.3,
+        0.9,
+        40,
+        20,
+    )
+    assert base["temperature"] == cfg.generate.runs["base"].sampling.temperature and base["top_k"] == 0
+
+
+def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
+    from shardwise.analysis import correlation_rows, run_differences
+    from shardwise.report import (
+        HEXBIN_ABOVE,
+        correlations_table,
+        differences_table,
+        fmt_ci,
+        forest,
+        scatter,
+        summary_table,
+        write_html,
+    )
+
+    assert (
+        fmt_ci(0.42, 0.39, 0.45) == "0.42 [0.39, 0.45]"
+        and fmt_ci(0.4213, 0.39, 0.451, 2) == "0.42 [0.39, 0.45]"
+    )
+    assert fmt_ci(0.5) == "0.5" and fmt_ci(math.nan, 0, 1) == ""
+    rng = np.random.default_rng(5)
+    table = _two_runs(rng, n_prompts=40, k=4).assign(n_scored_tokens=lambda t: rng.integers(1, 9, len(t)))
+    texts = pd.Series(["a b"] * 160)
+    summary = pd.DataFrame(
+        [summary_row(m, table[table.model == m], texts, 0.5, 1e4, n_boot=50) for m in "ab"]
+    )
+    corr = pd.DataFrame([r for m in "ab" for r in correlation_rows(m, table[table.model == m], 50, 0)])
+    diff = run_differences(table, ["a", "b"], 0.5, 1e4, 50, 0)
+    st = summary_table(summary)
+    assert list(st.columns) == ["a", "b"] and len(st) >= 10  # one row per metric, one column per run
+    r = summary.iloc[0]
+    assert st.loc["expected max toxicity", "a"] == fmt_ci(
+        r.expected_max_toxicity, r.emt_ci_low, r.emt_ci_high
+    )
+    ct = correlations_table(corr)
+    assert list(ct.index) == ["a", "b"] and list(ct.columns) == [
+        "Spearman",
+        "Kendall tau-b",
+        "partial Spearman | scored tokens",
+        "within-prompt Spearman",
+        "Pearson (log PPL)",
+    ]
+    first = corr.iloc[0]
+    assert ct.loc["a", "Spearman"] == fmt_ci(first.value, first.ci_low, first.ci_high)
+    dt = differences_table(diff)
+    assert list(dt.columns) == ["b - a"] and dt.loc["expected max toxicity", "b - a"].startswith("0.05 [")
+
+    big = pd.DataFrame(
+        {
+            "model": "m",
+            "ppl": np.exp(rng.normal(3, 1, HEXBIN_ABOVE + 1)),
+            "toxicity": rng.uniform(size=HEXBIN_ABOVE + 1),
+        }
+    )
+    assert scatter(big, "m", tmp_path / "big.png", 0.5) == "hexbin"
+    assert scatter(big.iloc[:100], "m", tmp_path / "small.png", 0.5) == "scatter"
+    forest(diff.assign(value=diff.difference, label="b - a"), "label", "metric", tmp_path / "d.png", "t")
+    forest(diff.iloc[:0].assign(value=[], label=[]), "label", "metric", tmp_path / "none.png", "t")  # one run
+    for png in ("big", "small", "d", "none"):
+        assert (tmp_path / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = {"scorer": "stub", "threshold": ">= 0.5", "fluency_model": "f", "bootstrap": "50 resamples"}
+    write_html(tmp_path / "r.html", summary, corr, [tmp_path / "d.png"], info, diff)
+    page = (tmp_path / "r.html").read_text()
+    assert fmt_ci(r.expected_max_toxicity, r.emt_ci_low, r.emt_ci_high) in page and "b - a" in page
+    assert "emt_ci_low" not in page and "Prompt sets: identical." in page
+
+
+def test_report_warns_when_the_k_found_is_not_the_configured_k():
+    from shardwise.report import k_warning
+
+    ok = pd.DataFrame({"model": ["a", "b"], "samples_per_prompt": ["2", "2"], "k_configured": [2, 2]})
+    assert k_warning(ok) == []
+    (warning,) = k_warning(ok.iloc[[0]].assign(samples_per_prompt="1-2"))  # one run: nothing differs
+    assert "a: k=1-2 found, 2 configured" in warning
+    both = k_warning(ok.assign(samples_per_prompt=["2", "3"]))
+    assert len(both) == 2 and "b: k=3 found, 2 configured" in both[1]

@@ -59,7 +59,8 @@ rule score_toxicity:
 
 
 rule analyse:
-    """scores.parquet, summary.csv (EMT, toxicity probability, PPL, distinct-n) and correlations.csv."""
+    """scores.parquet, summary.csv (EMT, toxicity probability, PPL, distinct-n, CIs, run settings),
+    correlations.csv and differences.csv (each run minus the first, paired CIs)."""
     input:
         generations=expand("results/generations/{model}.parquet", model=AN.runs),
         fluency=expand("results/analysis/fluency/{model}.parquet", model=AN.runs),
@@ -68,6 +69,7 @@ rule analyse:
         scores="results/analysis/scores.parquet",
         summary="results/analysis/summary.csv",
         correlations="results/analysis/correlations.csv",
+        differences="results/analysis/differences.csv",
     log:
         "logs/analyse/analyse.log",
     conda:
@@ -86,6 +88,7 @@ rule report:
         scores="results/analysis/scores.parquet",
         summary="results/analysis/summary.csv",
         correlations="results/analysis/correlations.csv",
+        differences="results/analysis/differences.csv",
         toxicity=expand("results/analysis/toxicity/{model}.parquet", model=AN.runs),
     output:
         scatter=report(
@@ -96,6 +99,12 @@ rule report:
         ),
         bars=report(
             "results/analysis/figures/models.png", category="Fluency and toxicity"
+        ),
+        forest_differences=report(
+            "results/analysis/figures/differences.png", category="Fluency and toxicity"
+        ),
+        forest_correlations=report(
+            "results/analysis/figures/correlations.png", category="Fluency and toxicity"
         ),
         html="results/analysis/report.html",
     log:
