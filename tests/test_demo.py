@@ -122,7 +122,8 @@ def test_demo_dag_end_to_end(workflow_copy):
         ref, n_ref = _dexperts_ppl(model, tok, gen.prompt[i], gen.continuation[i])
         assert gen.n_scored_tokens[i] == n_ref and gen.ppl[i] == pytest.approx(ref, rel=1e-4)
     corr = pd.read_csv(wf.path("results/analysis/correlations.csv"))
-    assert set(corr.method) == {"spearman", "kendall_tau_b", "pearson", "partial_spearman_given_length"}
+    methods = {"spearman", "kendall_tau_b", "pearson", "partial_spearman_given_length"}
+    assert set(corr.method) == methods | {"within_prompt_spearman"}
     boot = corr[corr.method == "spearman"]
     assert ((boot.ci_low <= boot.value) & (boot.value <= boot.ci_high)).all()
     # The generations' own toxicity is probed too: their continuations, labelled by the scores above.
@@ -136,7 +137,7 @@ def test_demo_dag_end_to_end(workflow_copy):
     assert len(tox_metrics) == 31 and set(tox_metrics.label) == {"toxic"}
     assert tox_metrics.auroc.between(0, 1).all() and (tox_metrics.n_test_positive > 0).all()
     html = wf.path("results/analysis/report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "alt-profanity-check" in html and "&gt;= 0.5" in html
+    assert html.count("data:image/png;base64,") == 5 and "alt-profanity-check" in html and "&gt;= 0.5" in html
     for png in wf.path("results/analysis/figures").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -198,6 +198,7 @@ def analysis_outputs():
         "results/analysis/scores.parquet",
         "results/analysis/summary.csv",
         "results/analysis/correlations.csv",
+        "results/analysis/differences.csv",
         "results/analysis/report.html",
         "results/analysis/run_info.json",
     ]
