@@ -527,6 +527,28 @@ def test_random_baseline_adds_its_own_activations_and_probes_to_the_dag(workflow
     assert "results/probes/labelled/tiny-random/metrics.csv" in out
 
 
+def test_a_lost_activations_shard_heals_by_running_the_same_command(workflow_copy, tiny_model_src):
+    wf = workflow_copy
+    write_prompts(wf.path("config/prompts.jsonl"), 24)
+    wf.path("config/labelled.jsonl").write_text(DEMO.read_text())
+    cfg = probes_config(tiny_model_src, Path("config/labelled.jsonl"), max_steps=20, permutations=2)
+    wf.write_config(cfg)
+    wf.run("probes")
+    merged = wf.path("results/activations/labelled/tiny.h5")
+    with h5py.File(merged) as f:
+        reference = f["activations"][...]
+    (store,) = wf.path("results/activations/labelled/tiny/shards").iterdir()
+    kept, lost = store / "0000-of-0002.h5", store / "0001-of-0002.h5"
+    before = kept.stat().st_mtime_ns
+    lost.unlink()
+    merged.unlink()
+    proc = wf.run("results/activations/labelled/tiny.h5")  # asked for: the probes above it are intact
+    assert "activations/labelled/tiny job 0: shard 1 (file missing)" in proc.stderr
+    assert kept.stat().st_mtime_ns == before and lost.is_file()
+    with h5py.File(merged) as f:
+        assert np.array_equal(f["activations"][...], reference)
+
+
 def test_probes_through_snakemake_and_a_layer_out_of_range(workflow_copy, tiny_model_src):
     wf = workflow_copy
     write_prompts(wf.path("config/prompts.jsonl"), 24)

@@ -326,6 +326,28 @@ def _complete_h5(path: Path) -> bool:
         return f["offsets"][-1] == f["token_ids"].shape[0] == f["topk_ids"].shape[0]
 
 
+def test_a_lost_and_a_truncated_shard_heal_by_running_the_same_command(workflow_copy, tiny_model_src):
+    wf = workflow_copy
+    shards = {"n_shards": 3, "shards_per_job": 1, "chunk_size": 4}
+    _workflow_setup(wf, tiny_model_src, 60, max_length=32, batch_tokens=64, shards=shards)
+    wf.run("teacher_logits")
+    merged = wf.path("results/teacher_logits/tiny.h5")
+    with h5py.File(merged) as f:
+        reference = {name: f[name][...].tobytes() for name in f}
+    (store,) = wf.path("results/teacher_logits/tiny/shards").iterdir()
+    shard = [store / f"{i:04d}-of-0003.h5" for i in range(3)]
+    before = shard[0].stat().st_mtime_ns
+    shard[1].unlink()
+    shard[2].write_bytes(shard[2].read_bytes()[:1000])  # truncated
+    merged.unlink()
+    proc = wf.run("teacher_logits")
+    assert "teacher_logits/tiny job 1: shard 1 (file missing)" in proc.stderr
+    assert "teacher_logits/tiny job 2: shard 2 (1000 bytes, recorded" in proc.stderr
+    assert shard[0].stat().st_mtime_ns == before  # only the two lost shards were computed again
+    with h5py.File(merged) as f:
+        assert {name: f[name][...].tobytes() for name in f} == reference
+
+
 def test_killed_shard_leaves_no_partial_file_and_rerun_recomputes_only_it(workflow_copy, tiny_model_src):
     wf = workflow_copy
     _workflow_setup(
