@@ -195,10 +195,15 @@ def test_lost_or_damaged_shards_heal_by_running_the_same_command(workflow_copy, 
     assert mtimes(0, 2) == before and shard[1].is_file()
     pd.testing.assert_frame_equal(generations(wf), reference)
 
-    # a byte flipped (same size): the merge names it and takes it out; the next run heals it
+    # a byte flipped (same size): `verify` finds it (status cannot, it reads no data); the merge
+    # names it and takes it out; the next run heals it
+    assert wf.shardwise("verify").stdout == "generate/tiny: 3 of 3 shards recorded, all verified\n"
     data = bytearray(shard[2].read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard[2].write_bytes(bytes(data))
+    found = wf.shardwise("verify", check=False)
+    assert found.returncode == 1 and "1 bad: shard 2 (" in found.stdout and "fails its sha256" in found.stdout
+    assert shard[2].read_bytes() == bytes(data)  # verify changes nothing
     wf.path("results/generations/tiny.parquet").unlink()
     failed = wf.run(check=False)
     assert failed.returncode != 0

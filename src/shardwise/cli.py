@@ -16,6 +16,20 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from shardwise.status import verify_stores
+
+    lines, n_bad = verify_stores(args.results)
+    sys.stdout.write("".join(line + "\n" for line in lines) or f"no shard stores under {args.results}\n")
+    if n_bad:
+        print(
+            f"shardwise: {n_bad} shard(s) do not hold their recorded data; run the workflow again: "
+            "the merge takes them out of the store and the next run recomputes them",
+            file=sys.stderr,
+        )
+    return 1 if n_bad else 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from shardwise.config import load_config_file
     from shardwise.smk import check_inputs
@@ -49,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.add_argument("--tail", type=int, default=8, help="log lines shown per failed shard")
     p.set_defaults(fn=_status)
+    p = sub.add_parser("verify", help="read every shard and check its size and sha256 (changes nothing)")
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.set_defaults(fn=_verify)
     p = sub.add_parser("check", help="validate a config file and its inputs without running")
     p.add_argument("config", nargs="?", default="config/config.yaml")
     p.set_defaults(fn=_check)

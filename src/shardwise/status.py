@@ -101,6 +101,28 @@ def shard_state(plan: ShardPlan, i: int, slurm: dict[str, str] | None = None) ->
     return ShardState(i, "running", where, log=log_path)
 
 
+def verify_stores(results: str | Path = "results") -> tuple[list[str], int]:
+    """Every recorded shard of the newest run of each stage output, read and checked against its
+    record (size, sha256); touches nothing. Returns (one line per run, number of bad shards)."""
+    from shardwise.shards import _shard_problem
+
+    lines, n_bad = [], 0
+    for run in collect(results):
+        plan, checked, bad = run.plan, 0, []
+        for i in range(plan.spec.n_shards):
+            record = plan.read_record(i)
+            if record is None or record.get("fingerprint") != plan.shard_fingerprint(i):
+                continue
+            checked += 1
+            problem = _shard_problem(plan.shard_path(i), record, checksum=True)
+            if problem:
+                bad.append(f"shard {i} ({plan.shard_path(i)}): {problem}")
+        n_bad += len(bad)
+        state = "all verified" if not bad else f"{len(bad)} bad: " + "; ".join(bad)
+        lines.append(f"{plan.name}: {checked} of {plan.spec.n_shards} shards recorded, {state}")
+    return lines, n_bad
+
+
 def collect(results: str | Path = "results") -> list[RunStatus]:
     """The newest run of every stage output found under `results`."""
     by_output: dict[tuple[str, str], list[Path]] = {}
