@@ -204,7 +204,7 @@ def merged_run(tmp_path):
 def test_merge_refuses_a_stale_shard(tmp_path, merged_run):
     _plan, manifests = merged_run
     changed = make_plan(tmp_path, n_shards=3, shards_per_job=1, input="changed")
-    with pytest.raises(ShardError, match="stale shard"):
+    with pytest.raises(ShardError, match="stale"):
         verify(changed, manifests)
 
 
@@ -244,7 +244,35 @@ def test_merge_refuses_a_checksum_mismatch(merged_run):
 def test_merge_refuses_a_missing_shard_file(merged_run):
     plan, manifests = merged_run
     plan.shard_path(1).unlink()
-    with pytest.raises(ShardError, match=r"shard 1 .* is missing"):
+    with pytest.raises(ShardError, match=r"shard 1 .*file missing"):
+        verify(plan, manifests)
+
+
+def test_merge_names_every_bad_shard_at_once_and_takes_them_out_of_the_store(merged_run):
+    plan, manifests = merged_run
+    data = bytearray(plan.shard_path(0).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    plan.shard_path(0).write_bytes(bytes(data))
+    plan.shard_path(1).unlink()
+    with pytest.raises(ShardError) as err:
+        verify(plan, manifests)
+    message = str(err.value)
+    assert "2 shard(s) failed verification" in message and "run the same command again" in message
+    assert "shard 0 (0000-of-0003.parquet): fails its sha256" in message
+    assert "shard 1 (0001-of-0003.parquet): file missing" in message
+    assert not manifests[0].exists() and not manifests[1].exists() and manifests[2].exists()
+    assert not plan.is_done(0) and not plan.is_done(1) and plan.is_done(2)  # pending again
+    assert plan.shard_path(0).with_name("0000-of-0003.parquet.bad").read_bytes() == bytes(data)
+
+
+def test_merge_refuses_shards_of_two_dtypes(merged_run):
+    plan, manifests = merged_run
+    for manifest, dtype in zip(manifests, ["bfloat16", "float32", "float32"], strict=True):
+        obj = json.loads(manifest.read_text())
+        obj["shards"][0]["stats"]["dtype"] = dtype
+        manifest.write_text(json.dumps(obj))
+    mix = r"different dtypes \(bfloat16: shard\(s\) 0; float32: shard\(s\) 1, 2\)"
+    with pytest.raises(ShardError, match=mix):
         verify(plan, manifests)
 
 

@@ -182,9 +182,10 @@ def make_plan(
         n_items = len(load_labelled(pr.data, pr.labels))
     layers = resolve_layers(pr.layers, n_blocks(model_dir))
     record = read_record(model_dir)
-    _, redrawn = pr.weights_of(name)
+    weights, redrawn = pr.weights_of(name)
     identity = {
         "model": record["identity"],
+        "dtype": cfg.models[weights].dtype,
         "random_weights_seed": pr.seed if redrawn else None,
         "layers": layers,
         "pooling": pr.pooling,
@@ -269,7 +270,12 @@ def compute_shard(ctx: ShardContext) -> None:
                 {"activations": out, "item_ids": ids_col[chunk.start : chunk.stop], "layers": a["layers"]},
             )
     seconds = time.perf_counter() - started
-    ctx.stats.update(tokens=n_tokens, seconds=round(seconds, 2), tokens_per_s=round(n_tokens / seconds, 1))
+    ctx.stats.update(
+        dtype=str(model.dtype).removeprefix("torch."),
+        tokens=n_tokens,
+        seconds=round(seconds, 2),
+        tokens_per_s=round(n_tokens / seconds, 1),
+    )
 
 
 def _plan_for(smk: Any) -> tuple[Config, ShardPlan, ActivationsCodec, list[int]]:

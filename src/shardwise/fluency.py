@@ -180,6 +180,7 @@ def make_plan(
     an = cfg.analysis
     identity = {
         "model": read_record(model_dir)["identity"],
+        "dtype": cfg.models[an.fluency_model].dtype if an.fluency_model else None,
         "generations_sha256": sha256_file(generations),
         "code": code_version(*CODE),
     }
@@ -213,7 +214,12 @@ def compute_shard(ctx: ShardContext) -> None:
             ctx.commit(chunk, scores)
             tokens += int(scores["n_tokens"].sum())
     seconds = time.perf_counter() - started
-    ctx.stats.update(scored_tokens=tokens, seconds=round(seconds, 2), tokens_per_s=round(tokens / seconds, 1))
+    ctx.stats.update(
+        dtype=str(model.dtype).removeprefix("torch."),
+        scored_tokens=tokens,
+        seconds=round(seconds, 2),
+        tokens_per_s=round(tokens / seconds, 1),
+    )
 
 
 def job(smk: Any) -> None:

@@ -688,6 +688,18 @@ def verify(plan: ShardPlan, manifests: Sequence[str | Path]) -> list[Path]:
             "removed: run the same command again - it recomputes only these shards, then merges."
         )
 
+    dtypes: dict[str, list[int]] = {}
+    for record, _ in entries:
+        dtype = (record.get("stats") or {}).get("dtype")
+        if dtype:
+            dtypes.setdefault(str(dtype), []).append(record["index"])
+    if len(dtypes) > 1:
+        mix = "; ".join(f"{d}: shard(s) {', '.join(map(str, sorted(ix)))}" for d, ix in sorted(dtypes.items()))
+        raise ShardError(
+            f"{plan.name}: shards computed in different dtypes ({mix}), e.g. `dtype: auto` resolved on "
+            "different hardware; set the model's dtype explicitly (a new fingerprint) and rerun"
+        )
+
     by_start = sorted(entries, key=lambda e: (e[0]["rows"][0], e[0]["rows"][1]))
     expected = 0
     paths = []

@@ -115,6 +115,7 @@ def make_plan(
     tok_hash = tokenizer_sha256(model_dir)
     identity = {
         "model": record["identity"],
+        "dtype": cfg.models[tl.teachers[teacher]].dtype,
         "tokenizer_sha256": tok_hash,
         "k": tl.k,
         "max_length": tl.max_length,
@@ -319,6 +320,7 @@ def compute_shard(ctx: ShardContext) -> None:
     writer.raise_error()
     seconds = time.perf_counter() - started
     ctx.stats.update(
+        dtype=str(model.dtype).removeprefix("torch."),
         items=sum(len(c) for c in chunks),
         tokens=n_tokens,
         truncated_items=truncated,
