@@ -83,6 +83,11 @@ def _bad_cases():
             "models.tiny.source: 's3'",
         ),
         "unknown model": (cfg(models={"tiny": {"model": "big"}}), None, "unknown model 'big'"),
+        "placeholder left": (
+            lambda c: c["models"]["tiny"].update(revision="<commit-sha>"),
+            None,
+            "models.tiny.revision: '<commit-sha>' holds the placeholder <commit-sha>; replace it",
+        ),
         "no weights": (lambda c: c["models"]["tiny"].update(path="/"), None, "has no config.json"),
         "prompts missing": (cfg(prompts="config/nope.jsonl"), None, "config/nope.jsonl: not found"),
         "prompts empty": (None, prompts(""), "prompts.jsonl: no rows"),

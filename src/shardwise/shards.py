@@ -694,7 +694,7 @@ def verify(plan: ShardPlan, manifests: Sequence[str | Path]) -> list[Path]:
         if dtype:
             dtypes.setdefault(str(dtype), []).append(record["index"])
     if len(dtypes) > 1:
-        mix = "; ".join(f"{d}: shard(s) {', '.join(map(str, sorted(ix)))}" for d, ix in sorted(dtypes.items()))
+        mix = "; ".join(f"{d}: shard(s) {', '.join(map(str, sorted(i)))}" for d, i in sorted(dtypes.items()))
         raise ShardError(
             f"{plan.name}: shards computed in different dtypes ({mix}), e.g. `dtype: auto` resolved on "
             "different hardware; set the model's dtype explicitly (a new fingerprint) and rerun"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import socket
 import sys
 import time
@@ -91,11 +92,31 @@ def _check_shards(section: str, spec: Any, n: int, what: str, where: str, align:
         )
 
 
+PLACEHOLDER = re.compile(r"<[A-Za-z][\w-]*>")
+
+
+def check_placeholders(node: Any, key: str = "") -> None:
+    """Refuse a template's placeholder left in a config value (`<commit-sha>`, `<project>`)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            check_placeholders(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            check_placeholders(v, f"{key}[{i}]")
+    elif isinstance(node, str) and PLACEHOLDER.search(node):
+        raise InputError(
+            f"{key}: {node!r} holds the placeholder {PLACEHOLDER.search(node).group()}; replace it "
+            "(the config's comments say with what)"
+        )
+
+
 def check_inputs(cfg: Config) -> dict[str, int]:
-    """What the workflow checks before any job runs (also `shardwise check`): each used model's
-    source, and each input table; returns the number of items per input."""
+    """What the workflow checks before any job runs (also `shardwise check`): no placeholder left,
+    each used model's source, and each input table; returns the number of items per input."""
     from shardwise.models import check_source
     from shardwise.tables import load_prompts, load_texts
+
+    check_placeholders(cfg.resolved)
 
     counts = {}
     gen, tl = cfg.generate, cfg.teacher_logits
