@@ -554,12 +554,11 @@ def test_probes_through_snakemake_and_a_layer_out_of_range(workflow_copy, tiny_m
     write_prompts(wf.path("config/prompts.jsonl"), 24)
     wf.path("config/labelled.jsonl").write_text(DEMO.read_text())
     wf.write_config(probes_config(tiny_model_src, Path("config/labelled.jsonl"), layers=[0, 7]))
-    proc = wf.run("probes", check=False)
+    proc = wf.run("-n", "probes", check=False)  # refused up front, in a dry run too
     errors = [line for line in proc.stderr.splitlines() if line.startswith("shardwise: error:")]
-    assert proc.returncode != 0
-    assert any("probes.layers: layer 7 is out of range for a model with 2 blocks" in e for e in errors), (
-        proc.stderr
-    )
+    assert proc.returncode != 0 and len(errors) == 1
+    assert "probes.layers (model 'tiny', " in errors[0] and "config.json)" in errors[0]
+    assert any("layer 7 is out of range for a model with 2 blocks" in e for e in errors), proc.stderr
 
     wf.write_config(
         probes_config(tiny_model_src, Path("config/labelled.jsonl"), layers=[0, -1], max_steps=50)

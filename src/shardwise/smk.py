@@ -110,6 +110,28 @@ def check_placeholders(node: Any, key: str = "") -> None:
         )
 
 
+def _check_layers(cfg: Config, name: str) -> None:
+    """probes.layers against the model's depth, as soon as its config.json is here (a local model,
+    or one already prepared): read as JSON, without importing transformers."""
+    import json
+
+    from shardwise.activations import resolve_layers
+
+    spec = cfg.models[name]
+    candidates = [Path("resources/models") / name / "config.json"]
+    if spec.source == "local" and spec.path:
+        candidates.insert(0, Path(spec.path) / "config.json")
+    for path in candidates:
+        try:
+            conf = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        depth = conf.get("num_hidden_layers") or (conf.get("text_config") or {}).get("num_hidden_layers")
+        if isinstance(depth, int):
+            resolve_layers(cfg.probes.layers, depth, source=f"probes.layers (model {name!r}, {path})")
+        return
+
+
 def check_inputs(cfg: Config) -> dict[str, int]:
     """What the workflow checks before any job runs (also `shardwise check`): no placeholder left,
     each used model's source, and each input table; returns the number of items per input."""
@@ -144,6 +166,7 @@ def check_inputs(cfg: Config) -> dict[str, int]:
 
         for name in pr.models:
             check_source(cfg.models[name])
+            _check_layers(cfg, name)
         table = load_labelled(pr.data, list(pr.labels))
         counts["labelled rows"] = n = len(table)
         _check_shards("probes", pr.shards, n, "rows", f"in {pr.data}", align=pr.shards.chunk_size)
