@@ -194,10 +194,18 @@ def run_info(cfg: Config, stage: str, code: str) -> dict[str, Any]:
     }
 
 
+def run_info_digest(cfg: Config, stage: str, code: str) -> str:
+    """The rule param of a `*_run_info` rule: a short hash of what it writes, so that a changed
+    config reruns it with a one-line reason instead of the whole config in the log."""
+    from shardwise.fingerprint import stable_hash
+
+    return stable_hash(run_info(cfg, stage, code))[:16]
+
+
 def write_run_info(smk: Any) -> None:
     from shardwise.shards import atomic_write_json
 
-    info = dict(smk.params.info)
+    info = run_info(load_config(smk.config), smk.params.stage, smk.params.code)
     info.update(
         written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         host=socket.gethostname(),

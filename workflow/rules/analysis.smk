@@ -104,7 +104,8 @@ rule report:
             "results/analysis/figures/differences.png", category="Fluency and toxicity"
         ),
         forest_correlations=report(
-            "results/analysis/figures/correlations.png", category="Fluency and toxicity"
+            "results/analysis/figures/correlations.png",
+            category="Fluency and toxicity",
         ),
         html="results/analysis/report.html",
     log:
@@ -128,6 +129,8 @@ rule analysis_run_info:
     conda:
         ENV
     params:
-        info=run_info(CFG, "analysis", analysis_code("analysis")),
+        stage="analysis",
+        code=analysis_code("analysis"),
+        digest=run_info_digest(CFG, "analysis", analysis_code("analysis")),
     script:
         "../../scripts/run_info.py"

@@ -25,7 +25,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.fingerprint import code_version
 from shardwise.config import TOXICITY_PROBE_DATA
 from shardwise.shards import heal_manifests
-from shardwise.smk import check_inputs, fail, run_info, workflow_config
+from shardwise.smk import check_inputs, fail, run_info_digest, workflow_config
 
 CFG = workflow_config(config, workflow.configfiles)
 GEN = CFG.generate

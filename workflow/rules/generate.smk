@@ -49,6 +49,8 @@ rule generations_run_info:
     conda:
         ENV
     params:
-        info=run_info(CFG, "generate", generate_code()),
+        stage="generate",
+        code=generate_code(),
+        digest=run_info_digest(CFG, "generate", generate_code()),
     script:
         "../../scripts/run_info.py"

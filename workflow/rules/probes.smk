@@ -105,6 +105,8 @@ rule probes_run_info:
     conda:
         ENV
     params:
-        info=run_info(CFG, "probes", probes_code()),
+        stage="probes",
+        code=probes_code(),
+        digest=run_info_digest(CFG, "probes", probes_code()),
     script:
         "../../scripts/run_info.py"

@@ -49,6 +49,8 @@ rule teacher_logits_run_info:
     conda:
         ENV
     params:
-        info=run_info(CFG, "teacher_logits", teacher_logits_code()),
+        stage="teacher_logits",
+        code=teacher_logits_code(),
+        digest=run_info_digest(CFG, "teacher_logits", teacher_logits_code()),
     script:
         "../../scripts/run_info.py"
