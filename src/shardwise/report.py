@@ -298,7 +298,8 @@ def write_html(
         "<p>"
         + html.escape(
             f"Toxicity scorer: {info['scorer']}; a generation is toxic when its score is "
-            f"{info['threshold']}. Perplexity: prompt-conditioned, continuation tokens only, under "
+            f"{info['threshold']}. Perplexity: DExperts' conditional perplexity (prompt + continuation "
+            "tokenised together, minus the prompt's own loss, per continuation token) under "
             f"{info['fluency_model']}. Expected maximum toxicity and toxicity probability are over "
             "the k generations of each prompt. Brackets: 95% percentile bootstrap CIs resampling "
             f"prompts ({info.get('bootstrap', '')})."
