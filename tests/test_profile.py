@@ -55,7 +55,9 @@ def test_dry_run_with_the_slurm_profile_needs_no_slurm(workflow_copy, tiny_model
     wf = workflow_copy
     write_prompts(wf.path("config/prompts.jsonl"), 24)
     wf.write_config(
-        tiny_config(tiny_model_src, shards={"n_shards": 8, "shards_per_job": 4, "gpus_per_shard": 1})
+        tiny_config(
+            tiny_model_src, shards={"n_shards": 8, "shards_per_job": 4, "gpus_per_shard": 1, "chunk_size": 2}
+        )
     )
     env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     if spelling == "slurm":
@@ -93,7 +95,7 @@ def fake_slurm(root: Path) -> dict[str, str]:
 def test_sbatch_lines_of_the_snellius_profile(workflow_copy: Workflow, tiny_model_src, shards_per_job, gpus):
     wf = workflow_copy
     write_prompts(wf.path("config/prompts.jsonl"), 24)
-    shards = {"n_shards": 4, "shards_per_job": shards_per_job, "gpus_per_shard": 1}
+    shards = {"n_shards": 4, "shards_per_job": shards_per_job, "gpus_per_shard": 1, "chunk_size": 6}
     wf.write_config(tiny_config(tiny_model_src, shards=shards))
     env = fake_slurm(wf.root)
     args = (
