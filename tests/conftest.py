@@ -30,14 +30,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+def random_llama(tokenizer: Any, seed: int, hidden_size: int) -> Any:
+    """A seeded random 2-layer Llama for `tokenizer`'s vocabulary and special tokens."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return LlamaForCausalLM(cfg)
+
+
 def make_tiny_model(path: Path, seed: int = 0, vocab_size: int = 320, hidden_size: int = 32) -> Path:
     """A random 2-layer Llama with a byte-level BPE tokenizer trained on the demo prompts.
 
     At hidden_size 32 its bfloat16 logits on the CPU do not depend on the batch; from ~576 (SmolLM2's
     width) they do, as a real model's do."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     texts = [json.loads(line)["prompt"] for line in (REPO / "config/demo/prompts.jsonl").open()]
     tok = Tokenizer(models.BPE())
@@ -51,19 +70,7 @@ def make_tiny_model(path: Path, seed: int = 0, vocab_size: int = 320, hidden_siz
     )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=fast.eos_token_id,
-        bos_token_id=fast.bos_token_id,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = random_llama(fast, seed, hidden_size)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     fast.save_pretrained(path)
@@ -74,9 +81,8 @@ def make_metaspace_model(seed: int = 0, vocab_size: int = 300) -> tuple[Any, Any
     """A random 2-layer Llama with a SentencePiece-style tokenizer (BPE over a Metaspace
     pre-tokenizer, "▁" for spaces, a Metaspace decoder that drops the leading space of a text,
     BOS prepended), as Llama-2 and Mistral ship: (model, tokenizer), in memory."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     texts = [json.loads(line)["prompt"] for line in (REPO / "config/demo/prompts.jsonl").open()]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -88,19 +94,7 @@ def make_metaspace_model(seed: int = 0, vocab_size: int = 300) -> tuple[Any, Any
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=fast.eos_token_id,
-        bos_token_id=fast.bos_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval(), fast
+    return random_llama(fast, seed, 32).eval(), fast
 
 
 @pytest.fixture(scope="session")
