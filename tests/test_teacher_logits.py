@@ -201,7 +201,7 @@ def test_merge_refuses_foreign_or_damaged_shards(tmp_path, merged, case):
     elif case == "truncated":
         with open(shard, "r+b") as fh:
             fh.truncate(shard.stat().st_size // 2)
-        expected = "shard 1 .*0001-of-0002.h5.*has \\d+ bytes, recorded \\d+ \\(truncated or altered\\)"
+        expected = "shard 1 .*0001-of-0002.h5.*: \\d+ bytes, recorded \\d+ \\(truncated or altered\\)"
     else:
         data = json.loads(Path(jobs[0]).read_text())
         data["shards"] = data["shards"][:1]
