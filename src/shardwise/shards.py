@@ -509,7 +509,9 @@ def run_job(
                 f"{len(pending)} shard(s) x gpus_per_shard {g}, sees {len(gpus)}"
             )
         export_package_path()  # workers import this same shardwise
-        per_worker = max(1, job_cpus(threads) // len(pending))
+        # a fixed share per shard of the job (not per pending shard): the torch thread count changes
+        # bf16 sums on the CPU, so a resumed job and every layout compute each shard alike
+        per_worker = max(1, job_cpus(threads) // plan.spec.shards_per_job)
         folder = plan.log_dir / "submitit"
         running = []
         for k, i in enumerate(pending):
