@@ -45,6 +45,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def parse_sacct(text: str) -> dict[str, str]:
+    """`sacct -X -n -P -o JobIDRaw,State` output -> {job id: state}; a state keeps its detail
+    ("CANCELLED by 1000")."""
+    states = {}
+    for line in text.splitlines():
+        job_id, sep, state = line.strip().partition("|")
+        if sep and job_id:
+            states[job_id] = state.strip()
+    return states
+
+
 def slurm_states(job_ids: set[str]) -> dict[str, str]:
     """SLURM job id -> state (RUNNING, TIMEOUT, CANCELLED by ...), from sacct when it is there."""
     if not job_ids or shutil.which("sacct") is None:
@@ -54,7 +65,35 @@ def slurm_states(job_ids: set[str]) -> dict[str, str]:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
-    return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+    return parse_sacct(out)
+
+
+# SLURM job states in which the job's workers still live (or will): anything else ended the job.
+ALIVE = ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED")
+# What an ended job's state means for its unfinished shards, and what the user does.
+CAUSES = {
+    "TIMEOUT": "the job hit its time limit; a rerun resumes from the last committed chunk, and a "
+    "retry gets twice the time (profiles/slurm runtime)",
+    "OUT_OF_MEMORY": "the job ran out of memory; raise mem_mb_per_cpu for this rule in the profile, "
+    "or lower batch_size / batch_tokens",
+    "CANCELLED": "the job was cancelled (scancel, or the scheduler); a rerun resumes",
+    "NODE_FAIL": "the job's node failed; a rerun resumes on another node",
+    "PREEMPTED": "the job was preempted; a rerun resumes",
+    "BOOT_FAIL": "the job's node failed to boot; a rerun resumes on another node",
+    "DEADLINE": "the job reached its deadline; a rerun resumes",
+    "FAILED": "the job exited non-zero; see the shard's log",
+    "COMPLETED": "the job ended without finishing this shard; see the shard's log",
+}
+
+
+def slurm_cause(state: str | None) -> str | None:
+    """None while the job lives (or its state is unknown), else what its end means."""
+    if not state:
+        return None
+    word = state.split()[0].rstrip("+")
+    if word in ALIVE:
+        return None
+    return f"SLURM job {state}: {CAUSES.get(word, 'the job ended')}"
 
 
 def load_plan(path: Path) -> ShardPlan:
@@ -93,10 +132,16 @@ def shard_state(plan: ShardPlan, i: int, slurm: dict[str, str] | None = None) ->
     job_state = (slurm or {}).get(job_id) if job_id else None
     if job_id:
         where += f", SLURM job {job_id}" + (f" {job_state}" if job_state else "")
+    cause = slurm_cause(job_state)
     if status["state"] == "failed":
-        return ShardState(i, "failed", f"{status.get('error', '')} ({where})", log=log_path)
+        error = status.get("error", "")
+        if cause and ("signal" in error or "died" in error):
+            error = cause  # a signal from SLURM says less than the job's state
+        return ShardState(i, "failed", f"{error} ({where})", log=log_path)
+    if cause:
+        return ShardState(i, "failed", f"{cause} ({where})", log=log_path)
     gone = status.get("host") == socket.gethostname() and not _pid_alive(int(status["pid"]))
-    if gone or (job_state and not job_state.startswith(("RUNNING", "PENDING", "REQUEUED"))):
+    if gone:
         return ShardState(i, "failed", f"worker died without a word, killed? ({where})", log=log_path)
     return ShardState(i, "running", where, log=log_path)
 
@@ -146,18 +191,84 @@ def collect(results: str | Path = "results") -> list[RunStatus]:
     ]
 
 
-def _throughput(run: RunStatus) -> str:
+# Snellius bills a gpu_a100 GPU at 128 SBU per hour (a 4-GPU node 512 SBU/h; 1/4 node = 1 GPU +
+# 18 cores), per allocated GPU, idle or not. The one place the rate is set: change it here when
+# SURF's accounting page says otherwise (README "Cost (SBU)").
+SBU_PER_GPU_HOUR = 128
+
+
+@dataclass
+class Progress:
+    """What the finished shards of a run measured, and what that projects for the rest."""
+
+    items_per_s: float  # per worker
+    tokens_per_s: float | None  # per worker, every stage's model tokens (generate: new tokens)
+    remaining_items: int
+    workers: int  # in parallel: the running shards, else one job's worth
+    eta_s: float
+    gpu_hours_spent: float
+    gpu_hours_left: float
+
+    @property
+    def sbu_spent(self) -> float:
+        return self.gpu_hours_spent * SBU_PER_GPU_HOUR
+
+    @property
+    def sbu_projected(self) -> float:
+        return (self.gpu_hours_spent + self.gpu_hours_left) * SBU_PER_GPU_HOUR
+
+
+def progress(run: RunStatus) -> Progress | None:
+    """Throughput of the done shards and, at that rate, the time and GPU-hours the others need."""
     records = [s.record for s in run.shards if s.state == "done" and s.record]
-    if not records:
-        return ""
     seconds = sum(r["end"] - r["start"] for r in records)
-    rows = sum(r["n_rows"] for r in records)
-    text = f"{rows / seconds:.2f} items/s per worker" if seconds > 0 else ""
-    tokens = [r["stats"].get("new_tokens_per_s") for r in records if r.get("stats")]
-    tokens = [t for t in tokens if t]
-    if tokens:
-        text += f", {sum(tokens) / len(tokens):.1f} new tokens/s per worker"
-    return text
+    if not records or seconds <= 0:
+        return None
+    rate = sum(r["n_rows"] for r in records) / seconds
+    tokens = [r.get("stats", {}).get("tokens_per_s") for r in records]
+    tokens = [x for x in tokens if x]
+    ranges = run.plan.ranges()
+    remaining = sum(len(ranges[s.index]) for s in run.shards if s.state != "done")
+    workers = run.count("running") or min(run.plan.spec.shards_per_job, max(1, len(ranges) - len(records)))
+    gpus = run.plan.spec.gpus_per_shard
+    return Progress(
+        items_per_s=rate,
+        tokens_per_s=sum(tokens) / len(tokens) if tokens else None,
+        remaining_items=remaining,
+        workers=workers,
+        eta_s=remaining / rate / workers,
+        gpu_hours_spent=seconds * gpus / 3600,
+        gpu_hours_left=remaining / rate * gpus / 3600,
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _throughput(run: RunStatus) -> list[str]:
+    p = progress(run)
+    if p is None:
+        return []
+    unit = "new tokens/s" if run.plan.stage == "generate" else "tokens/s"
+    speed = f"{p.items_per_s:.2f} items/s per worker"
+    if p.tokens_per_s:
+        speed += f", {p.tokens_per_s:.1f} {unit} per worker"
+    lines = [f"  throughput: {speed}"]
+    if p.remaining_items:
+        lines.append(
+            f"  ETA: {_duration(p.eta_s)} for {p.remaining_items} items at {p.workers} worker(s) in parallel"
+        )
+    if run.plan.spec.gpus_per_shard:
+        lines.append(
+            f"  cost: {p.sbu_spent:,.0f} SBU spent, {p.sbu_projected:,.0f} SBU projected "
+            f"({SBU_PER_GPU_HOUR} SBU per GPU-hour, shard compute time only)"
+        )
+    return lines
 
 
 def render(runs: list[RunStatus], tail: int = 8) -> str:
@@ -169,9 +280,7 @@ def render(runs: list[RunStatus], tail: int = 8) -> str:
         counts = ", ".join(f"{run.count(s)} {s}" for s in ("done", "running", "failed", "pending"))
         older = f"  [{run.older_runs} older run(s) kept]" if run.older_runs else ""
         lines.append(f"{plan.name}: {plan.spec.n_shards} shards ({counts}), run {plan.fingerprint}{older}")
-        speed = _throughput(run)
-        if speed:
-            lines.append(f"  throughput: {speed}")
+        lines.extend(_throughput(run))
         for shard in run.shards:
             if shard.state in ("running", "failed"):
                 lines.append(f"  shard {shard.index}: {shard.state}: {shard.detail}")

@@ -1,0 +1,151 @@
+"""`shardwise status` on canned input: sacct output, shard status files, finished shards' records."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from shardwise.config import ShardSpec
+from shardwise.shards import ShardPlan
+from shardwise.status import (
+    SBU_PER_GPU_HOUR,
+    RunStatus,
+    ShardState,
+    parse_sacct,
+    progress,
+    render,
+    shard_state,
+    slurm_cause,
+)
+
+SACCT = """\
+4101|RUNNING
+4102|TIMEOUT
+4103|CANCELLED by 1000
+4104|OUT_OF_MEMORY
+4105|NODE_FAIL
+4106|PREEMPTED
+4107|PENDING
+4108|FAILED
+4109|COMPLETED
+
+"""
+
+
+def plan(tmp_path: Path, n_items: int = 100, n_shards: int = 4, gpus: int = 1, stage: str = "generate"):
+    spec = ShardSpec(n_shards=n_shards, shards_per_job=2, gpus_per_shard=gpus, chunk_size=5)
+    return ShardPlan(
+        stage=stage,
+        key="run",
+        n_items=n_items,
+        spec=spec,
+        identity={"x": 1},
+        root=tmp_path / "results" / stage / "run",
+        log_dir=tmp_path / "logs" / stage / "run",
+        ext="parquet",
+    )
+
+
+def test_sacct_output_is_parsed_with_the_states_detail():
+    states = parse_sacct(SACCT)
+    assert states["4103"] == "CANCELLED by 1000" and states["4102"] == "TIMEOUT"
+    assert len(states) == 9
+
+
+@pytest.mark.parametrize(
+    ("state", "says"),
+    [
+        ("TIMEOUT", "time limit"),
+        ("CANCELLED by 1000", "cancelled"),
+        ("OUT_OF_MEMORY", "out of memory"),
+        ("NODE_FAIL", "node failed"),
+        ("PREEMPTED", "preempted"),
+        ("FAILED", "non-zero"),
+    ],
+)
+def test_an_ended_job_gives_its_shards_a_cause(tmp_path, state, says):
+    p = plan(tmp_path)
+    p.store.mkdir(parents=True)
+    status = {"state": "running", "pid": 1, "host": "gcn12", "slurm_job_id": "4102"}
+    p.status_path(1).write_text(json.dumps(status))
+    shard = shard_state(p, 1, {"4102": state})
+    assert shard.state == "failed"
+    assert f"SLURM job {state}" in shard.detail and says in shard.detail
+
+
+@pytest.mark.parametrize("state", ["RUNNING", "PENDING", "REQUEUED", "COMPLETING", None])
+def test_a_living_job_keeps_its_shards_running(tmp_path, state):
+    assert slurm_cause(state) is None
+    p = plan(tmp_path)
+    p.store.mkdir(parents=True)
+    status = {"state": "running", "pid": 1, "host": "gcn12", "slurm_job_id": "4101"}
+    p.status_path(0).write_text(json.dumps(status))
+    assert shard_state(p, 0, {"4101": state} if state else {}).state == "running"
+
+
+def test_siblings_of_a_cancelled_job_are_described_alike(tmp_path):
+    """One worker wrote 'terminated by SIGTERM', its sibling died before writing: both get the
+    job's state."""
+    p = plan(tmp_path)
+    p.store.mkdir(parents=True)
+    sigterm = "ShardError: terminated by signal SIGTERM (time limit, scancel, Ctrl-C?)"
+    p.status_path(0).write_text(
+        json.dumps({"state": "failed", "pid": 1, "host": "gcn1", "slurm_job_id": "4103", "error": sigterm})
+    )
+    sibling = {"state": "running", "pid": 2, "host": "gcn1", "slurm_job_id": "4103"}
+    p.status_path(1).write_text(json.dumps(sibling))
+    details = [shard_state(p, i, parse_sacct(SACCT)).detail for i in (0, 1)]
+    assert all(d.startswith("SLURM job CANCELLED by 1000: the job was cancelled") for d in details)
+
+
+def test_a_dead_local_worker_is_failed_without_sacct(tmp_path):
+    p = plan(tmp_path)
+    p.store.mkdir(parents=True)
+    gone = {"state": "running", "pid": 2**22 + 17, "host": socket.gethostname()}  # above pid_max
+    p.status_path(2).write_text(json.dumps(gone))
+    shard = shard_state(p, 2, {})
+    assert shard.state == "failed" and "died without a word" in shard.detail
+
+
+def record(rows: range, seconds: float, tokens_per_s: float) -> dict:
+    stats = {"tokens_per_s": tokens_per_s}
+    return {"n_rows": len(rows), "start": 1000.0, "end": 1000.0 + seconds, "stats": stats}
+
+
+def test_eta_and_sbu_from_the_finished_shards(tmp_path):
+    p = plan(tmp_path)  # 100 items in 4 shards of 25 (chunks of 5), 1 GPU each
+    ranges = p.ranges()
+    run = RunStatus(
+        p,
+        [
+            ShardState(0, "done", record=record(ranges[0], 3600.0, 40.0)),
+            ShardState(1, "done", record=record(ranges[1], 3600.0, 60.0)),
+            ShardState(2, "running"),
+            ShardState(3, "pending"),
+        ],
+    )
+    got = progress(run)
+    assert got is not None
+    assert got.items_per_s == pytest.approx(50 / 7200)  # per worker
+    assert got.tokens_per_s == pytest.approx(50.0)
+    assert got.remaining_items == 50 and got.workers == 1
+    assert got.eta_s == pytest.approx(50 / (50 / 7200))  # 2 h at one worker
+    assert got.gpu_hours_spent == pytest.approx(2.0) and got.gpu_hours_left == pytest.approx(2.0)
+    assert got.sbu_spent == pytest.approx(2 * SBU_PER_GPU_HOUR)
+    assert got.sbu_projected == pytest.approx(4 * SBU_PER_GPU_HOUR)
+    shown = render([run])
+    assert "50.0 new tokens/s per worker" in shown
+    assert "ETA: 2.0 h for 50 items at 1 worker(s)" in shown
+    assert f"cost: {2 * SBU_PER_GPU_HOUR} SBU spent, {4 * SBU_PER_GPU_HOUR} SBU projected" in shown
+
+
+def test_every_stage_shows_tokens_per_second_and_cpu_stages_no_sbu(tmp_path):
+    for stage in ("teacher_logits", "activations", "score_fluency"):
+        p = plan(tmp_path, gpus=0, stage=stage)
+        ranges = p.ranges()
+        run = RunStatus(p, [ShardState(i, "done", record=record(ranges[i], 10.0, 123.4)) for i in range(4)])
+        shown = render([run])
+        assert "123.4 tokens/s per worker" in shown and "ETA" not in shown and "SBU" not in shown
