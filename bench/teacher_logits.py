@@ -170,7 +170,7 @@ def main() -> None:
 
     # the shard writer (in this process, as a worker runs it)
     args = {
-        "generations": False,
+        "from_generations": False,
         "corpus": str(corpus),
         "model_dir": str(model_dir),
         "dtype": a.dtype,

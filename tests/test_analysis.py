@@ -13,8 +13,9 @@ import torch
 from shardwise import toxicity
 from shardwise.analysis import bootstrap_by_prompt, distinct_n, partial_spearman, summary_row
 from shardwise.errors import InputError, ModelError
-from shardwise.fluency import continuation_nll, load_generations, pad_id_of, score_table
+from shardwise.fluency import continuation_nll, pad_id_of, score_table
 from shardwise.models import load_model
+from shardwise.tables import load_generations
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def test_demo_dag_end_to_end(workflow_copy):
     assert table.continuation.str.split().str.len().mean() > 5
     assert set(table.topic) >= {"weather", "science", "questions"}  # extra columns carried through
 
-    info = json.loads(wf.path("results/generations/run_info.json").read_text())
+    info = json.loads(wf.path("results/generations/smollm2.run_info.json").read_text())
     assert info["config"]["models"]["smollm2"]["source"] == "package"
     record = json.loads(wf.path("resources/models/smollm2/shardwise-model.json").read_text())
     assert record["weights"] == ["model.safetensors"]

@@ -62,22 +62,11 @@ def probes_config(model_src: Path, data: Path, **probes) -> dict:
 
 def compute(tmp: Path, model_dir: Path, raw_cfg: dict, name: str = "tiny") -> tuple[Path, object]:
     """The activations stage without Snakemake: every job, then the verified merge."""
-    from shardwise.activations import compute_shard
+    from shardwise.activations import compute_shard, worker_args
 
     cfg = load_config(raw_cfg)
     plan, codec, layers = make_plan(cfg, name, model_dir, results=tmp / "results", logs=tmp / "logs")
-    pr = cfg.probes
-    args = {
-        "random_seed": pr.seed if pr.weights_of(name)[1] else None,
-        "data": str(pr.data),
-        "labels": list(pr.labels),
-        "model_dir": str(model_dir),
-        "dtype": "float32",
-        "layers": layers,
-        "pooling": pr.pooling,
-        "max_length": pr.max_length,
-        "batch_tokens": pr.batch_tokens,
-    }
+    args = worker_args(cfg, "labelled", name, model_dir, layers)
     manifests = [tmp / "jobs" / f"job-{j:04d}.json" for j in range(plan.spec.n_jobs)]
     for job, manifest in enumerate(manifests):
         run_job(plan, job, compute_shard, codec, args, manifest, threads=2)

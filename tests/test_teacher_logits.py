@@ -26,7 +26,7 @@ from shardwise.fingerprint import sha256_file
 from shardwise.logits import TeacherLogits, TeacherLogitsDataset, collate, kd_loss, topk_dtype
 from shardwise.models import load_model, prepare_model
 from shardwise.shards import run_job
-from shardwise.teacher_logits import make_plan, merge_files
+from shardwise.teacher_logits import make_plan, merge_files, worker_args
 
 K = 16
 
@@ -67,16 +67,7 @@ def compute(tmp: Path, model_dir: Path, raw_cfg: dict, teacher: str = "tiny") ->
     cfg = load_config(raw_cfg)
     corpus = cfg.teacher_logits.corpus
     plan, codec = make_plan(cfg, teacher, model_dir, corpus, results=tmp / "results", logs=tmp / "logs")
-    args = {
-        "generations": False,
-        "corpus": str(corpus),
-        "model_dir": str(model_dir),
-        "dtype": "float32",
-        "k": cfg.teacher_logits.k,
-        "max_length": cfg.teacher_logits.max_length,
-        "batch_tokens": cfg.teacher_logits.batch_tokens,
-        "vocab_size": codec.attrs["vocab_size"],
-    }
+    args = worker_args(cfg, teacher, model_dir, corpus, codec)
     manifests = []
     for job in range(plan.spec.n_jobs):
         manifests.append(tmp / "jobs" / f"job-{job:04d}.json")

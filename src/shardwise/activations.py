@@ -27,25 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from shardwise import __version__
+from shardwise import __version__, settings
+from shardwise.atomic import atomic_path
 from shardwise.batching import batches, right_padded
 from shardwise.config import Config, load_config
 from shardwise.errors import InputError, ShardError
 from shardwise.fingerprint import code_version, sha256_file
 from shardwise.models import load_shard_model, read_record, revision
-from shardwise.shards import ShardContext, ShardPlan, atomic_path, run_job, verify
+from shardwise.shards import ShardContext, ShardPlan, run_job, verify
 from shardwise.tables import load_labelled
 
 log = logging.getLogger(__name__)
 
 STAGE = "activations"
-CODE = (
-    "shardwise.activations",
-    "shardwise.batching",
-    "shardwise.shards",
-    "shardwise.models",
-    "shardwise.tables",
-)
 
 
 class _Stop(Exception):
@@ -182,16 +176,13 @@ def make_plan(
         n_items = len(load_labelled(pr.data, pr.labels))
     layers = resolve_layers(pr.layers, n_blocks(model_dir))
     record = read_record(model_dir)
-    weights, redrawn = pr.weights_of(name)
+    _, redrawn = pr.weights_of(name)
     identity = {
+        **settings.activations(cfg, probe_set, name),
         "model": record["identity"],
-        "dtype": cfg.models[weights].dtype,
-        "random_weights_seed": pr.seed if redrawn else None,
         "layers": layers,
-        "pooling": pr.pooling,
-        "max_length": pr.max_length,
         "data_sha256": sha256_file(pr.data),
-        "code": code_version(*CODE),
+        "code": code_version(__name__),
     }
     plan = ShardPlan(
         stage=STAGE,
@@ -228,7 +219,7 @@ def compute_shard(ctx: ShardContext) -> None:
         return
     table = load_labelled(a["data"], a["labels"])
     model, tokenizer, device = load_shard_model(
-        a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus, random_seed=a.get("random_seed")
+        a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus, random_seed=a["random_weights_seed"]
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts, ids_col = table["text"].tolist(), table["id"].to_numpy()
@@ -278,27 +269,31 @@ def compute_shard(ctx: ShardContext) -> None:
     )
 
 
+def worker_args(
+    cfg: Config, probe_set: str, model: str, model_dir: str | Path, layers: list[int]
+) -> dict[str, Any]:
+    """A shard worker's args: the stage's settings plus where things are, the resolved layers and
+    the batching budget."""
+    pr = cfg.probe_sets()[probe_set]
+    return {
+        **settings.activations(cfg, probe_set, model),
+        "data": str(pr.data),
+        "labels": list(pr.labels),
+        "model_dir": str(model_dir),
+        "layers": layers,
+        "batch_tokens": pr.batch_tokens,
+    }
+
+
 def _plan_for(smk: Any) -> tuple[Config, ShardPlan, ActivationsCodec, list[int]]:
     cfg = load_config(smk.config)
-    return (cfg, *make_plan(cfg, smk.wildcards.name, smk.input.model, smk.wildcards.probe_set))
+    return (cfg, *make_plan(cfg, smk.wildcards.model, smk.input.model, smk.wildcards.probe_set))
 
 
 def job(smk: Any) -> None:
     """Snakemake rule `activations`: run one job's shards and write its manifest."""
     cfg, plan, codec, layers = _plan_for(smk)
-    pr = cfg.probe_sets()[smk.wildcards.probe_set]
-    weights, redrawn = pr.weights_of(smk.wildcards.name)
-    args = {
-        "data": str(pr.data),
-        "labels": list(pr.labels),
-        "model_dir": str(smk.input.model),
-        "dtype": cfg.models[weights].dtype,
-        "random_seed": pr.seed if redrawn else None,
-        "layers": layers,
-        "pooling": pr.pooling,
-        "max_length": pr.max_length,
-        "batch_tokens": pr.batch_tokens,
-    }
+    args = worker_args(cfg, smk.wildcards.probe_set, smk.wildcards.model, smk.input.model, layers)
     run_job(plan, int(smk.wildcards.job), compute_shard, codec, args, smk.output[0], threads=smk.threads)
 
 

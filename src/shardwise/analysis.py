@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from shardwise.atomic import atomic_path, atomic_write_text
 from shardwise.config import load_config
 from shardwise.errors import InputError
-from shardwise.shards import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -570,7 +570,7 @@ def scores_table(
 ) -> pd.DataFrame:
     """Per run, generations joined to their fluency and toxicity scores by (prompt_id, sample_id),
     not by row position; rows in the generations' order."""
-    from shardwise.fluency import load_generations
+    from shardwise.tables import load_generations
 
     parts = []
     for run, g, f, t in zip(runs, generations, fluency, toxicity, strict=True):
@@ -622,7 +622,7 @@ def run_settings(cfg: Any, run: str) -> dict[str, Any]:
 
 def job(smk: Any) -> None:
     """Snakemake rule `analyse`: scores.parquet, summary.csv, correlations.csv, differences.csv."""
-    from shardwise.toxicity import scorer_name
+    from shardwise.tables import scorer_name
 
     cfg = load_config(smk.config)
     an = cfg.analysis

@@ -31,8 +31,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from shardwise.checks import check_inputs
     from shardwise.config import load_config_file
-    from shardwise.smk import check_inputs
 
     cfg = load_config_file(args.config)
     counts = check_inputs(cfg)

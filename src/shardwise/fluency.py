@@ -26,33 +26,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from shardwise import settings
+from shardwise.atomic import atomic_path
 from shardwise.batching import batches
 from shardwise.config import Config, load_config
-from shardwise.errors import InputError, ModelError
+from shardwise.errors import ModelError
 from shardwise.fingerprint import code_version, sha256_file
 from shardwise.models import load_shard_model, read_record
-from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, atomic_path, run_job, verify
+from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job, verify
+from shardwise.tables import load_generations
 
 log = logging.getLogger(__name__)
 
 STAGE = "score_fluency"
-CODE = ("shardwise.fluency", "shardwise.batching", "shardwise.shards", "shardwise.models")
 CODEC = ParquetCodec()
-NEEDED = ("prompt_id", "sample_id", "prompt", "continuation")
-
-
-def load_generations(path: str | Path, needed: Sequence[str] = NEEDED) -> pd.DataFrame:
-    try:
-        table = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types
-        raise InputError(f"generations file {path}: not a readable Parquet file ({exc})") from None
-    missing = [c for c in needed if c not in table.columns]
-    if missing:
-        raise InputError(
-            f"generations file {path}: missing column(s) {', '.join(missing)} "
-            f"(columns: {', '.join(map(str, table.columns))})"
-        )
-    return table
 
 
 def pad_id_of(tokenizer: Any, name: str) -> int:
@@ -179,10 +166,10 @@ def make_plan(
 ) -> ShardPlan:
     an = cfg.analysis
     identity = {
+        **settings.score_fluency(cfg),
         "model": read_record(model_dir)["identity"],
-        "dtype": cfg.models[an.fluency_model].dtype if an.fluency_model else None,
         "generations_sha256": sha256_file(generations),
-        "code": code_version(*CODE),
+        "code": code_version(__name__),
     }
     return ShardPlan(
         stage=STAGE,
@@ -222,18 +209,23 @@ def compute_shard(ctx: ShardContext) -> None:
     )
 
 
-def job(smk: Any) -> None:
-    """Snakemake rule `score_fluency`."""
-    cfg = load_config(smk.config)
+def worker_args(cfg: Config, model_dir: str | Path, generations: str | Path) -> dict[str, Any]:
+    """A shard worker's args: the stage's settings plus where things are and the batching budget."""
     an = cfg.analysis
-    plan = make_plan(cfg, smk.wildcards.model, smk.input.model, smk.input.generations)
-    args = {
-        "generations": str(smk.input.generations),
-        "model_dir": str(smk.input.model),
-        "dtype": cfg.models[an.fluency_model].dtype,
+    return {
+        **settings.score_fluency(cfg),
+        "generations": str(generations),
+        "model_dir": str(model_dir),
         "batch_tokens": an.batch_tokens,
         "scorer": an.fluency_model,
     }
+
+
+def job(smk: Any) -> None:
+    """Snakemake rule `score_fluency`."""
+    cfg = load_config(smk.config)
+    plan = make_plan(cfg, smk.wildcards.run, smk.input.model, smk.input.generations)
+    args = worker_args(cfg, smk.input.model, smk.input.generations)
     run_job(plan, int(smk.wildcards.job), compute_shard, CODEC, args, smk.output[0], threads=smk.threads)
 
 
@@ -243,7 +235,7 @@ def merge(smk: Any) -> None:
     import pyarrow.parquet as pq
 
     cfg = load_config(smk.config)
-    plan = make_plan(cfg, smk.wildcards.model, smk.input.model, smk.input.generations)
+    plan = make_plan(cfg, smk.wildcards.run, smk.input.model, smk.input.generations)
     paths = verify(plan, smk.input.manifests)
     table = pa.concat_tables([pq.read_table(p) for p in paths])
     with atomic_path(Path(smk.output[0])) as tmp:

@@ -25,23 +25,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from shardwise import settings
+from shardwise.atomic import atomic_path
 from shardwise.config import Config, Sampling, load_config
 from shardwise.fingerprint import code_version, sha256_file
 from shardwise.models import load_shard_model, read_record
-from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, atomic_path, run_job, verify
+from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job, verify
 from shardwise.tables import load_prompts
 
 log = logging.getLogger(__name__)
 
 STAGE = "generate"
-CODE = ("shardwise.generate", "shardwise.shards", "shardwise.models", "shardwise.tables")
 CODEC = ParquetCodec()
 COLUMNS = [
     "prompt_id",
@@ -249,19 +249,14 @@ def make_plan(
     model's dtype is part of the identity, and so is `batch_size` unless the dtype is float32: in
     bfloat16 or float16 the batch changes the texts, so a new batch size starts a new store (the old
     one is kept, and reused if the old batch size comes back)."""
-    run = cfg.generate.runs[run_name]
     if n_items is None:
         n_items = len(load_prompts(cfg.generate.prompts))
-    dtype = cfg.models[run.model].dtype
     identity = {
-        "sampling": asdict(run.sampling),
+        **settings.generate(cfg, run_name),
         "model": read_record(model_dir)["identity"],
-        "dtype": dtype,
         "prompts_sha256": sha256_file(cfg.generate.prompts),
-        "code": code_version(*CODE),
+        "code": code_version(__name__),
     }
-    if dtype != "float32":
-        identity["batch_size"] = cfg.generate.batch_size
     return ShardPlan(
         stage=STAGE,
         key=run_name,
@@ -304,21 +299,25 @@ def compute_shard(ctx: ShardContext) -> None:
         new_tokens=new_tokens,
         generate_seconds=round(seconds, 2),
         new_tokens_per_s=round(new_tokens / seconds, 1),
+        tokens_per_s=round(new_tokens / seconds, 1),  # what `shardwise status` shows for every stage
     )
+
+
+def worker_args(cfg: Config, run: str, model_dir: str | Path) -> dict[str, Any]:
+    """A shard worker's args: the run's settings plus where things are and the batch size."""
+    return {
+        **settings.generate(cfg, run),
+        "prompts": str(cfg.generate.prompts),
+        "model_dir": str(model_dir),
+        "batch_size": cfg.generate.batch_size,
+    }
 
 
 def job(smk: Any) -> None:
     """Snakemake rule `generate`: run one job's shards and write its manifest."""
     cfg = load_config(smk.config)
-    run = cfg.generate.runs[smk.wildcards.model]
-    plan = make_plan(cfg, run.name, smk.input.model)
-    args = {
-        "prompts": str(cfg.generate.prompts),
-        "sampling": asdict(run.sampling),
-        "model_dir": str(smk.input.model),
-        "dtype": cfg.models[run.model].dtype,
-        "batch_size": cfg.generate.batch_size,
-    }
+    plan = make_plan(cfg, smk.wildcards.run, smk.input.model)
+    args = worker_args(cfg, smk.wildcards.run, smk.input.model)
     run_job(plan, int(smk.wildcards.job), compute_shard, CODEC, args, smk.output[0], threads=smk.threads)
 
 
@@ -328,7 +327,7 @@ def merge(smk: Any) -> None:
     import pyarrow.parquet as pq
 
     cfg = load_config(smk.config)
-    plan = make_plan(cfg, smk.wildcards.model, smk.input.model)
+    plan = make_plan(cfg, smk.wildcards.run, smk.input.model)
     paths = verify(plan, smk.input.manifests)
     table = pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
     out = Path(smk.output[0])

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def job(smk: Any) -> None:
     cfg = load_config(smk.config)
-    spec = cfg.models[smk.wildcards.name]
+    spec = cfg.models[smk.wildcards.model]
     record = prepare_model(spec, smk.output[0], hf_home=cfg.hf_home)
     log.info(
         "prepared %s (%s) in %.1f s: identity %s",

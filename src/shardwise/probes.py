@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from shardwise.atomic import atomic_path, atomic_write_json, atomic_write_text
 from shardwise.config import ProbesConfig, load_config
 from shardwise.errors import InputError
-from shardwise.shards import atomic_path, atomic_write_json, atomic_write_text
 from shardwise.tables import load_labelled
 
 log = logging.getLogger(__name__)
@@ -527,7 +527,7 @@ def toxicity_table(
     continuation of every run - id, text (the continuation, which is what was scored), group (the
     prompt id: a prompt's generations of every run stay on one side of the split), toxic
     (score >= threshold), run, prompt_id, sample_id, toxicity."""
-    from shardwise.fluency import load_generations
+    from shardwise.tables import load_generations
 
     keys = ["prompt_id", "sample_id"]
     parts = []
@@ -783,4 +783,4 @@ def train(smk: Any) -> None:
     """Snakemake rule `train_probes`: one model on one probe set (Config.probe_sets)."""
     cfg = load_config(smk.config)
     pr = cfg.probe_sets()[smk.wildcards.probe_set]
-    run(smk.input.activations, pr, Path(smk.output.metrics).parent, smk.wildcards.name)
+    run(smk.input.activations, pr, Path(smk.output.metrics).parent, smk.wildcards.model)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shardwise.shards import atomic_path, atomic_write_text
+from shardwise.atomic import atomic_path, atomic_write_text
 
 
 def _plt() -> Any:
@@ -339,7 +339,7 @@ def write_html(
 def job(smk: Any) -> None:
     """Snakemake rule `report`."""
     from shardwise.config import load_config
-    from shardwise.toxicity import scorer_name
+    from shardwise.tables import scorer_name
 
     cfg = load_config(smk.config)
     scores = pd.read_parquet(smk.input.scores)

@@ -36,16 +36,17 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from shardwise import __version__
+from shardwise.atomic import atomic_path, atomic_write_json
 from shardwise.config import ShardSpec
+from shardwise.environment import export_package_path
 from shardwise.errors import ShardError
 from shardwise.fingerprint import sha256_file, stable_hash
-from shardwise.smk import export_package_path
 
 log = logging.getLogger(__name__)
 
@@ -75,35 +76,6 @@ def shard_ranges(n_items: int, n_shards: int, align: int = 1) -> list[range]:
 def chunk_ranges(rows: range, chunk_size: int) -> list[range]:
     """Cut a shard's rows into commit chunks (fixed boundaries from the shard start)."""
     return [range(a, min(a + chunk_size, rows.stop)) for a in range(rows.start, rows.stop, chunk_size)]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success move it to `path`, else delete it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class Codec(Protocol):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
-import re
 import socket
 import sys
 import time
@@ -16,7 +16,7 @@ from typing import Any
 
 from shardwise import __version__
 from shardwise.config import Config, load_config
-from shardwise.errors import InputError, ShardwiseError
+from shardwise.errors import ShardwiseError
 
 log = logging.getLogger("shardwise")
 
@@ -32,18 +32,6 @@ PACKAGES = (
     "h5py",
     "numpy",
 )
-
-
-def export_package_path() -> None:
-    """Put the directory this shardwise was imported from first on PYTHONPATH (for jobs)."""
-    here = str(Path(__file__).resolve().parents[1])
-    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
-    os.environ["PYTHONPATH"] = os.pathsep.join([here, *rest])
-
-
-def jobs_offline() -> None:
-    """Jobs never download: HF_HUB_OFFLINE=1 for every job (prepare_model alone lifts it)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def fail(message: str) -> None:
@@ -68,6 +56,8 @@ def rule_main(smk: Any, fn: Callable[[Any], None]) -> None:
     )
     try:
         fn(smk)
+        if hasattr(smk.output, "run_info"):
+            write_run_info(smk)
     except ShardwiseError as exc:
         log.error("%s", exc)
         fail(str(exc))
@@ -83,101 +73,16 @@ def workflow_config(config: dict[str, Any], configfiles: Iterable[str | Path]) -
         raise  # unreachable; for type checkers
 
 
-def _check_shards(section: str, spec: Any, n: int, what: str, where: str, align: int = 1) -> None:
-    blocks = -(-n // align)
-    if spec.n_shards > blocks:
-        unit = what if align == 1 else f"chunks of {align} {what} (chunk_size)"
-        raise InputError(
-            f"{section}.shards.n_shards ({spec.n_shards}) exceeds the number of {unit} ({blocks}) {where}"
-        )
+def as_param(obj: Any) -> str:
+    """A rule param from a settings dict or list: canonical JSON (sorted keys, no spaces), so that
+    equal settings give equal params and a change shows in Snakemake's reason in one short line."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-PLACEHOLDER = re.compile(r"<[A-Za-z][\w-]*>")
-
-
-def check_placeholders(node: Any, key: str = "") -> None:
-    """Refuse a template's placeholder left in a config value (`<commit-sha>`, `<project>`)."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            check_placeholders(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            check_placeholders(v, f"{key}[{i}]")
-    elif isinstance(node, str) and PLACEHOLDER.search(node):
-        raise InputError(
-            f"{key}: {node!r} holds the placeholder {PLACEHOLDER.search(node).group()}; replace it "
-            "(the config's comments say with what)"
-        )
-
-
-def _check_layers(cfg: Config, name: str) -> None:
-    """probes.layers against the model's depth, as soon as its config.json is here (a local model,
-    or one already prepared): read as JSON, without importing transformers."""
-    import json
-
-    from shardwise.activations import resolve_layers
-
-    spec = cfg.models[name]
-    candidates = [Path("resources/models") / name / "config.json"]
-    if spec.source == "local" and spec.path:
-        candidates.insert(0, Path(spec.path) / "config.json")
-    for path in candidates:
-        try:
-            conf = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        depth = conf.get("num_hidden_layers") or (conf.get("text_config") or {}).get("num_hidden_layers")
-        if isinstance(depth, int):
-            resolve_layers(cfg.probes.layers, depth, source=f"probes.layers (model {name!r}, {path})")
-        return
-
-
-def check_inputs(cfg: Config) -> dict[str, int]:
-    """What the workflow checks before any job runs (also `shardwise check`): no placeholder left,
-    each used model's source, and each input table; returns the number of items per input."""
-    from shardwise.models import check_source
-    from shardwise.tables import load_prompts, load_texts
-
-    check_placeholders(cfg.resolved)
-
-    counts = {}
-    gen, tl = cfg.generate, cfg.teacher_logits
-    for weights in [run.model for run in gen.runs.values()] + list(tl.teachers.values()):
-        check_source(cfg.models[weights])
-    if gen.runs:
-        counts["prompts"] = n = len(load_prompts(gen.prompts))
-        _check_shards("generate", gen.shards, n, "prompts", f"in {gen.prompts}", align=gen.shards.chunk_size)
-    if tl.teachers:
-        if tl.corpus is not None:
-            n, where = len(load_texts(tl.corpus)), f"in {tl.corpus}"
-        else:
-            n = counts["prompts"] * gen.runs[tl.generations].sampling.samples_per_prompt
-            where = f"in generation run {tl.generations}"
-        counts["corpus items"] = n
-        _check_shards("teacher_logits", tl.shards, n, "items", where, align=tl.shards.chunk_size)
-    an = cfg.analysis
-    for name in (an.fluency_model, an.toxicity_model if an.toxicity_scorer == "hf" else None):
-        if an.runs and name:
-            check_source(cfg.models[name])
-    pr = cfg.probes
-    if pr.models:
-        from shardwise.probes import check_split, group_split
-        from shardwise.tables import load_labelled
-
-        for name in pr.models:
-            check_source(cfg.models[name])
-            _check_layers(cfg, name)
-        table = load_labelled(pr.data, list(pr.labels))
-        counts["labelled rows"] = n = len(table)
-        _check_shards("probes", pr.shards, n, "rows", f"in {pr.data}", align=pr.shards.chunk_size)
-        y = table[list(pr.labels)].to_numpy()
-        split = group_split(table["group"].tolist(), y, pr.val_fraction, pr.test_fraction, pr.seed)
-        check_split(split, y, list(pr.labels), f"probes data file {pr.data}")
-    return counts
-
-
-def run_info(cfg: Config, stage: str, code: str) -> dict[str, Any]:
-    """What run_info.json records besides the time: the resolved config, versions, code hash."""
+def run_info(cfg: Config, stage: str, code: str, settings: Any = None) -> dict[str, Any]:
+    """What a run_info.json records besides the time: the settings the output depends on
+    (shardwise.settings), the code version, package versions, and the whole resolved config of the
+    run that wrote it (keys outside `settings` may have changed since without rerunning it)."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -188,28 +93,23 @@ def run_info(cfg: Config, stage: str, code: str) -> dict[str, Any]:
         "stage": stage,
         "shardwise": __version__,
         "code_version": code,
+        "settings": settings,
         "python": platform.python_version(),
         "versions": versions,
         "config": cfg.resolved,
     }
 
 
-def run_info_digest(cfg: Config, stage: str, code: str) -> str:
-    """The rule param of a `*_run_info` rule: a short hash of what it writes, so that a changed
-    config reruns it with a one-line reason instead of the whole config in the log."""
-    from shardwise.fingerprint import stable_hash
-
-    return stable_hash(run_info(cfg, stage, code))[:16]
-
-
 def write_run_info(smk: Any) -> None:
-    from shardwise.shards import atomic_write_json
+    """The rule's `run_info` output, written after its other outputs."""
+    from shardwise.atomic import atomic_write_json
 
-    info = run_info(load_config(smk.config), smk.params.stage, smk.params.code)
+    settings = json.loads(smk.params.settings) if hasattr(smk.params, "settings") else None
+    info = run_info(load_config(smk.config), smk.rule, smk.params.code, settings)
     info.update(
         written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         host=socket.gethostname(),
         argv=sys.argv[:1],
         cwd=os.getcwd(),
     )
-    atomic_write_json(Path(smk.output[0]), info)
+    atomic_write_json(Path(smk.output.run_info), info)

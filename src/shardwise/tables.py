@@ -7,6 +7,7 @@ labelled texts (probes).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -191,3 +192,27 @@ def load_labelled(
                 )
         extra = ["control_type"]
     return df[["id", "text", "group", *labels, *extra]]
+
+
+GENERATION_COLUMNS = ("prompt_id", "sample_id", "prompt", "continuation")
+
+
+def load_generations(path: str | Path, needed: Sequence[str] = GENERATION_COLUMNS) -> pd.DataFrame:
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types
+        raise InputError(f"generations file {path}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise InputError(
+            f"generations file {path}: missing column(s) {', '.join(missing)} "
+            f"(columns: {', '.join(map(str, table.columns))})"
+        )
+    return table
+
+
+def scorer_name(path: str | Path) -> str:
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"shardwise.scorer", b'"unknown"'))

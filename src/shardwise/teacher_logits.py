@@ -28,27 +28,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shardwise import __version__
+from shardwise import __version__, settings
+from shardwise.atomic import atomic_path
 from shardwise.batching import batches, right_padded
 from shardwise.config import Config, load_config
 from shardwise.errors import ShardError
 from shardwise.fingerprint import code_version, sha256_file, stable_hash
 from shardwise.logits import check_attrs, concat_files, topk_dtype, write_file
 from shardwise.models import load_shard_model, read_record, revision
-from shardwise.shards import ShardContext, ShardPlan, atomic_path, run_job, verify
+from shardwise.shards import ShardContext, ShardPlan, run_job, verify
 from shardwise.tables import load_texts
 
 log = logging.getLogger(__name__)
 
 STAGE = "teacher_logits"
-CODE = (
-    "shardwise.teacher_logits",
-    "shardwise.logits",
-    "shardwise.batching",
-    "shardwise.shards",
-    "shardwise.models",
-    "shardwise.tables",
-)
 LOGITS_BYTES = 512 * 1024**2  # fp32 logits of one LM-head slice (rows x vocab x 4 bytes)
 QUEUE_DEPTH = 4  # batches in flight between the forward loop and the writer thread
 FP16_MIN = float(np.finfo(np.float16).min)
@@ -114,13 +107,11 @@ def make_plan(
     record = read_record(model_dir)
     tok_hash = tokenizer_sha256(model_dir)
     identity = {
+        **settings.teacher_logits(cfg, teacher),
         "model": record["identity"],
-        "dtype": cfg.models[tl.teachers[teacher]].dtype,
         "tokenizer_sha256": tok_hash,
-        "k": tl.k,
-        "max_length": tl.max_length,
         "corpus_sha256": sha256_file(corpus),
-        "code": code_version(*CODE),
+        "code": code_version(__name__),
     }
     plan = ShardPlan(
         stage=STAGE,
@@ -270,7 +261,7 @@ def compute_shard(ctx: ShardContext) -> None:
     chunks = ctx.pending_chunks()
     if not chunks:
         return
-    corpus = load_corpus(a["corpus"], a["generations"])
+    corpus = load_corpus(a["corpus"], a["from_generations"])
     model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab != a["vocab_size"]:
@@ -339,20 +330,21 @@ def _plan_for(smk: Any) -> tuple[Config, ShardPlan, H5Codec]:
     return cfg, plan, codec
 
 
+def worker_args(cfg: Config, teacher: str, model_dir: str | Path, corpus: str | Path, codec: H5Codec) -> dict:
+    """A shard worker's args: the stage's settings plus where things are and how to batch."""
+    return {
+        **settings.teacher_logits(cfg, teacher),
+        "corpus": str(corpus),
+        "model_dir": str(model_dir),
+        "batch_tokens": cfg.teacher_logits.batch_tokens,
+        "vocab_size": codec.attrs["vocab_size"],
+    }
+
+
 def job(smk: Any) -> None:
     """Snakemake rule `compute_teacher_logits`: run one job's shards and write its manifest."""
     cfg, plan, codec = _plan_for(smk)
-    tl = cfg.teacher_logits
-    args = {
-        "generations": tl.corpus is None,
-        "corpus": str(smk.input.corpus),
-        "model_dir": str(smk.input.model),
-        "dtype": cfg.models[tl.teachers[smk.wildcards.teacher]].dtype,
-        "k": tl.k,
-        "max_length": tl.max_length,
-        "batch_tokens": tl.batch_tokens,
-        "vocab_size": codec.attrs["vocab_size"],
-    }
+    args = worker_args(cfg, smk.wildcards.teacher, smk.input.model, smk.input.corpus, codec)
     run_job(plan, int(smk.wildcards.job), compute_shard, codec, args, smk.output[0], threads=smk.threads)
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from shardwise.atomic import atomic_path
 from shardwise.config import load_config
 from shardwise.errors import InputError, ModelError
-from shardwise.fluency import load_generations
-from shardwise.shards import atomic_path
+from shardwise.tables import load_generations
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,3 @@ def job(smk: Any) -> None:
     with atomic_path(Path(smk.output[0])) as tmp:
         pq.write_table(arrow, tmp)
     log.info("scored %d continuations with %s", len(out), name)
-
-
-def scorer_name(path: str | Path) -> str:
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"shardwise.scorer", b'"unknown"'))

@@ -1,40 +1,44 @@
 rule score_fluency:
     """One job of a run's perplexity scoring: shards_per_job shards, one worker each."""
     input:
-        generations="results/generations/{model}.parquet",
+        generations=rules.merge_generations.output.table,
         model=model_dir(AN.fluency_model or "none"),
     output:
-        "results/analysis/fluency/{model}/jobs/job-{job}.json",
+        "results/analysis/fluency/{run}/jobs/job-{job}.json",
     log:
-        "logs/score_fluency/{model}/job-{job}.log",
+        "logs/score_fluency/{run}/job-{job}.log",
+    benchmark:
+        "benchmarks/score_fluency/{run}/job-{job}.tsv"
     conda:
         ENV
     threads: AN.fluency_shards.shards_per_job
     resources:
         gpu=AN.fluency_shards.gpus_per_job,
     params:
-        code=analysis_code("fluency"),
-        settings=str(AN),
+        settings=as_param(settings.score_fluency(CFG)),
+        shards=job_shards(AN.fluency_shards),
+        code=code("fluency"),
     script:
         "../../scripts/score_fluency.py"
 
 
 rule merge_fluency:
-    """Verify every shard of a run's perplexities: results/analysis/fluency/<model>.parquet."""
+    """Verify every shard of a run's perplexities: results/analysis/fluency/<run>.parquet."""
     input:
-        manifests=fluency_manifests,
-        generations="results/generations/{model}.parquet",
+        manifests=manifests(rules.score_fluency.output[0], AN.fluency_shards, "run"),
+        generations=rules.merge_generations.output.table,
         model=model_dir(AN.fluency_model or "none"),
     output:
-        "results/analysis/fluency/{model}.parquet",
+        "results/analysis/fluency/{run}.parquet",
     log:
-        "logs/merge_fluency/{model}.log",
+        "logs/merge_fluency/{run}.log",
     # a failed verification already removed what it could not verify: retrying it is hopeless
     retries: 0
     conda:
         ENV
     params:
-        code=analysis_code("fluency"),
+        settings=as_param(settings.score_fluency(CFG)),
+        code=code("fluency"),
     script:
         "../../scripts/merge_fluency.py"
 
@@ -44,16 +48,18 @@ rule score_toxicity:
     input:
         unpack(toxicity_inputs),
     output:
-        "results/analysis/toxicity/{model}.parquet",
+        "results/analysis/toxicity/{run}.parquet",
     log:
-        "logs/score_toxicity/{model}.log",
+        "logs/score_toxicity/{run}.log",
+    benchmark:
+        "benchmarks/score_toxicity/{run}.tsv"
     conda:
         ENV
     resources:
         gpu=toxicity_gpus(),
     params:
-        code=analysis_code("toxicity"),
-        settings=str(AN),
+        settings=as_param(settings.score_toxicity(CFG)),
+        code=code("toxicity"),
     script:
         "../../scripts/score_toxicity.py"
 
@@ -62,9 +68,9 @@ rule analyse:
     """scores.parquet, summary.csv (EMT, toxicity probability, PPL, distinct-n, CIs, run settings),
     correlations.csv and differences.csv (each run minus the first, paired CIs)."""
     input:
-        generations=expand("results/generations/{model}.parquet", model=AN.runs),
-        fluency=expand("results/analysis/fluency/{model}.parquet", model=AN.runs),
-        toxicity=expand("results/analysis/toxicity/{model}.parquet", model=AN.runs),
+        generations=expand(rules.merge_generations.output.table, run=AN.runs),
+        fluency=expand(rules.merge_fluency.output[0], run=AN.runs),
+        toxicity=expand(rules.score_toxicity.output[0], run=AN.runs),
     output:
         scores="results/analysis/scores.parquet",
         summary="results/analysis/summary.csv",
@@ -72,65 +78,57 @@ rule analyse:
         differences="results/analysis/differences.csv",
     log:
         "logs/analyse/analyse.log",
+    benchmark:
+        "benchmarks/analyse/analyse.tsv"
     conda:
         ENV
     params:
         runs=list(AN.runs),
-        code=analysis_code("analysis"),
-        settings=str(AN),
+        settings=as_param(settings.analyse(CFG)),
+        code=code("analysis"),
     script:
         "../../scripts/analyse.py"
 
 
 rule report:
-    """Figures and one self-contained report.html (the figures also go into `snakemake --report`)."""
+    """Figures and one self-contained report.html (the figures also go into `snakemake --report`),
+    and the analysis' run info."""
     input:
-        scores="results/analysis/scores.parquet",
-        summary="results/analysis/summary.csv",
-        correlations="results/analysis/correlations.csv",
-        differences="results/analysis/differences.csv",
-        toxicity=expand("results/analysis/toxicity/{model}.parquet", model=AN.runs),
+        scores=rules.analyse.output.scores,
+        summary=rules.analyse.output.summary,
+        correlations=rules.analyse.output.correlations,
+        differences=rules.analyse.output.differences,
+        toxicity=expand(rules.score_toxicity.output[0], run=AN.runs),
     output:
         scatter=report(
-            expand(
-                "results/analysis/figures/ppl_vs_toxicity_{model}.png", model=AN.runs
-            ),
+            expand("results/analysis/figures/ppl_vs_toxicity_{run}.png", run=AN.runs),
+            caption="../report/ppl_vs_toxicity.rst",
             category="Fluency and toxicity",
         ),
         bars=report(
-            "results/analysis/figures/models.png", category="Fluency and toxicity"
+            "results/analysis/figures/models.png",
+            caption="../report/models.rst",
+            category="Fluency and toxicity",
         ),
         forest_differences=report(
-            "results/analysis/figures/differences.png", category="Fluency and toxicity"
+            "results/analysis/figures/differences.png",
+            caption="../report/differences.rst",
+            category="Fluency and toxicity",
         ),
         forest_correlations=report(
             "results/analysis/figures/correlations.png",
+            caption="../report/correlations.rst",
             category="Fluency and toxicity",
         ),
         html="results/analysis/report.html",
+        run_info="results/analysis/run_info.json",
     log:
         "logs/report/report.log",
     conda:
         ENV
     params:
         runs=list(AN.runs),
-        code=analysis_code("report"),
+        settings=as_param(settings.report(CFG)),
+        code=code("report"),
     script:
         "../../scripts/report.py"
-
-
-rule analysis_run_info:
-    """The resolved config and versions next to the analysis."""
-    output:
-        "results/analysis/run_info.json",
-    log:
-        "logs/run_info/analysis.log",
-    localrule: True
-    conda:
-        ENV
-    params:
-        stage="analysis",
-        code=analysis_code("analysis"),
-        digest=run_info_digest(CFG, "analysis", analysis_code("analysis")),
-    script:
-        "../../scripts/run_info.py"

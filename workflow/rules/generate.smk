@@ -4,53 +4,40 @@ rule generate:
         prompts=GEN.prompts,
         model=generation_model_dir,
     output:
-        "results/generations/{model}/jobs/job-{job}.json",
+        "results/generations/{run}/jobs/job-{job}.json",
     log:
-        "logs/generate/{model}/job-{job}.log",
+        "logs/generate/{run}/job-{job}.log",
+    benchmark:
+        "benchmarks/generate/{run}/job-{job}.tsv"
     conda:
         ENV
     threads: GEN.shards.shards_per_job
     resources:
         gpu=GEN.shards.gpus_per_job,
     params:
-        code=generate_code(),
-        sampling=lambda wc: str(GEN.runs[wc.model].sampling),
-        shards=str(GEN.shards),
+        settings=lambda wc: as_param(settings.generate(CFG, wc.run)),
+        shards=job_shards(GEN.shards),
+        code=code("generate"),
     script:
         "../../scripts/generate.py"
 
 
 rule merge_generations:
-    """Verify every shard of a generation run and write results/generations/<model>.parquet."""
+    """Verify every shard of a generation run: results/generations/<run>.parquet and its run info."""
     input:
-        manifests=generate_manifests,
+        manifests=manifests(rules.generate.output[0], GEN.shards, "run"),
         model=generation_model_dir,
     output:
-        "results/generations/{model}.parquet",
+        table="results/generations/{run}.parquet",
+        run_info="results/generations/{run}.run_info.json",
     log:
-        "logs/merge_generations/{model}.log",
+        "logs/merge_generations/{run}.log",
     # a failed verification already removed what it could not verify: retrying it is hopeless
     retries: 0
     conda:
         ENV
     params:
-        code=generate_code(),
+        settings=lambda wc: as_param(settings.generate(CFG, wc.run)),
+        code=code("generate"),
     script:
         "../../scripts/merge_generations.py"
-
-
-rule generations_run_info:
-    """The resolved config and versions next to the generations."""
-    output:
-        "results/generations/run_info.json",
-    log:
-        "logs/run_info/generations.log",
-    localrule: True
-    conda:
-        ENV
-    params:
-        stage="generate",
-        code=generate_code(),
-        digest=run_info_digest(CFG, "generate", generate_code()),
-    script:
-        "../../scripts/run_info.py"

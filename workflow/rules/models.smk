@@ -1,15 +1,15 @@
 rule prepare_model:
-    """Materialise one configured model under resources/models/<name>/ (runs where Snakemake
+    """Materialise one configured model under resources/models/<model>/ (runs where Snakemake
     runs, e.g. a login node with internet; jobs then load it offline)."""
     output:
-        directory("resources/models/{name}"),
+        directory("resources/models/{model}"),
     log:
-        "logs/prepare_model/{name}.log",
+        "logs/prepare_model/{model}.log",
     localrule: True
     conda:
         ENV
     params:
-        spec=lambda wc: CFG.models[wc.name].describe(),
-        dtype=lambda wc: CFG.models[wc.name].dtype,
+        settings=lambda wc: as_param(settings.prepare_model(CFG, wc.model)),
+        code=code("prepare_model"),
     script:
         "../../scripts/prepare_model.py"

@@ -1,8 +1,8 @@
 rule toxicity_probe_data:
     """The probe set `toxicity`: the analysed generations' continuations, labelled toxic or not."""
     input:
-        generations=expand("results/generations/{model}.parquet", model=AN.runs),
-        toxicity=expand("results/analysis/toxicity/{model}.parquet", model=AN.runs),
+        generations=expand(rules.merge_generations.output.table, run=AN.runs),
+        toxicity=expand("results/analysis/toxicity/{run}.parquet", run=AN.runs),
     output:
         str(TOXICITY_PROBE_DATA),
     log:
@@ -11,8 +11,8 @@ rule toxicity_probe_data:
     conda:
         ENV
     params:
-        code=probes_code(),
-        settings=toxicity_probe_data_settings(),
+        settings=as_param(settings.toxicity_probe_data(CFG)),
+        code=code("probes"),
     script:
         "../../scripts/toxicity_probe_data.py"
 
@@ -23,17 +23,20 @@ rule activations:
         data=probe_data,
         model=probe_model_dir,
     output:
-        "results/activations/{probe_set}/{name}/jobs/job-{job}.json",
+        "results/activations/{probe_set}/{model}/jobs/job-{job}.json",
     log:
-        "logs/activations/{probe_set}/{name}/job-{job}.log",
+        "logs/activations/{probe_set}/{model}/job-{job}.log",
+    benchmark:
+        "benchmarks/activations/{probe_set}/{model}/job-{job}.tsv"
     conda:
         ENV
     threads: PROBES.shards.shards_per_job
     resources:
         gpu=PROBES.shards.gpus_per_job,
     params:
-        code=activations_code(),
-        settings=activations_settings(),
+        settings=lambda wc: as_param(settings.activations(CFG, wc.probe_set, wc.model)),
+        shards=job_shards(PROBES.shards),
+        code=code("activations"),
     script:
         "../../scripts/activations.py"
 
@@ -41,19 +44,22 @@ rule activations:
 rule merge_activations:
     """Verify every shard of a model's activations and copy them into one file per probe set."""
     input:
-        manifests=activations_manifests,
+        manifests=manifests(
+            rules.activations.output[0], PROBES.shards, "probe_set", "model"
+        ),
         data=probe_data,
         model=probe_model_dir,
     output:
-        "results/activations/{probe_set}/{name}.h5",
+        "results/activations/{probe_set}/{model}.h5",
     log:
-        "logs/merge_activations/{probe_set}/{name}.log",
+        "logs/merge_activations/{probe_set}/{model}.log",
     # a failed verification already removed what it could not verify: retrying it is hopeless
     retries: 0
     conda:
         ENV
     params:
-        code=activations_code(),
+        settings=lambda wc: as_param(settings.activations(CFG, wc.probe_set, wc.model)),
+        code=code("activations"),
     script:
         "../../scripts/merge_activations.py"
 
@@ -61,52 +67,40 @@ rule merge_activations:
 rule train_probes:
     """All probes (layers x labels x L2 values, + control tasks) of one model and probe set at once."""
     input:
-        activations="results/activations/{probe_set}/{name}.h5",
+        activations=rules.merge_activations.output[0],
         data=probe_data,
     output:
-        metrics="results/probes/{probe_set}/{name}/metrics.csv",
-        probes="results/probes/{probe_set}/{name}/probes.safetensors",
-        summary="results/probes/{probe_set}/{name}/aggregate_metrics.json",
+        metrics="results/probes/{probe_set}/{model}/metrics.csv",
+        probes="results/probes/{probe_set}/{model}/probes.safetensors",
+        summary="results/probes/{probe_set}/{model}/aggregate_metrics.json",
         heatmap=report(
-            "results/probes/{probe_set}/{name}/auroc_heatmap.png",
+            "results/probes/{probe_set}/{model}/auroc_heatmap.png",
+            caption="../report/auroc_heatmap.rst",
             category="Probes",
             subcategory="{probe_set}",
-            labels={"model": "{name}", "figure": "test AUROC per layer and label"},
+            labels={"model": "{model}", "figure": "test AUROC per layer and label"},
         ),
         layers=report(
-            "results/probes/{probe_set}/{name}/selectivity_by_layer.png",
+            "results/probes/{probe_set}/{model}/selectivity_by_layer.png",
+            caption="../report/selectivity_by_layer.rst",
             category="Probes",
             subcategory="{probe_set}",
             labels={
-                "model": "{name}",
+                "model": "{model}",
                 "figure": "AUROC, control task and selectivity by layer",
             },
         ),
+        run_info="results/probes/{probe_set}/{model}/run_info.json",
     log:
-        "logs/train_probes/{probe_set}/{name}.log",
+        "logs/train_probes/{probe_set}/{model}.log",
+    benchmark:
+        "benchmarks/train_probes/{probe_set}/{model}.tsv"
     conda:
         ENV
     resources:
         gpu=1 if PROBES.shards.gpus_per_shard else 0,
     params:
-        code=probes_code(),
-        settings=str(PROBES),
+        settings=lambda wc: as_param(settings.train_probes(CFG, wc.probe_set)),
+        code=code("probes"),
     script:
         "../../scripts/train_probes.py"
-
-
-rule probes_run_info:
-    """The resolved config and versions next to the probes."""
-    output:
-        "results/probes/run_info.json",
-    log:
-        "logs/run_info/probes.log",
-    localrule: True
-    conda:
-        ENV
-    params:
-        stage="probes",
-        code=probes_code(),
-        digest=run_info_digest(CFG, "probes", probes_code()),
-    script:
-        "../../scripts/run_info.py"

@@ -7,26 +7,32 @@ rule compute_teacher_logits:
         "results/teacher_logits/{teacher}/jobs/job-{job}.json",
     log:
         "logs/teacher_logits/{teacher}/job-{job}.log",
+    benchmark:
+        "benchmarks/teacher_logits/{teacher}/job-{job}.tsv"
     conda:
         ENV
     threads: TL.shards.shards_per_job
     resources:
         gpu=TL.shards.gpus_per_job,
     params:
-        code=teacher_logits_code(),
-        settings=str(TL),
+        settings=lambda wc: as_param(settings.teacher_logits(CFG, wc.teacher)),
+        shards=job_shards(TL.shards),
+        code=code("teacher_logits"),
     script:
         "../../scripts/teacher_logits.py"
 
 
 rule merge_teacher_logits:
-    """Verify every shard of a teacher and copy them into results/teacher_logits/<teacher>.h5."""
+    """Verify every shard of a teacher: results/teacher_logits/<teacher>.h5 and its run info."""
     input:
-        manifests=teacher_logits_manifests,
+        manifests=manifests(
+            rules.compute_teacher_logits.output[0], TL.shards, "teacher"
+        ),
         model=teacher_model_dir,
         corpus=teacher_corpus(),
     output:
-        "results/teacher_logits/{teacher}.h5",
+        logits="results/teacher_logits/{teacher}.h5",
+        run_info="results/teacher_logits/{teacher}.run_info.json",
     log:
         "logs/merge_teacher_logits/{teacher}.log",
     # a failed verification already removed what it could not verify: retrying it is hopeless
@@ -34,23 +40,7 @@ rule merge_teacher_logits:
     conda:
         ENV
     params:
-        code=teacher_logits_code(),
+        settings=lambda wc: as_param(settings.teacher_logits(CFG, wc.teacher)),
+        code=code("teacher_logits"),
     script:
         "../../scripts/merge_teacher_logits.py"
-
-
-rule teacher_logits_run_info:
-    """The resolved config and versions next to the teacher logits."""
-    output:
-        "results/teacher_logits/run_info.json",
-    log:
-        "logs/run_info/teacher_logits.log",
-    localrule: True
-    conda:
-        ENV
-    params:
-        stage="teacher_logits",
-        code=teacher_logits_code(),
-        digest=run_info_digest(CFG, "teacher_logits", teacher_logits_code()),
-    script:
-        "../../scripts/run_info.py"
