@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import job_counts, tiny_config, write_prompts
 
-from shardwise.activations import make_plan, merge_files, pooled_states, resolve_layers
+from shardwise.activations import make_plan, pooled_states, resolve_layers
 from shardwise.config import load_config
 from shardwise.errors import InputError
 from shardwise.models import load_model
@@ -33,7 +33,7 @@ from shardwise.probes import (
     toxicity_probe_data,
     toxicity_table,
 )
-from shardwise.shards import run_job
+from shardwise.shards import merge, run_job
 
 LABELS = ["subject_plural", "main_negated", "has_number", "past_tense"]
 DEMO = Path(__file__).resolve().parents[1] / "config/demo/labelled.jsonl"
@@ -71,7 +71,7 @@ def compute(tmp: Path, model_dir: Path, raw_cfg: dict, name: str = "tiny") -> tu
     for job, manifest in enumerate(manifests):
         run_job(plan, job, compute_shard, codec, args, manifest, threads=2)
     out = tmp / f"{name}.h5"
-    merge_files(plan, codec, manifests, out)
+    merge(plan, manifests, out, codec)
     return out, plan
 
 

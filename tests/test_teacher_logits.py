@@ -25,8 +25,8 @@ from shardwise.errors import ShardError
 from shardwise.fingerprint import sha256_file
 from shardwise.logits import TeacherLogits, TeacherLogitsDataset, collate, kd_loss, topk_dtype
 from shardwise.models import load_model, prepare_model
-from shardwise.shards import run_job
-from shardwise.teacher_logits import make_plan, merge_files, worker_args
+from shardwise.shards import merge, run_job
+from shardwise.teacher_logits import make_plan, worker_args
 
 K = 16
 
@@ -73,7 +73,7 @@ def compute(tmp: Path, model_dir: Path, raw_cfg: dict, teacher: str = "tiny") ->
         manifests.append(tmp / "jobs" / f"job-{job:04d}.json")
         run_job(plan, job, _compute(), codec, args, manifests[-1], threads=2)
     out = tmp / f"{teacher}.h5"
-    merge_files(plan, codec, manifests, out)
+    merge(plan, manifests, out, codec)
     return out, plan, codec, manifests
 
 
@@ -200,7 +200,7 @@ def test_merge_refuses_foreign_or_damaged_shards(tmp_path, merged, case):
         expected = "rows \\[\\d+, 40\\) are covered by no shard \\(missing shard\\)"
     out = tmp_path / "merged.h5"
     with pytest.raises(ShardError, match=expected) as info:
-        merge_files(copy, codec, jobs, out)
+        merge(copy, jobs, out, codec)
     assert "\n" not in str(info.value)
     assert not out.exists() and not list(tmp_path.glob(".merged.h5*"))
 

@@ -19,7 +19,6 @@ byte-identical for any ``n_shards``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from shardwise import __version__, settings
-from shardwise.atomic import atomic_path
 from shardwise.batching import batches, right_padded
 from shardwise.config import Config, load_config
 from shardwise.errors import InputError, ShardError
 from shardwise.fingerprint import code_version, sha256_file
 from shardwise.models import load_shard_model, read_record, revision
-from shardwise.shards import ShardContext, ShardPlan, run_job, verify
+from shardwise.shards import ShardContext, ShardPlan, run_job
+from shardwise.shards import merge as merge_shards
 from shardwise.tables import load_labelled
 
 log = logging.getLogger(__name__)
@@ -211,7 +210,6 @@ def make_plan(
 def compute_shard(ctx: ShardContext) -> None:
     """Worker body: pooled activations of the shard's pending chunks, each committed in order."""
     import torch
-    from tqdm import tqdm
 
     a = ctx.args
     chunks = ctx.pending_chunks()
@@ -223,10 +221,8 @@ def compute_shard(ctx: ShardContext) -> None:
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts, ids_col = table["text"].tolist(), table["id"].to_numpy()
-    started, n_tokens = time.perf_counter(), 0
-    with tqdm(
-        total=sum(len(c) for c in chunks), unit="item", mininterval=5, desc=f"shard {ctx.index}"
-    ) as bar:
+    items, n_tokens = sum(len(c) for c in chunks), 0
+    with ctx.progress(items) as bar:
         for chunk in chunks:
             enc = tokenizer(
                 texts[chunk.start : chunk.stop],
@@ -260,13 +256,7 @@ def compute_shard(ctx: ShardContext) -> None:
                 chunk,
                 {"activations": out, "item_ids": ids_col[chunk.start : chunk.stop], "layers": a["layers"]},
             )
-    seconds = time.perf_counter() - started
-    ctx.stats.update(
-        dtype=str(model.dtype).removeprefix("torch."),
-        tokens=n_tokens,
-        seconds=round(seconds, 2),
-        tokens_per_s=round(n_tokens / seconds, 1),
-    )
+    ctx.record_speed(model, items=items, tokens=n_tokens)
 
 
 def worker_args(
@@ -297,15 +287,7 @@ def job(smk: Any) -> None:
     run_job(plan, int(smk.wildcards.job), compute_shard, codec, args, smk.output[0], threads=smk.threads)
 
 
-def merge_files(plan: ShardPlan, codec: ActivationsCodec, manifests: Any, out: str | Path) -> list[Path]:
-    paths = verify(plan, manifests)
-    with atomic_path(Path(out)) as tmp:
-        concat(paths, tmp, codec.attrs)
-    return paths
-
-
 def merge(smk: Any) -> None:
     """Snakemake rule `merge_activations`: one verified file per model."""
     _, plan, codec, _ = _plan_for(smk)
-    paths = merge_files(plan, codec, smk.input.manifests, smk.output[0])
-    log.info("merged %d shards of %d items -> %s", len(paths), plan.n_items, smk.output[0])
+    merge_shards(plan, smk.input.manifests, smk.output[0], codec)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 
@@ -16,3 +18,22 @@ def export_package_path() -> None:
 def jobs_offline() -> None:
     """Jobs never download: HF_HUB_OFFLINE=1 for every job (prepare_model alone lifts it)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def redirect_output(path: Path, append: bool) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so also what C code and
+    child processes write) and the logging module to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = os.O_APPEND if append else os.O_TRUNC
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

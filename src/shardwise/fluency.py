@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,13 @@ import numpy as np
 import pandas as pd
 
 from shardwise import settings
-from shardwise.atomic import atomic_path
 from shardwise.batching import batches
 from shardwise.config import Config, load_config
 from shardwise.errors import ModelError
 from shardwise.fingerprint import code_version, sha256_file
 from shardwise.models import load_shard_model, read_record
-from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job, verify
+from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job
+from shardwise.shards import merge as merge_shards
 from shardwise.tables import load_generations
 
 log = logging.getLogger(__name__)
@@ -184,7 +183,6 @@ def make_plan(
 
 
 def compute_shard(ctx: ShardContext) -> None:
-    from tqdm import tqdm
 
     a = ctx.args
     chunks = ctx.pending_chunks()
@@ -193,20 +191,14 @@ def compute_shard(ctx: ShardContext) -> None:
     table = load_generations(a["generations"])
     model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
     pad = pad_id_of(tokenizer, a["scorer"])
-    started, tokens = time.perf_counter(), 0
-    with tqdm(total=sum(len(c) for c in chunks), unit="seq", mininterval=5, desc=f"shard {ctx.index}") as bar:
+    items, tokens = sum(len(c) for c in chunks), 0
+    with ctx.progress(items, unit="seq") as bar:
         for chunk in chunks:
             part = table.iloc[chunk.start : chunk.stop]
             scores = score_table(model, tokenizer, part, a["batch_tokens"], pad, device, bar)
             ctx.commit(chunk, scores)
             tokens += int(scores["n_tokens"].sum())
-    seconds = time.perf_counter() - started
-    ctx.stats.update(
-        dtype=str(model.dtype).removeprefix("torch."),
-        scored_tokens=tokens,
-        seconds=round(seconds, 2),
-        tokens_per_s=round(tokens / seconds, 1),
-    )
+    ctx.record_speed(model, items=items, tokens=tokens)
 
 
 def worker_args(cfg: Config, model_dir: str | Path, generations: str | Path) -> dict[str, Any]:
@@ -231,12 +223,6 @@ def job(smk: Any) -> None:
 
 def merge(smk: Any) -> None:
     """Snakemake rule `merge_fluency`: verified per-generation scores of one run."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     cfg = load_config(smk.config)
     plan = make_plan(cfg, smk.wildcards.run, smk.input.model, smk.input.generations)
-    paths = verify(plan, smk.input.manifests)
-    table = pa.concat_tables([pq.read_table(p) for p in paths])
-    with atomic_path(Path(smk.output[0])) as tmp:
-        pq.write_table(table, tmp)
+    merge_shards(plan, smk.input.manifests, smk.output[0], CODEC)

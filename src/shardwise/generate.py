@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +31,11 @@ import numpy as np
 import pandas as pd
 
 from shardwise import settings
-from shardwise.atomic import atomic_path
 from shardwise.config import Config, Sampling, load_config
 from shardwise.fingerprint import code_version, sha256_file
 from shardwise.models import load_shard_model, read_record
-from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job, verify
+from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job
+from shardwise.shards import merge as merge_shards
 from shardwise.tables import load_prompts
 
 log = logging.getLogger(__name__)
@@ -272,8 +271,6 @@ def make_plan(
 
 def compute_shard(ctx: ShardContext) -> None:
     """Worker body: generate the shard's pending chunks and commit each one."""
-    import torch
-    from tqdm import tqdm
 
     a = ctx.args
     chunks = ctx.pending_chunks()
@@ -283,24 +280,14 @@ def compute_shard(ctx: ShardContext) -> None:
     sampling = Sampling(**a["sampling"])
     model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
     total = sum(len(c) for c in chunks) * sampling.samples_per_prompt
-    started, new_tokens = time.perf_counter(), 0
-    with tqdm(total=total, unit="seq", mininterval=5, desc=f"shard {ctx.index}") as bar:
+    new_tokens = 0
+    with ctx.progress(total, unit="seq") as bar:
         for chunk in chunks:
             part = prompts.iloc[chunk.start : chunk.stop]
             table = generate_table(model, tokenizer, part, sampling, a["batch_size"], device, progress=bar)
             ctx.commit(chunk, table)
             new_tokens += int(table["n_new_tokens"].sum())
-    seconds = time.perf_counter() - started
-    ctx.stats.update(
-        dtype=str(model.dtype).removeprefix("torch."),
-        batch_size=a["batch_size"],
-        torch_threads=torch.get_num_threads(),
-        sequences=total,
-        new_tokens=new_tokens,
-        generate_seconds=round(seconds, 2),
-        new_tokens_per_s=round(new_tokens / seconds, 1),
-        tokens_per_s=round(new_tokens / seconds, 1),  # what `shardwise status` shows for every stage
-    )
+    ctx.record_speed(model, items=total, tokens=new_tokens, batch_size=a["batch_size"])
 
 
 def worker_args(cfg: Config, run: str, model_dir: str | Path) -> dict[str, Any]:
@@ -323,14 +310,7 @@ def job(smk: Any) -> None:
 
 def merge(smk: Any) -> None:
     """Snakemake rule `merge_generations`: verify all shards and write the run's table."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     cfg = load_config(smk.config)
     plan = make_plan(cfg, smk.wildcards.run, smk.input.model)
-    paths = verify(plan, smk.input.manifests)
-    table = pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
-    out = Path(smk.output[0])
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
-    log.info("merged %d shards, %d rows -> %s", len(paths), table.num_rows, out)
+    merge_shards(plan, smk.input.manifests, smk.output[0], CODEC)

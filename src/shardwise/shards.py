@@ -33,10 +33,9 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,7 +43,7 @@ from typing import Any, Protocol
 from shardwise import __version__
 from shardwise.atomic import atomic_path, atomic_write_json
 from shardwise.config import ShardSpec
-from shardwise.environment import export_package_path
+from shardwise.environment import export_package_path, redirect_output
 from shardwise.errors import ShardError
 from shardwise.fingerprint import sha256_file, stable_hash
 
@@ -214,6 +213,34 @@ class ShardContext:
     threads: int
     started: float = field(default_factory=time.time)
     stats: dict[str, Any] = field(default_factory=dict)
+    clock: float = field(default=0.0, repr=False)
+
+    @contextlib.contextmanager
+    def progress(self, total: int, unit: str = "item") -> Iterator[Any]:
+        """A tqdm bar over the shard's pending work (in the shard's log), and the start of the
+        clock that :meth:`record_speed` reads."""
+        from tqdm import tqdm
+
+        self.clock = time.perf_counter()
+        with tqdm(total=total, unit=unit, mininterval=5, desc=f"shard {self.index}") as bar:
+            yield bar
+
+    def record_speed(self, model: Any, items: int, tokens: int, **extra: Any) -> None:
+        """The stats every stage records in the shard's record (`shardwise status` reads them):
+        the dtype the model ran in, torch threads, items, the model's tokens (generate: new
+        tokens), seconds since :meth:`progress` began, tokens/s; then the stage's own."""
+        import torch
+
+        seconds = time.perf_counter() - self.clock
+        self.stats.update(
+            dtype=str(model.dtype).removeprefix("torch."),
+            torch_threads=torch.get_num_threads(),
+            items=items,
+            tokens=tokens,
+            seconds=round(seconds, 2),
+            tokens_per_s=round(tokens / seconds, 1) if seconds > 0 else None,
+            **extra,
+        )
 
     @property
     def rows(self) -> range:
@@ -336,19 +363,7 @@ def _die_with_parent() -> None:
 
 
 def _redirect_output(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        force=True,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    redirect_output(path, append=True)
     logging.getLogger("submitit").propagate = False  # it has its own handler on stderr
 
 
@@ -614,6 +629,21 @@ def invalidate(plan: ShardPlan, index: int, path: Path) -> None:
     plan.record_path(index).unlink(missing_ok=True)
     if path.is_file():
         os.replace(path, path.with_name(path.name + ".bad"))
+
+
+def merge(plan: ShardPlan, manifests: Sequence[str | Path], out: str | Path, codec: Codec) -> list[Path]:
+    """The merge of every sharded stage: :func:`verify` every manifest and shard, let the codec
+    check each shard's own metadata (``codec.check(path, where)``, where it has one), then join the
+    shards in row order with the codec that joined their chunks, into `out` atomically."""
+    paths = verify(plan, manifests)
+    check = getattr(codec, "check", None)
+    for i, path in enumerate(paths):
+        if check is not None:
+            check(path, f"{plan.name} shard {i} ({path})")
+    with atomic_path(Path(out)) as tmp:
+        codec.combine(paths, tmp)
+    log.info("%s: merged %d shards of %d items -> %s", plan.name, len(paths), plan.n_items, out)
+    return paths
 
 
 def verify(plan: ShardPlan, manifests: Sequence[str | Path]) -> list[Path]:

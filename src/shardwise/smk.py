@@ -16,6 +16,7 @@ from typing import Any
 
 from shardwise import __version__
 from shardwise.config import Config, load_config
+from shardwise.environment import redirect_output
 from shardwise.errors import ShardwiseError
 
 log = logging.getLogger("shardwise")
@@ -42,18 +43,7 @@ def fail(message: str) -> None:
 
 def rule_main(smk: Any, fn: Callable[[Any], None]) -> None:
     """Run a rule's package function with stdout/stderr (fd level) and logging in the rule's log."""
-    log_path = Path(smk.log[0])
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        force=True,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    redirect_output(Path(smk.log[0]), append=False)
     try:
         fn(smk)
         if hasattr(smk.output, "run_info"):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,14 @@ import numpy as np
 import pandas as pd
 
 from shardwise import __version__, settings
-from shardwise.atomic import atomic_path
 from shardwise.batching import batches, right_padded
 from shardwise.config import Config, load_config
 from shardwise.errors import ShardError
 from shardwise.fingerprint import code_version, sha256_file, stable_hash
 from shardwise.logits import check_attrs, concat_files, topk_dtype, write_file
 from shardwise.models import load_shard_model, read_record, revision
-from shardwise.shards import ShardContext, ShardPlan, run_job, verify
+from shardwise.shards import ShardContext, ShardPlan, run_job
+from shardwise.shards import merge as merge_shards
 from shardwise.tables import load_texts
 
 log = logging.getLogger(__name__)
@@ -67,6 +66,10 @@ class H5Codec:
 
     def combine(self, parts: Any, path: Path) -> None:
         concat_files(parts, path, self.attrs)
+
+    def check(self, path: Path, where: str) -> None:
+        """At the merge: a shard of another teacher, revision, tokenizer or k is refused."""
+        check_attrs(path, self.attrs, where)
 
 
 def load_corpus(path: str | Path, generations: bool) -> pd.DataFrame:
@@ -255,7 +258,6 @@ class ChunkWriter(threading.Thread):
 def compute_shard(ctx: ShardContext) -> None:
     """Worker body: top-k log-probs of the shard's pending chunks, each committed as it completes."""
     import torch
-    from tqdm import tqdm
 
     a = ctx.args
     chunks = ctx.pending_chunks()
@@ -273,12 +275,10 @@ def compute_shard(ctx: ShardContext) -> None:
     writer = ChunkWriter(ctx, topk_dtype(vocab))
     writer.start()
     n_tokens = truncated = 0
-    started = time.perf_counter()
+    items = sum(len(c) for c in chunks)
     texts = corpus["text"].tolist()
     try:
-        with tqdm(
-            total=sum(len(c) for c in chunks), unit="item", mininterval=5, desc=f"shard {ctx.index}"
-        ) as bar:
+        with ctx.progress(items) as bar:
             for chunk in chunks:
                 encoded = tokenizer(
                     texts[chunk.start : chunk.stop], truncation=True, max_length=a["max_length"]
@@ -309,15 +309,8 @@ def compute_shard(ctx: ShardContext) -> None:
         writer.queue.put(None)
         writer.join()
     writer.raise_error()
-    seconds = time.perf_counter() - started
-    ctx.stats.update(
-        dtype=str(model.dtype).removeprefix("torch."),
-        items=sum(len(c) for c in chunks),
-        tokens=n_tokens,
-        truncated_items=truncated,
-        seconds=round(seconds, 2),
-        tokens_per_s=round(n_tokens / seconds, 1),
-        bytes=writer.bytes_written,
+    ctx.record_speed(
+        model, items=items, tokens=n_tokens, truncated_items=truncated, bytes=writer.bytes_written
     )
 
 
@@ -348,18 +341,7 @@ def job(smk: Any) -> None:
     run_job(plan, int(smk.wildcards.job), compute_shard, codec, args, smk.output[0], threads=smk.threads)
 
 
-def merge_files(plan: ShardPlan, codec: H5Codec, manifests: Any, out: str | Path) -> list[Path]:
-    """Verify the shards (design.md §2) and their layout attrs, then copy them into one file."""
-    paths = verify(plan, manifests)
-    for i, path in enumerate(paths):
-        check_attrs(path, codec.attrs, f"{plan.name} shard {i} ({path})")
-    with atomic_path(Path(out)) as tmp:
-        concat_files(paths, tmp, codec.attrs)
-    return paths
-
-
 def merge(smk: Any) -> None:
     """Snakemake rule `merge_teacher_logits`: one verified file per teacher."""
     _, plan, codec = _plan_for(smk)
-    paths = merge_files(plan, codec, smk.input.manifests, smk.output[0])
-    log.info("merged %d shards of %d items -> %s", len(paths), plan.n_items, smk.output[0])
+    merge_shards(plan, smk.input.manifests, smk.output[0], codec)
