@@ -110,3 +110,49 @@ def test_job_shards_cover_all_shards():
     spec = cfg.generate.shards
     assert spec.n_jobs == 3
     assert [spec.job_shards(j) for j in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def _schema_node(path: str) -> dict:
+    from shardwise.config import schema
+
+    root = schema()
+    node = root
+    for part in path.split("/"):
+        node = node["additionalProperties"] if part == "*" else node[part]
+        while "$ref" in node:
+            target = root
+            for ref in node["$ref"].removeprefix("#/").split("/"):
+                target = target[ref]
+            node = target
+    return node
+
+
+# dataclass, its schema node, {schema key: field} where the typed config names it otherwise,
+# fields that are no key (derived), schema keys folded into other fields.
+MIRRORS: list[tuple[str, str, dict[str, str], set[str], set[str]]] = [
+    ("Config", "", {}, {"resolved"}, set()),
+    ("ModelSpec", "properties/models/*", {}, {"name"}, set()),
+    ("GenerateConfig", "properties/generate", {"models": "runs"}, set(), {"sampling"}),
+    ("Sampling", "definitions/sampling", {}, set(), set()),
+    ("TeacherLogitsConfig", "properties/teacher_logits", {}, set(), set()),
+    ("ProbesConfig", "properties/probes", {}, set(), set()),
+    ("AnalysisConfig", "properties/analysis", {}, set(), set()),
+    ("FluencyConfig", "properties/analysis/properties/fluency", {}, set(), set()),
+    ("ToxicityConfig", "properties/analysis/properties/toxicity", {}, set(), set()),
+    ("ShardSpec", "definitions/shards", {}, set(), set()),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "node", "renamed", "derived", "folded"), MIRRORS, ids=[m[0] for m in MIRRORS]
+)
+def test_the_typed_config_mirrors_the_schema_key_for_key(name, node, renamed, derived, folded):
+    """Each dataclass has one field per key of its schema section (generate.models becomes `runs`,
+    each with its sampling resolved), so the schema stays the one place keys are defined."""
+    import dataclasses
+
+    import shardwise.config as config
+
+    fields = {f.name for f in dataclasses.fields(getattr(config, name))} - derived
+    keys = set((_schema_node(node) if node else config.schema())["properties"]) - folded
+    assert fields == {renamed.get(k, k) for k in keys}

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import pkgutil
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from conftest import REPO, copy_workflow, job_counts
 
 import shardwise
 from shardwise.fingerprint import import_closure, imports_of
@@ -83,3 +90,53 @@ def test_code_versions_follow_the_import_graph():
     assert "shardwise.probes" not in gen and "shardwise.logits" not in gen
     assert "shardwise.logits" in import_closure("shardwise.teacher_logits")
     assert import_closure("shardwise.errors") == ["shardwise.errors"]
+
+
+@pytest.mark.slow
+def test_a_wheel_install_checks_a_config_and_dry_runs_the_demo(tmp_path):
+    """Installed from a wheel (not editable, no source tree beside it), the package still finds its
+    schema: `shardwise check` passes on the demo config and the demo's dry run lists its jobs."""
+    wheels = tmp_path / "wheels"
+    build = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(wheels),
+    ]
+    subprocess.run([*build, str(REPO)], check=True, capture_output=True, timeout=600)
+    site = tmp_path / "site"
+    with zipfile.ZipFile(next(wheels.glob("shardwise-*.whl"))) as whl:
+        whl.extractall(site)
+    assert (site / "shardwise" / "config.schema.yaml").is_file()
+    wf = copy_workflow(tmp_path / "wf")
+    shutil.rmtree(wf.path("src"))  # only the installed package is left to import
+    # the editable install puts the repository's src/ on sys.path: take it off, put the wheel first
+    boot = (
+        f"import sys; sys.path[:] = [{str(site)!r}] + [p for p in sys.path if p != {str(REPO / 'src')!r}]; "
+        "import shardwise, runpy; assert shardwise.__file__.startswith({site!r}), shardwise.__file__; "
+        "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')"
+    ).replace("{site!r}", repr(str(site)))
+    check = subprocess.run(
+        [sys.executable, "-c", boot, "shardwise.cli", "check", "config/config.yaml"],
+        cwd=wf.root,
+        capture_output=True,
+        text=True,
+        env=wf.env(),
+        timeout=300,
+    )
+    assert check.returncode == 0 and "config/config.yaml: ok" in check.stdout, check.stderr
+    shutil.copytree(site / "shardwise", wf.path("src/shardwise"))  # the workflow imports src/ (common.smk)
+    dry = subprocess.run(
+        [sys.executable, "-c", boot, "snakemake", "-n", "--cores", "1"],
+        cwd=wf.root,
+        capture_output=True,
+        text=True,
+        env=wf.env(),
+        timeout=300,
+    )
+    assert dry.returncode == 0 and job_counts(dry.stdout)["generate"] == 4, dry.stderr

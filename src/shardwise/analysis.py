@@ -628,7 +628,7 @@ def job(smk: Any) -> None:
     an = cfg.analysis
     runs = list(smk.params.runs)
     table = scores_table(runs, smk.input.generations, smk.input.fluency, smk.input.toxicity)
-    fluency_model = cfg.models[an.fluency_model].describe() if an.fluency_model else ""
+    fluency_model = cfg.models[an.fluency.model].describe() if an.fluency.model else ""
     summary = pd.DataFrame(
         [
             {
@@ -636,8 +636,8 @@ def job(smk: Any) -> None:
                     run,
                     table[table.model == run],
                     table.continuation[table.model == run],
-                    an.threshold,
-                    an.ppl_cap,
+                    an.toxicity.threshold,
+                    an.fluency.ppl_cap,
                     an.bootstrap,
                     an.seed,
                 ),
@@ -651,7 +651,7 @@ def job(smk: Any) -> None:
     corr = pd.DataFrame(
         [r for run in runs for r in correlation_rows(run, table[table.model == run], an.bootstrap, an.seed)]
     )
-    diff = run_differences(table, runs, an.threshold, an.ppl_cap, an.bootstrap, an.seed)
+    diff = run_differences(table, runs, an.toxicity.threshold, an.fluency.ppl_cap, an.bootstrap, an.seed)
     with atomic_path(Path(smk.output.scores)) as tmp:
         table.drop(columns=["continuation"]).to_parquet(tmp, index=False)
     atomic_write_text(Path(smk.output.summary), summary.to_csv(index=False, float_format="%.6g"))

@@ -83,7 +83,7 @@ def check_inputs(cfg: Config) -> dict[str, int]:
         counts["corpus items"] = n
         _check_shards("teacher_logits", tl.shards, n, "items", where, align=tl.shards.chunk_size)
     an = cfg.analysis
-    for name in (an.fluency_model, an.toxicity_model if an.toxicity_scorer == "hf" else None):
+    for name in (an.fluency.model, an.toxicity.model if an.toxicity.scorer == "hf" else None):
         if an.runs and name:
             check_source(cfg.models[name])
     pr = cfg.probes

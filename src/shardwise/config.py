@@ -1,9 +1,11 @@
 """Typed, validated workflow configuration.
 
-`workflow/schemas/config.schema.yaml` is the single source of truth for keys, types, descriptions
-and defaults. `load_config` validates a raw config mapping against it, fills in the defaults and
-returns frozen dataclasses. Every problem is reported as one line naming the config file and the
-key path, e.g. ``config/config.yaml: generate.shards.n_shards: 0 is less than the minimum of 1``.
+`workflow/schemas/config.schema.yaml` (a link to `src/shardwise/config.schema.yaml`, shipped as
+package data) is the single source of truth for keys, types, descriptions and defaults.
+`load_config` validates a raw config mapping against it, fills in the defaults and returns frozen
+dataclasses that mirror its nesting (tests/test_config.py checks them key for key). Every problem
+is reported as one line naming the config file and the key path, e.g.
+``config/config.yaml: generate.shards.n_shards: 0 is less than the minimum of 1``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import yaml
 
 from shardwise.errors import ConfigError
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# Shipped inside the package (also when installed from a wheel); workflow/schemas/ links to it.
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
 @cache
@@ -218,20 +221,30 @@ def random_name(model: str) -> str:
 
 
 @dataclass(frozen=True)
-class AnalysisConfig:
-    runs: tuple[str, ...]
-    fluency_model: str | None
+class FluencyConfig:
+    model: str | None
     batch_tokens: int
     ppl_cap: float
-    fluency_shards: ShardSpec
-    toxicity_scorer: str
-    toxicity_model: str | None
-    toxicity_label: str
-    detoxify_variant: str
-    toxicity_batch_size: int
+    shards: ShardSpec
+
+
+@dataclass(frozen=True)
+class ToxicityConfig:
+    scorer: str
+    model: str | None
+    label: str
+    variant: str
+    batch_size: int
     threshold: float
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    runs: tuple[str, ...]  # resolved: null = every generation run; () when fluency.model is null
     bootstrap: int
     seed: int
+    fluency: FluencyConfig
+    toxicity: ToxicityConfig
 
 
 TOXICITY_PROBE_DATA = Path("results/probes/toxicity/data.parquet")
@@ -371,18 +384,15 @@ def load_config(raw: Mapping[str, Any], source: str = "config", base_dir: Path |
         )
     analysis = AnalysisConfig(
         runs=runs_of_analysis if flu["model"] else (),
-        fluency_model=flu["model"],
-        batch_tokens=flu["batch_tokens"],
-        ppl_cap=float(flu["ppl_cap"]),
-        fluency_shards=ShardSpec(**flu["shards"]),
-        toxicity_scorer=tox["scorer"],
-        toxicity_model=tox["model"],
-        toxicity_label=tox["label"],
-        detoxify_variant=tox["variant"],
-        toxicity_batch_size=tox["batch_size"],
-        threshold=float(tox["threshold"]),
         bootstrap=an["bootstrap"],
         seed=an["seed"],
+        fluency=FluencyConfig(
+            model=flu["model"],
+            batch_tokens=flu["batch_tokens"],
+            ppl_cap=float(flu["ppl_cap"]),
+            shards=ShardSpec(**flu["shards"]),
+        ),
+        toxicity=ToxicityConfig(**{**tox, "threshold": float(tox["threshold"])}),
     )
     return Config(
         models=models,

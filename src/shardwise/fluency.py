@@ -174,7 +174,7 @@ def make_plan(
         stage=STAGE,
         key=run,
         n_items=len(load_generations(generations)),
-        spec=an.fluency_shards,
+        spec=an.fluency.shards,
         identity=identity,
         root=Path(results) / "analysis" / "fluency" / run,
         log_dir=Path("logs") / STAGE / run,
@@ -208,8 +208,8 @@ def worker_args(cfg: Config, model_dir: str | Path, generations: str | Path) -> 
         **settings.score_fluency(cfg),
         "generations": str(generations),
         "model_dir": str(model_dir),
-        "batch_tokens": an.batch_tokens,
-        "scorer": an.fluency_model,
+        "batch_tokens": an.fluency.batch_tokens,
+        "scorer": an.fluency.model,
     }
 
 

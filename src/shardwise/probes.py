@@ -558,10 +558,10 @@ def toxicity_probe_data(smk: Any) -> None:
     before any activation is computed."""
     cfg = load_config(smk.config)
     an, pr = cfg.analysis, cfg.probe_sets()["toxicity"]
-    table = toxicity_table(an.runs, smk.input.generations, smk.input.toxicity, an.threshold)
+    table = toxicity_table(an.runs, smk.input.generations, smk.input.toxicity, an.toxicity.threshold)
     y = table[["toxic"]].to_numpy()
     where = (
-        f"probes.toxicity: {int(y.sum())} of {len(y)} generations are toxic (>= {an.threshold:g}, "
+        f"probes.toxicity: {int(y.sum())} of {len(y)} generations are toxic (>= {an.toxicity.threshold:g}, "
         f"{', '.join(an.runs)})"
     )
     hint = "more prompts or samples, or set probes.toxicity: false"

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from shardwise.errors import ShardwiseError
 
-PROFILES = Path(__file__).resolve().parents[2] / "profiles"
+
+def profiles_dir() -> Path:
+    """The workflow's profiles/: in the working directory (the workflow you run), else next to
+    this package's source tree (an editable install)."""
+    for candidate in (Path.cwd() / "profiles", Path(__file__).resolve().parents[2] / "profiles"):
+        if candidate.is_dir():
+            return candidate
+    return Path.cwd() / "profiles"
 
 
 def user_profile_dir() -> Path:
@@ -25,9 +32,10 @@ def install_profile(name: str = "slurm", dest_dir: Path | None = None) -> tuple[
     """Symlink profiles/<name> to <user config dir>/<name>; return (link, created).
 
     Refuses to replace anything that is not already this same link."""
-    source = PROFILES / name
+    profiles = profiles_dir()
+    source = profiles / name
     if not (source / "config.yaml").is_file():
-        raise ShardwiseError(f"no profile {name!r} in {PROFILES}")
+        raise ShardwiseError(f"no profile {name!r} in {profiles} (run this in the workflow's directory)")
     link = (dest_dir or user_profile_dir()) / name
     if link.is_symlink() and link.resolve() == source.resolve():
         return link, False

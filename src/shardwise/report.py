@@ -347,7 +347,7 @@ def job(smk: Any) -> None:
     correlations = pd.read_csv(smk.input.correlations)
     differences = pd.read_csv(smk.input.differences)
     for model, path in zip(smk.params.runs, smk.output.scatter, strict=True):
-        scatter(scores, model, Path(path), cfg.analysis.threshold)
+        scatter(scores, model, Path(path), cfg.analysis.toxicity.threshold)
     bars(summary, Path(smk.output.bars))
     forest(
         differences.assign(
@@ -369,10 +369,10 @@ def job(smk: Any) -> None:
     )
     info = {
         "scorer": "; ".join(dict.fromkeys(scorer_name(t) for t in smk.input.toxicity)),
-        "threshold": f">= {cfg.analysis.threshold:g}",
-        "fluency_model": cfg.models[cfg.analysis.fluency_model].describe(),
+        "threshold": f">= {cfg.analysis.toxicity.threshold:g}",
+        "fluency_model": cfg.models[cfg.analysis.fluency.model].describe(),
         "runs": list(smk.params.runs),
-        "ppl_cap": cfg.analysis.ppl_cap,
+        "ppl_cap": cfg.analysis.fluency.ppl_cap,
         "bootstrap": f"{cfg.analysis.bootstrap} resamples, seed {cfg.analysis.seed}",
     }
     figures = [

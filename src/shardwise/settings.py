@@ -106,7 +106,7 @@ def toxicity_probe_data(cfg: Config) -> dict[str, Any]:
     an, pr = cfg.analysis, cfg.probes
     return {
         "runs": list(an.runs),
-        "threshold": an.threshold,
+        "threshold": an.toxicity.threshold,
         "val_fraction": pr.val_fraction,
         "test_fraction": pr.test_fraction,
         "seed": pr.seed,
@@ -116,19 +116,19 @@ def toxicity_probe_data(cfg: Config) -> dict[str, Any]:
 def score_fluency(cfg: Config) -> dict[str, Any]:
     """Perplexities: the scoring model's dtype and the shard cut (the model itself is an input)."""
     an = cfg.analysis
-    dtype = cfg.models[an.fluency_model].dtype if an.fluency_model else None
-    return {"dtype": dtype, "shards": {"n_shards": an.fluency_shards.n_shards}}
+    dtype = cfg.models[an.fluency.model].dtype if an.fluency.model else None
+    return {"dtype": dtype, "shards": {"n_shards": an.fluency.shards.n_shards}}
 
 
 def score_toxicity(cfg: Config) -> dict[str, Any]:
     """Toxicity scores: the scorer and, for the neural ones, what picks their output."""
     an = cfg.analysis
-    out: dict[str, Any] = {"scorer": an.toxicity_scorer}
-    if an.toxicity_scorer == "hf":
-        dtype = cfg.models[an.toxicity_model].dtype
-        out.update(model=an.toxicity_model, label=an.toxicity_label, dtype=dtype)
-    elif an.toxicity_scorer == "detoxify":
-        out.update(variant=an.detoxify_variant)
+    out: dict[str, Any] = {"scorer": an.toxicity.scorer}
+    if an.toxicity.scorer == "hf":
+        dtype = cfg.models[an.toxicity.model].dtype
+        out.update(model=an.toxicity.model, label=an.toxicity.label, dtype=dtype)
+    elif an.toxicity.scorer == "detoxify":
+        out.update(variant=an.toxicity.variant)
     return out
 
 
@@ -139,8 +139,8 @@ def analyse(cfg: Config) -> dict[str, Any]:
     an = cfg.analysis
     return {
         "runs": list(an.runs),
-        "threshold": an.threshold,
-        "ppl_cap": an.ppl_cap,
+        "threshold": an.toxicity.threshold,
+        "ppl_cap": an.fluency.ppl_cap,
         "bootstrap": an.bootstrap,
         "seed": an.seed,
     }

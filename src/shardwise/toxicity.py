@@ -115,12 +115,12 @@ def job(smk: Any) -> None:
     texts = table["continuation"].fillna("").tolist()
     values, name = score(
         texts,
-        tox.toxicity_scorer,
+        tox.toxicity.scorer,
         model_dir=getattr(smk.input, "model", None),
-        label=tox.toxicity_label,
-        batch_size=tox.toxicity_batch_size,
-        name=tox.toxicity_model,
-        variant=tox.detoxify_variant,
+        label=tox.toxicity.label,
+        batch_size=tox.toxicity.batch_size,
+        name=tox.toxicity.model,
+        variant=tox.toxicity.variant,
     )
     out = pd.DataFrame({"prompt_id": table["prompt_id"], "sample_id": table["sample_id"], "toxicity": values})
     arrow = pa.Table.from_pandas(out, preserve_index=False)

@@ -2,7 +2,7 @@ rule score_fluency:
     """One job of a run's perplexity scoring: shards_per_job shards, one worker each."""
     input:
         generations=rules.merge_generations.output.table,
-        model=model_dir(AN.fluency_model or "none"),
+        model=model_dir(AN.fluency.model or "none"),
     output:
         "results/analysis/fluency/{run}/jobs/job-{job}.json",
     log:
@@ -11,12 +11,12 @@ rule score_fluency:
         "benchmarks/score_fluency/{run}/job-{job}.tsv"
     conda:
         ENV
-    threads: AN.fluency_shards.shards_per_job
+    threads: AN.fluency.shards.shards_per_job
     resources:
-        gpu=AN.fluency_shards.gpus_per_job,
+        gpu=AN.fluency.shards.gpus_per_job,
     params:
         settings=as_param(settings.score_fluency(CFG)),
-        shards=job_shards(AN.fluency_shards),
+        shards=job_shards(AN.fluency.shards),
         code=code("fluency"),
     script:
         "../../scripts/score_fluency.py"
@@ -25,9 +25,9 @@ rule score_fluency:
 rule merge_fluency:
     """Verify every shard of a run's perplexities: results/analysis/fluency/<run>.parquet."""
     input:
-        manifests=manifests(rules.score_fluency.output[0], AN.fluency_shards, "run"),
+        manifests=manifests(rules.score_fluency.output[0], AN.fluency.shards, "run"),
         generations=rules.merge_generations.output.table,
-        model=model_dir(AN.fluency_model or "none"),
+        model=model_dir(AN.fluency.model or "none"),
     output:
         "results/analysis/fluency/{run}.parquet",
     log:

@@ -138,15 +138,15 @@ def probes_outputs():
 
 def toxicity_inputs(wildcards):
     inputs = {"generations": f"results/generations/{wildcards.run}.parquet"}
-    if AN.toxicity_scorer == "hf":
-        inputs["model"] = model_dir(AN.toxicity_model)
+    if AN.toxicity.scorer == "hf":
+        inputs["model"] = model_dir(AN.toxicity.model)
     return inputs
 
 
 def toxicity_gpus():
     """Neural scorers get a GPU where the config has GPUs (the fluency shards use them)."""
-    neural = AN.toxicity_scorer != "profanity-check"
-    return 1 if neural and AN.fluency_shards.gpus_per_shard else 0
+    neural = AN.toxicity.scorer != "profanity-check"
+    return 1 if neural and AN.fluency.shards.gpus_per_shard else 0
 
 
 def analysis_outputs():
