@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -317,3 +318,53 @@ def test_job_cpus_follow_slurm_not_the_host(monkeypatch):
     assert job_cpus(1) == 18
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert job_cpus(1) == 2
+
+
+def _kill_when_running(plan, target: str, sig: int = signal.SIGKILL) -> dict:
+    """In a thread: once shard 0 runs, SIGKILL its compute process or that process's parent (the
+    submitit wrapper). Returns {"compute": pid, "wrapper": pid} as they were."""
+    seen: dict = {}
+
+    def kill():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                pid = json.loads(plan.status_path(0).read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.02)
+                continue
+            seen["compute"] = pid
+            seen["wrapper"] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            os.kill(seen[target], sig)
+            return
+
+    threading.Thread(target=kill, daemon=True).start()
+    return seen
+
+
+def _gone(pid: int, within_s: float = 30.0) -> bool:
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("target", ["compute", "wrapper"])
+def test_a_killed_worker_names_its_shard_and_cause_and_leaves_no_process(tmp_path, target):
+    plan = make_plan(tmp_path, n_items=20, n_shards=1, shards_per_job=1)
+    seen = _kill_when_running(plan, target)
+    forever = {"die_shard": 0, "die_at": 10**9, "hang": True}
+    with pytest.raises(ShardError) as err:
+        run(plan, tmp_path, **forever)
+    message = str(err.value)
+    assert "1 of 1 worker(s) failed: shard 0: " in message and str(plan.log_path(0)) in message
+    pid = seen["compute"]
+    if target == "compute":
+        assert f"its compute process pid {pid} died without a word" in message
+    else:  # the compute process ends with its wrapper (SIGTERM from the kernel), or is killed
+        assert "terminated by signal SIGTERM" in message or f"compute process pid {pid}" in message
+    assert _gone(pid) and _gone(seen["wrapper"])

@@ -461,11 +461,100 @@ def job_cpus(threads: int) -> int:
     return min(cpus, int(on_node)) if on_node.isdigit() else cpus
 
 
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed in this process's memory cgroup (the
+    SLURM job's, under SLURM): cgroup v2 memory.events, v1 memory.oom_control. None: not readable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidates = [Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events"]
+        elif "memory" in controllers.split(","):
+            candidates = [Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.oom_control"]
+        else:
+            continue
+        for candidate in candidates:
+            try:
+                for entry in candidate.read_text().splitlines():
+                    key, _, value = entry.partition(" ")
+                    if key == "oom_kill" and value.strip().isdigit():
+                        return int(value)
+            except OSError:
+                continue
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_failure(plan: ShardPlan, i: int, oom_before: int | None) -> str:
+    """Why shard i's worker failed, from what it left: its own error (status file), else how its
+    compute process ended. A compute process still alive (its submitit wrapper was killed) is
+    killed, so that no process outlives its job."""
+    try:
+        status = json.loads(plan.status_path(i).read_text())
+    except (OSError, ValueError):
+        status = {}
+    if status.get("state") == "failed" and status.get("error"):
+        return str(status["error"])
+    pid = status.get("pid")
+    if not pid:
+        return "its worker ended before it started computing (see the submitit log in the log directory)"
+    if status.get("host") == socket.gethostname() and pid_alive(int(pid)):
+        with contextlib.suppress(OSError):
+            os.kill(int(pid), signal.SIGKILL)
+        return f"its submitit wrapper died; its compute process pid {pid}, still running, was killed"
+    after = oom_kills()
+    if oom_before is not None and after is not None and after > oom_before:
+        return (
+            f"its compute process pid {pid} was killed by the kernel's OOM killer (out of memory: lower "
+            "batch_size / batch_tokens, or ask for more memory)"
+        )
+    return (
+        f"its compute process pid {pid} died without a word: killed by a signal (SIGKILL?) or the "
+        "OOM killer outside this job"
+    )
+
+
 def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
     try:
         return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
     except FileNotFoundError:
         return "(no log)\n"
+
+
+def _log_compute_pids(plan: ShardPlan, running: list[tuple[int, Any]], wait_s: float = 30.0) -> None:
+    """Name each worker's compute process in the job log (the pid submitit reports is its wrapper's),
+    as soon as the worker has written its status (within `wait_s`)."""
+    todo = {i: handle for i, handle in running}
+    deadline = time.monotonic() + wait_s
+    while todo and time.monotonic() < deadline:
+        for i in list(todo):
+            try:
+                pid = json.loads(plan.status_path(i).read_text()).get("pid")
+            except (OSError, ValueError):
+                pid = None
+            if pid or todo[i].done():
+                log.info(
+                    "shard %d of %s: compute pid %s (submitit wrapper pid %s)",
+                    i,
+                    plan.name,
+                    pid,
+                    todo[i].job_id,
+                )
+                del todo[i]
+        if todo:
+            time.sleep(0.2)
 
 
 def run_job(
@@ -502,6 +591,7 @@ def run_job(
         folder = plan.log_dir / "submitit"
         running = []
         for k, i in enumerate(pending):
+            plan.status_path(i).unlink(missing_ok=True)  # a former attempt's: this one writes its own
             mine = gpus[k * g : (k + 1) * g]
             executor = submitit.LocalExecutor(folder=folder)
             params: dict[str, Any] = {"timeout_min": 60 * 24 * 14, "gpus_per_node": len(mine)}
@@ -519,7 +609,7 @@ def run_job(
             )
             running.append((i, executor.submit(worker_main, task)))
             log.info(
-                "shard %d of %s: started worker pid %s on %s, log %s",
+                "shard %d of %s: started worker (submitit wrapper pid %s) on %s, log %s",
                 i,
                 plan.name,
                 running[-1][1].job_id,
@@ -535,14 +625,15 @@ def run_job(
 
         previous = {s: signal.signal(s, stop_workers) for s in (signal.SIGTERM, signal.SIGINT)}
         failures = []
+        oom_before = oom_kills()
         try:
+            _log_compute_pids(plan, running)
             for i, handle in running:
                 try:
                     record = handle.result()
                     log.info("shard %d of %s: done in %.1f s", i, plan.name, record["end"] - record["start"])
-                except Exception as exc:  # FailedJobError, UncompletedJobError (killed worker)
-                    reason = str(exc).strip().splitlines()
-                    failures.append((i, reason[-1] if reason else type(exc).__name__))
+                except Exception:  # FailedJobError, UncompletedJobError (killed worker)
+                    failures.append((i, describe_failure(plan, i, oom_before)))
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -557,7 +648,7 @@ def run_job(
                 log_tail(path),
             )
         if failures:
-            names = "; ".join(f"shard {i} ({plan.log_path(i)})" for i, _ in failures)
+            names = "; ".join(f"shard {i}: {reason} (log {plan.log_path(i)})" for i, reason in failures)
             raise ShardError(
                 f"{plan.name} job {job}: {len(failures)} of {len(pending)} worker(s) "
                 f"failed: {names}. Finished shards are kept; rerun to compute the rest."

@@ -43,7 +43,13 @@ def fail(message: str) -> None:
 
 def rule_main(smk: Any, fn: Callable[[Any], None]) -> None:
     """Run a rule's package function with stdout/stderr (fd level) and logging in the rule's log."""
-    redirect_output(Path(smk.log[0]), append=False)
+    # appended, one header per attempt: a retry keeps the failed attempt's log above its own
+    redirect_output(Path(smk.log[0]), append=True)
+    slurm = os.environ.get("SLURM_JOB_ID")
+    where = f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {slurm}" if slurm else "")
+    log.info(
+        "==== rule %s, %s, %s ====", getattr(smk, "rule", "?"), where, time.strftime("%Y-%m-%d %H:%M:%S")
+    )
     try:
         fn(smk)
         if hasattr(smk.output, "run_info"):

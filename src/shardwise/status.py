@@ -4,7 +4,6 @@ shards' log tails, and the throughput of finished shards. Reads only the shard s
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shardwise.config import ShardSpec
-from shardwise.shards import ShardPlan, log_tail
+from shardwise.shards import ShardPlan, log_tail, pid_alive
 
 
 @dataclass
@@ -33,16 +32,6 @@ class RunStatus:
 
     def count(self, state: str) -> int:
         return sum(s.state == state for s in self.shards)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def parse_sacct(text: str) -> dict[str, str]:
@@ -140,7 +129,7 @@ def shard_state(plan: ShardPlan, i: int, slurm: dict[str, str] | None = None) ->
         return ShardState(i, "failed", f"{error} ({where})", log=log_path)
     if cause:
         return ShardState(i, "failed", f"{cause} ({where})", log=log_path)
-    gone = status.get("host") == socket.gethostname() and not _pid_alive(int(status["pid"]))
+    gone = status.get("host") == socket.gethostname() and not pid_alive(int(status["pid"]))
     if gone:
         return ShardState(i, "failed", f"worker died without a word, killed? ({where})", log=log_path)
     return ShardState(i, "running", where, log=log_path)
