@@ -626,3 +626,30 @@ def test_toxicity_probe_set_refuses_too_few_toxic_generations(tmp_path, tiny_mod
     assert not out.exists()
     toxicity_probe_data(smk(12))  # 6 prompts with toxic generations: every split gets some
     assert pd.read_parquet(out).toxic.sum() == 12
+
+
+def test_the_toxicity_probe_set_is_capped_class_balanced_and_by_prompt():
+    from shardwise.probes import balanced_sample
+
+    rng = np.random.default_rng(0)
+    n = 5000  # 500 prompts x 10 generations, 8% toxic
+    table = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "group": np.repeat([f"p{i}" for i in range(500)], 10),
+            "toxic": (rng.random(n) < 0.08).astype("int64"),
+        }
+    )
+    n_toxic = int(table.toxic.sum())
+    half = balanced_sample(table, 2 * (n_toxic - 50), seed=1)
+    assert half.toxic.sum() == n_toxic - 50 and (half.toxic == 0).sum() == n_toxic - 50
+    short = balanced_sample(table, 1000, seed=1)  # fewer toxic than half: all of them, the rest not
+    assert len(short) == 1000 and short.toxic.sum() == n_toxic
+    # taken prompt by prompt: the non-toxic rows kept come from whole prompts but for the last one
+    kept = short[short.toxic == 0].groupby("group").size()
+    full = table[table.toxic == 0].groupby("group").size()[kept.index]
+    assert (kept < full).sum() <= 1
+    assert short.id.is_monotonic_increasing and short.id.is_unique
+    assert balanced_sample(table, 1000, seed=1).equals(short)  # seeded
+    assert not balanced_sample(table, 1000, seed=2).equals(short)
+    assert balanced_sample(table, n, seed=1) is table  # under the cap: untouched

@@ -128,6 +128,7 @@ MATRIX: dict[str, tuple[Any, dict[str, int]]] = {
     "probes.random_baseline": (True, PROBES),  # tiny-random's
     "probes.permutations": (3, TRAIN),
     "probes.toxicity": (True, plus(PROBES, toxicity_probe_data=1)),  # the set `toxicity`
+    "probes.toxicity_rows": (500, NOTHING),  # the set `toxicity` is off here
     "probes.shards.n_shards": (3, plus(PROBES, activations=3)),
     "probes.shards.shards_per_job": (2, plus(PROBES, activations=1)),
     "probes.shards.gpus_per_shard": (1, NOTHING),

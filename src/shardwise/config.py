@@ -199,6 +199,7 @@ class ProbesConfig:
     permutations: int
     random_baseline: bool
     toxicity: bool
+    toxicity_rows: int
     shards: ShardSpec
 
     def probed(self) -> tuple[str, ...]:

@@ -553,12 +553,39 @@ def toxicity_table(
     )
 
 
+def balanced_sample(table: pd.DataFrame, cap: int, seed: int, label: str = "toxic") -> pd.DataFrame:
+    """At most `cap` rows of a two-class table: up to half of each class (all of a class that has
+    fewer, the rest of the budget from the other), taken prompt by prompt (`group`) in a seeded
+    random order of the prompts, so a prompt's rows of a class are kept together. Row order and ids
+    are kept. O(rows log rows)."""
+    if len(table) <= cap:
+        return table
+    groups = table["group"].to_numpy()
+    uniques, codes = np.unique(groups, return_inverse=True)
+    rank = np.random.default_rng(seed).permutation(len(uniques))[codes]
+    y = table[label].to_numpy()
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    q_pos = min(n_pos, max(cap // 2, cap - n_neg))
+    quota = {1: q_pos, 0: min(n_neg, cap - q_pos)}
+    order = np.lexsort((np.arange(len(y)), rank))  # prompts in the seeded order, rows in table order
+    keep = np.zeros(len(y), dtype=bool)
+    for cls, q in quota.items():
+        rows = order[y[order] == cls]
+        keep[rows[:q]] = True
+    return table[keep]
+
+
 def toxicity_probe_data(smk: Any) -> None:
     """Snakemake rule `toxicity_probe_data`: the probe set ``toxicity``, checked for a usable split
     before any activation is computed."""
     cfg = load_config(smk.config)
     an, pr = cfg.analysis, cfg.probe_sets()["toxicity"]
     table = toxicity_table(an.runs, smk.input.generations, smk.input.toxicity, an.toxicity.threshold)
+    n_all = len(table)
+    table = balanced_sample(table, pr.toxicity_rows, pr.seed)
+    if len(table) < n_all:
+        log.info("probes.toxicity_rows: %d of %d generations, class-balanced by prompt", len(table), n_all)
     y = table[["toxic"]].to_numpy()
     where = (
         f"probes.toxicity: {int(y.sum())} of {len(y)} generations are toxic (>= {an.toxicity.threshold:g}, "

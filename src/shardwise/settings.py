@@ -107,6 +107,7 @@ def toxicity_probe_data(cfg: Config) -> dict[str, Any]:
     return {
         "runs": list(an.runs),
         "threshold": an.toxicity.threshold,
+        "rows": pr.toxicity_rows,
         "val_fraction": pr.val_fraction,
         "test_fraction": pr.test_fraction,
         "seed": pr.seed,
