@@ -149,3 +149,20 @@ def test_every_stage_shows_tokens_per_second_and_cpu_stages_no_sbu(tmp_path):
         run = RunStatus(p, [ShardState(i, "done", record=record(ranges[i], 10.0, 123.4)) for i in range(4)])
         shown = render([run])
         assert "123.4 tokens/s per worker" in shown and "ETA" not in shown and "SBU" not in shown
+
+
+def test_a_status_of_many_shards_cuts_each_plan_once(tmp_path, monkeypatch):
+    """Every shard asks for its row range; the plan cuts them once (it was once per shard:
+    quadratic in shards, 17 s for 9 x 1,024 shards)."""
+    import shardwise.shards as shards
+    from shardwise.status import collect
+
+    p = plan(tmp_path, n_items=5000, n_shards=500)
+    p.write_plan_file()
+    calls = []
+    cut = shards.shard_ranges
+    monkeypatch.setattr(shards, "shard_ranges", lambda *a, **k: calls.append(a) or cut(*a, **k))
+    (run,) = collect(tmp_path / "results")
+    assert len(run.shards) == 500 and all(s.state == "pending" for s in run.shards)
+    render([run])
+    assert len(calls) == 1

@@ -77,6 +77,7 @@ def import_closure(*modules: str) -> list[str]:
     return sorted(seen)
 
 
+@cache
 def code_version(*modules: str) -> str:
     """A hash of the package version and the source of `modules` (e.g. "shardwise.generate") and
     of every shardwise module they import, directly or not (:func:`import_closure`).

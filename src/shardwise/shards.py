@@ -101,6 +101,7 @@ class ShardPlan:
     ext: str
     align: int = 1
     fingerprint: str = field(init=False)
+    _ranges: tuple[range, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
@@ -121,6 +122,8 @@ class ShardPlan:
             "identity": self.identity,
         }
         object.__setattr__(self, "fingerprint", stable_hash(content)[:16])
+        # cut once: a status poll or a merge asks for every shard's range (O(shards), not O(shards^2))
+        object.__setattr__(self, "_ranges", tuple(shard_ranges(self.n_items, self.spec.n_shards, self.align)))
 
     @property
     def name(self) -> str:
@@ -130,8 +133,8 @@ class ShardPlan:
     def store(self) -> Path:
         return self.root / "shards" / self.fingerprint
 
-    def ranges(self) -> list[range]:
-        return shard_ranges(self.n_items, self.spec.n_shards, self.align)
+    def ranges(self) -> tuple[range, ...]:
+        return self._ranges
 
     def _stem(self, i: int) -> str:
         return f"{i:04d}-of-{self.spec.n_shards:04d}"
