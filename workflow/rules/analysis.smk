@@ -32,6 +32,8 @@ rule merge_fluency:
         "results/analysis/fluency/{run}.parquet",
     log:
         "logs/merge_fluency/{run}.log",
+    benchmark:
+        "benchmarks/merge_fluency/{run}.tsv"
     # a failed verification already removed what it could not verify: retrying it is hopeless
     retries: 0
     conda:

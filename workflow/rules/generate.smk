@@ -32,6 +32,8 @@ rule merge_generations:
         run_info="results/generations/{run}.run_info.json",
     log:
         "logs/merge_generations/{run}.log",
+    benchmark:
+        "benchmarks/merge_generations/{run}.tsv"
     # a failed verification already removed what it could not verify: retrying it is hopeless
     retries: 0
     conda:

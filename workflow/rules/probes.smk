@@ -53,6 +53,8 @@ rule merge_activations:
         "results/activations/{probe_set}/{model}.h5",
     log:
         "logs/merge_activations/{probe_set}/{model}.log",
+    benchmark:
+        "benchmarks/merge_activations/{probe_set}/{model}.tsv"
     # a failed verification already removed what it could not verify: retrying it is hopeless
     retries: 0
     conda:

@@ -35,6 +35,8 @@ rule merge_teacher_logits:
         run_info="results/teacher_logits/{teacher}.run_info.json",
     log:
         "logs/merge_teacher_logits/{teacher}.log",
+    benchmark:
+        "benchmarks/merge_teacher_logits/{teacher}.tsv"
     # a failed verification already removed what it could not verify: retrying it is hopeless
     retries: 0
     conda:
