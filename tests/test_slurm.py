@@ -252,9 +252,12 @@ def test_time_limit_then_retry_with_more_time(slurm_cluster, tmp_path, tiny_mode
     wf.run(timeout=1200)
     table = assert_complete(wf, 1500)
     assert table.prompt_id.is_unique
-    assert [j["state"] for j in generate_jobs(before)] == ["TIMEOUT", "COMPLETED"]
+    # On a quiet machine the 4-minute retry completes; on a busy one it may time out too and the
+    # 16-minute one completes: each attempt resumes from the last, and none starts over.
+    states = [j["state"] for j in generate_jobs(before)]
+    assert states[0] == "TIMEOUT" and states[-1] == "COMPLETED" and set(states[1:-1]) <= {"TIMEOUT"}, states
     log = wf.path("logs/generate/tiny/shard-0000.log").read_text()
-    assert "resuming: " in log
+    assert "resuming: " in log  # (an attempt that committed nothing before its limit has nothing to resume)
 
 
 def test_killed_snakemake_head_then_restart(slurm_cluster, tmp_path, tiny_model_src):
