@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shardwise import toxicity
-from shardwise.analysis import bootstrap_by_prompt, distinct_n, partial_spearman, summary_row
+from shardwise.analysis import bootstrap_by_prompt, distinct_n, distinct_ns, partial_spearman, summary_row
 from shardwise.errors import InputError, ModelError
 from shardwise.fluency import continuation_nll, load_generations, pad_id_of, score_table
 from shardwise.models import load_model
@@ -195,8 +195,11 @@ def test_distinct_n_matches_dexperts_with_leading_double_and_empty():
         [" x y z x y z", " x y z"],
     ]
     ref = _dexperts_distinctness(texts)
+    together = distinct_ns(texts, (1, 2, 3))
     for n in (1, 2, 3):
-        assert distinct_n(texts, n) == pytest.approx(ref[n - 1], rel=1e-12)
+        assert distinct_n(texts, n) == pytest.approx(ref[n - 1], rel=1e-12) and together[n] == distinct_n(
+            texts, n
+        )
 
 
 def test_bootstrap_resamples_whole_prompts():
@@ -725,3 +728,15 @@ def test_report_warns_when_the_k_found_is_not_the_configured_k():
     assert "a: k=1-2 found, 2 configured" in warning
     both = k_warning(ok.assign(samples_per_prompt=["2", "3"]))
     assert len(both) == 2 and "b: k=3 found, 2 configured" in both[1]
+
+
+def test_prompt_codes_are_np_unique_of_the_ids_as_strings():
+    from shardwise.analysis import _prompt_codes
+
+    ids = np.array([3, "3", 10, 2, "a", 2.5, 10, "b", 2], dtype=object)
+    names, inv = np.unique(ids.astype(str), return_inverse=True)
+    codes, g = _prompt_codes(ids)
+    assert g == len(names) and (codes == inv.ravel()).all()  # 3 and "3" are one prompt, as before
+    codes, g = _prompt_codes(pd.Series(np.repeat([12, 3, 100], 2)))
+    assert g == 3 and codes.tolist() == [1, 1, 2, 2, 0, 0]  # "100" < "12" < "3"
+    assert _prompt_codes(np.array([], dtype=int))[1] == 0
