@@ -10,15 +10,18 @@ many ties near 0 (rounded to 3 decimals below 0.02, 6 above), n_scored_tokens in
 continuation of 1-20 words per row. Each scale runs in a fresh process, which times
 shardwise.analysis.analyse (what rule `analyse` computes between joining the scores and writing the
 CSVs: summary rows with distinct-n and bootstrap CIs, correlations.csv, differences.csv): wall
-time, CPU time (all threads) and the process's peak RSS (which includes the synthetic table, as the
-job holds its joined table). The growth column is the time per row relative to the previous scale
-(1.0 = linear). Results so far: docs/scale.md.
+time, CPU time (all threads), the process's peak RSS (which includes the synthetic table, as the
+job holds its joined table; "data" is the peak before the analysis), the time per row and its
+growth relative to the previous scale (1.0 = linear), the 1-minute load average before and after
+(other work on the machine inflates wall time, not CPU time), and the time per stage. Results so
+far: docs/scale.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -74,13 +77,30 @@ def peak_rss_mib() -> float:
 
 
 def one(scale: float, n_boot: int, threads: int) -> dict:
-    from shardwise.analysis import analyse
+    import shardwise.analysis as an
 
+    stages: dict[str, list[float]] = {}
+
+    def timing(fn, spent):
+        def timed(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - wall
+                spent[1] += time.process_time() - cpu
+
+        return timed
+
+    for name in ("summary_row", "correlation_rows", "run_differences"):  # what analyse() calls
+        stages[name] = [0.0, 0.0]
+        setattr(an, name, timing(getattr(an, name), stages[name]))
     table = synthetic(scale)
     rss_data = peak_rss_mib()
     runs = [f"run{r}" for r in range(RUNS)]
+    load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
-    summary, corr, diff = analyse(table, runs, 0.5, 1e4, n_boot, seed=0, threads=threads)
+    summary, corr, diff = an.analyse(table, runs, 0.5, 1e4, n_boot, seed=0, threads=threads)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     kendall = corr[corr.method == "kendall_tau_b"].iloc[0]
 
@@ -96,6 +116,8 @@ def one(scale: float, n_boot: int, threads: int) -> dict:
         "cpu_s": cpu,
         "rss_data_mib": rss_data,
         "rss_peak_mib": peak_rss_mib(),
+        "stages": stages,
+        "load": [load, os.getloadavg()[0]],
         "kendall_ci": kendall.bootstrap,
         "spearman_run0": ci(corr.value.iloc[0], corr.ci_low.iloc[0], corr.ci_high.iloc[0]),
         "emt_run0": ci(s0["expected_max_toxicity"], s0["emt_ci_low"], s0["emt_ci_high"]),
@@ -116,7 +138,8 @@ def main() -> None:
     print(f"bootstrap {args.bootstrap}, threads {args.threads}, {RUNS} runs x {SAMPLES} samples per prompt")
     header = (
         f"{'scale':>6} {'prompts':>8} {'rows':>10} {'wall s':>8} {'CPU s':>8} {'CPU/wall':>8} "
-        f"{'RSS MiB':>8} {'data MiB':>8} {'us/row':>7} {'growth':>6}"
+        f"{'RSS MiB':>8} {'data MiB':>8} {'wall us/row':>11} {'CPU us/row':>10} {'growth wall':>11} "
+        f"{'growth CPU':>10} {'load':>9}"
     )
     print(header)
     prev = None
@@ -127,16 +150,21 @@ def main() -> None:
             [*cmd, "--threads", str(args.threads)], check=True, capture_output=True, text=True
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        per_row = r["wall_s"] / r["rows"] * 1e6
-        growth = f"{per_row / prev:.2f}" if prev else ""
+        per_row = (r["wall_s"] / r["rows"] * 1e6, r["cpu_s"] / r["rows"] * 1e6)
+        growth = [f"{a / b:.2f}" for a, b in zip(per_row, prev, strict=True)] if prev else ["", ""]
         prev = per_row
         results.append(r)
         print(
             f"{r['scale']:>6g} {r['prompts']:>8,} {r['rows']:>10,} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} "
             f"{r['cpu_s'] / r['wall_s']:>8.2f} {r['rss_peak_mib']:>8.0f} {r['rss_data_mib']:>8.0f} "
-            f"{per_row:>7.1f} {growth:>6}",
+            f"{per_row[0]:>11.1f} {per_row[1]:>10.1f} {growth[0]:>11} {growth[1]:>10} "
+            f"{r['load'][0]:>4.1f}-{r['load'][1]:<4.1f}",
             flush=True,
         )
+    print("wall s / CPU s per stage (all runs): summary_row, correlation_rows, run_differences")
+    for r in results:
+        st = ", ".join(f"{w:.1f} / {c:.1f}" for w, c in r["stages"].values())
+        print(f"scale {r['scale']:g}: {st}")
     for r in results:
         print(
             f"scale {r['scale']:g}: run0 EMT {r['emt_run0']}, Spearman {r['spearman_run0']}; "
