@@ -190,7 +190,7 @@ def _dexperts_distinctness(texts_by_prompt):
 
 def test_distinct_n_matches_dexperts_with_leading_double_and_empty():
     texts = [
-        [" the cat ran", " the cat  sat", "", " a_b c"],
+        [" the cat ran", " the cat  sat", "", " a_b c", " a b_c"],  # "a_b c" and "a b_c": one "a_b_c"
         ["the dog", "  the dog ", " "],
         [" x y z x y z", " x y z"],
     ]

@@ -94,19 +94,28 @@ def distinct_n(texts_by_prompt: Sequence[Sequence[str]], n: int) -> float:
 
 
 def distinct_ns(texts_by_prompt: Sequence[Sequence[str]], ns: Sequence[int] = (1, 2, 3)) -> dict[int, float]:
-    """distinct_n for each n in `ns` in one pass over the texts (each text split once; the n-grams
-    are built by C-level map/zip over the tokens: the same strings as ``"_".join(tokens[i:i+n])``)."""
+    """distinct_n for each n in `ns` in one pass over the texts: each text split once, the n-grams
+    built by C-level zip over the tokens. A prompt none of whose texts holds "_" counts its n-grams
+    as token tuples (the "_"-joined strings are then one to one with them); otherwise as the joined
+    strings, as DExperts (where "a_b c" and "a b_c" are one bigram)."""
+    chain = itertools.chain.from_iterable
     values: dict[int, list[float]] = {n: [] for n in ns}
-    for texts in texts_by_prompt:
-        tokens = [str(text).split(" ") for text in texts]
+    for group in texts_by_prompt:
+        texts = [text if type(text) is str else str(text) for text in group]
+        tokens = [text.split(" ") for text in texts]
         words = sum(map(len, tokens))
         if not words:
             continue  # a prompt without texts: NaN, skipped
+        plain = not any("_" in text for text in texts)
         for n in ns:
-            grams: set[str] = set()
-            for t in tokens:
-                grams.update(t if n == 1 else map("_".join, zip(*(t[i:] for i in range(n)), strict=False)))
-            values[n].append(len(grams) / words)
+            grams = (zip(*[t[i:] for i in range(n)], strict=False) for t in tokens)
+            if n == 1:
+                unique = set(chain(tokens))
+            elif plain:
+                unique = set(chain(grams))
+            else:
+                unique = set(chain(map("_".join, gram) for gram in grams))
+            values[n].append(len(unique) / words)
     return {n: float(np.mean(v)) if v else math.nan for n, v in values.items()}
 
 
