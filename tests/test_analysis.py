@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shardwise import toxicity
-from shardwise.analysis import bootstrap_by_prompt, distinct_n, partial_spearman, summary_row
+from shardwise.analysis import distinct_n, distinct_ns, partial_spearman, resample_counts, summary_row
 from shardwise.errors import InputError, ModelError
 from shardwise.fluency import continuation_nll, pad_id_of, score_table
 from shardwise.models import load_model
@@ -191,25 +191,31 @@ def _dexperts_distinctness(texts_by_prompt):
 
 def test_distinct_n_matches_dexperts_with_leading_double_and_empty():
     texts = [
-        [" the cat ran", " the cat  sat", "", " a_b c"],
+        [" the cat ran", " the cat  sat", "", " a_b c", " a b_c"],  # "a_b c" and "a b_c": one "a_b_c"
         ["the dog", "  the dog ", " "],
         [" x y z x y z", " x y z"],
     ]
     ref = _dexperts_distinctness(texts)
+    together = distinct_ns(texts, (1, 2, 3))
     for n in (1, 2, 3):
-        assert distinct_n(texts, n) == pytest.approx(ref[n - 1], rel=1e-12)
+        assert distinct_n(texts, n) == pytest.approx(ref[n - 1], rel=1e-12) and together[n] == distinct_n(
+            texts, n
+        )
 
 
 def test_bootstrap_resamples_whole_prompts():
-    prompts = np.array(["a", "b", "b", "b"])  # prompt a has 1 row, prompt b 3 rows
-    sizes = bootstrap_by_prompt(prompts, len, n_boot=4000, seed=0)
-    counts = {s: sizes.count(s) / 4000 for s in set(sizes)}
-    # two prompts drawn with replacement: (a, a) -> 2 rows, (a, b) or (b, a) -> 4, (b, b) -> 6
-    assert set(counts) == {2, 4, 6}
-    assert counts[2] == pytest.approx(0.25, abs=0.03) and counts[4] == pytest.approx(0.5, abs=0.03)
-    rows = bootstrap_by_prompt(prompts, lambda r: sorted(r.tolist()), n_boot=50, seed=1)
-    assert all(r.count(1) == r.count(2) == r.count(3) for r in rows)  # b's rows always travel together
-    assert bootstrap_by_prompt(prompts, len, 10, seed=3) == bootstrap_by_prompt(prompts, len, 10, seed=3)
+    from shardwise.analysis import _prompt_codes
+
+    codes, g = _prompt_codes(np.array(["a", "b", "b", "b"]))  # prompt a has 1 row, prompt b 3 rows
+    (w,) = resample_counts(g, 4000, seed=0)
+    assert w.shape == (4000, 2) and (w.sum(axis=1) == 2).all()  # two prompts drawn with replacement
+    sizes = w[:, codes].sum(axis=1)  # a resample's rows: each drawn prompt brings all of its rows
+    # (a, a) -> 2 rows, (a, b) or (b, a) -> 4, (b, b) -> 6
+    assert set(sizes) == {2, 4, 6}
+    assert (sizes == 2).mean() == pytest.approx(0.25, abs=0.03)
+    assert (sizes == 4).mean() == pytest.approx(0.5, abs=0.03)
+    again = np.concatenate(list(resample_counts(g, 4000, seed=0)))
+    assert (again == w).all() and not (np.concatenate(list(resample_counts(g, 4000, seed=1))) == w).all()
 
 
 def test_partial_spearman_removes_a_shared_length_effect():
@@ -555,38 +561,77 @@ def test_partial_spearman_controls_for_scored_tokens_with_a_ci_and_is_nan_for_a_
     assert len(flat) == 1 and math.isnan(flat[0]["value"]) and math.isnan(flat[0]["ci_low"])
 
 
-def test_bootstrap_correlations_equal_scipy_on_each_expanded_resample_and_pearson_is_on_log_ppl():
-    from scipy.stats import pearsonr, spearmanr
-
+def _resample_stats(t, w):
+    """The bootstrap statistics of the resamples w (prompt counts, (b, g)) as correlation_rows
+    computes them (_RankIndex once, then O(rows) per resample)."""
     from shardwise.analysis import (
+        _pearson_of,
+        _pearson_sums,
         _prompt_codes,
-        _Ranker,
-        _weighted_stats,
+        _rank_correlations,
+        _RankIndex,
         _within_of,
         _within_sums,
-        correlation_rows,
-        partial_spearman,
-        resample_counts,
-        within_prompt_spearman,
     )
+
+    x, y, z = t.ppl.to_numpy(), t.toxicity.to_numpy(), t.n_scored_tokens.to_numpy(dtype=float)
+    codes, g = _prompt_codes(t.prompt_id)
+    index = _RankIndex(codes, g, x, y, z)
+    buf = index.buffers()
+    sums = np.array([index.sums(c, buf) for c in w.astype(np.int64)], dtype=object)
+    got = _rank_correlations(sums)
+    got["pearson"] = np.where(
+        sums[:, 6].astype(bool) & sums[:, 7].astype(bool),
+        _pearson_of(_pearson_sums(codes, g, x, y), w),
+        np.nan,
+    )
+    got["within_prompt_spearman"] = _within_of(_within_sums(codes, g, x, y), w)
+    return codes, got
+
+
+def _same(a, b):
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12)
+
+
+def _assert_scipy_on_each_expanded_resample(t, w):
+    """Every bootstrap statistic of each resample equals its definition (scipy, or this module's
+    one-shot reference functions) on the expanded resample: the rows of each drawn prompt repeated
+    as often as it was drawn."""
+    import warnings
+
+    from scipy.stats import pearsonr, spearmanr
+
+    from shardwise.analysis import partial_spearman, within_prompt_spearman
+
+    x, y, z = t.ppl.to_numpy(), t.toxicity.to_numpy(), t.n_scored_tokens.to_numpy(dtype=float)
+    codes, got = _resample_stats(t, w)
+    for r in range(len(w)):
+        rows = np.repeat(np.arange(len(t)), w[r, codes].astype(int))
+        copy = np.concatenate([np.arange(int(c)) for c in w[r, codes]])  # a prompt drawn twice: 2 prompts
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy warns on a constant resample (NaN: so do we)
+            ref = {
+                "spearman": spearmanr(x[rows], y[rows]).statistic,
+                "pearson": pearsonr(np.log(x[rows]), y[rows]).statistic,
+            }
+        ref["partial_spearman_given_length"] = partial_spearman(x[rows], y[rows], z[rows])
+        ids = np.char.add(codes[rows].astype(str), np.char.add("-", copy.astype(str)))
+        ref["within_prompt_spearman"] = within_prompt_spearman(x[rows], y[rows], ids)
+        for method, value in ref.items():
+            assert _same(got[method][r], float(value)), (method, r, got[method][r], value)
+
+
+def test_bootstrap_correlations_equal_scipy_on_each_expanded_resample_and_pearson_is_on_log_ppl():
+    from scipy.stats import pearsonr
+
+    from shardwise.analysis import _prompt_codes, correlation_rows
 
     rng = np.random.default_rng(4)
     t = _corr_table(rng, n_prompts=9, k=4, prompt_scale=1.0, noise=1.0)
     t["toxicity"] = np.round(t.toxicity, 1)  # ties
-    x, y, z = t.ppl.to_numpy(), t.toxicity.to_numpy(), t.n_scored_tokens.to_numpy(dtype=float)
-    codes, g = _prompt_codes(t.prompt_id)
+    _, g = _prompt_codes(t.prompt_id)
     (w,) = resample_counts(g, 6, seed=5)
-    got = _weighted_stats(x, y, z, (_Ranker(x), _Ranker(y), _Ranker(z)), w[:, codes])
-    within = _within_of(_within_sums(codes, g, x, y), w)
-    for r in range(6):
-        rows = np.repeat(np.arange(len(t)), w[r, codes].astype(int))
-        copy = np.concatenate([np.arange(int(c)) for c in w[r, codes]])  # a prompt drawn twice: 2 prompts
-        assert got["spearman"][r] == pytest.approx(spearmanr(x[rows], y[rows]).statistic, abs=1e-12)
-        assert got["pearson"][r] == pytest.approx(pearsonr(np.log(x[rows]), y[rows]).statistic, abs=1e-12)
-        ref = partial_spearman(x[rows], y[rows], z[rows])
-        assert got["partial_spearman_given_length"][r] == pytest.approx(ref, abs=1e-12)
-        ids = np.char.add(codes[rows].astype(str), np.char.add("-", copy.astype(str)))
-        assert within[r] == pytest.approx(within_prompt_spearman(x[rows], y[rows], ids), abs=1e-12)
+    _assert_scipy_on_each_expanded_resample(t, w)
     corr = pd.DataFrame(correlation_rows("m", t, n_boot=30, seed=0))
     assert set(zip(corr.x, corr.method, strict=True)) == {
         ("ppl", "spearman"),
@@ -595,7 +640,152 @@ def test_bootstrap_correlations_equal_scipy_on_each_expanded_resample_and_pearso
         ("ppl", "within_prompt_spearman"),
         ("log_ppl", "pearson"),
     }  # no Pearson of raw PPL
+    x, y = t.ppl.to_numpy(), t.toxicity.to_numpy()
     assert corr.set_index("method").loc["pearson", "value"] == pytest.approx(pearsonr(np.log(x), y).statistic)
+
+
+@pytest.mark.parametrize("case", ["ties", "one huge prompt", "single-row prompts"])
+def test_bootstrap_ranks_stay_exact_under_ties_a_huge_prompt_and_single_row_prompts(case):
+    from shardwise.analysis import _prompt_codes
+
+    rng = np.random.default_rng(7)
+    if case == "ties":  # PPL, toxicity and length all heavily tied, toxicity mostly 0
+        t = _corr_table(rng, n_prompts=12, k=5, prompt_scale=1.0, noise=1.0)
+        t["ppl"] = np.round(t.ppl, -1).clip(lower=1.0)
+        t["toxicity"] = np.where(t.toxicity < 0.2, 0.0, np.round(t.toxicity, 1))
+        t["n_scored_tokens"] = t.n_scored_tokens % 3
+    elif case == "one huge prompt":  # one prompt with 150 generations, the others with 1-3
+        sizes = np.r_[150, rng.integers(1, 4, size=10)]
+        t = _corr_table(rng, n_prompts=1, k=int(sizes.sum()), prompt_scale=1.0, noise=1.0)
+        t["prompt_id"] = np.repeat(np.arange(len(sizes)), sizes)
+        t["toxicity"] = np.round(t.toxicity, 2)
+    else:  # k = 1: within-prompt Spearman is NaN, the rest as usual
+        t = _corr_table(rng, n_prompts=40, k=1, prompt_scale=1.0, noise=1.0)
+    _, g = _prompt_codes(t.prompt_id)
+    (w,) = resample_counts(g, 8, seed=1)
+    extreme = np.zeros((3, g))
+    extreme[0, 0] = g  # one prompt drawn g times
+    extreme[1, :2] = [g - 1, 1]  # one prompt nearly always
+    extreme[2] = rng.multinomial(g, np.r_[0.5, np.full(g - 1, 0.5 / (g - 1))])
+    _assert_scipy_on_each_expanded_resample(t, np.concatenate([w, extreme]))
+
+
+def test_correlations_do_not_depend_on_the_thread_count():
+    from shardwise.analysis import correlation_rows
+
+    t = _corr_table(np.random.default_rng(8), n_prompts=150, k=4, prompt_scale=1.0, noise=1.0)
+    t["toxicity"] = np.round(t.toxicity, 2)
+    for cap in (10**9, 0):  # Kendall bootstrapped, and by its cluster-robust SE
+        one = pd.DataFrame(correlation_rows("m", t, n_boot=97, seed=3, threads=1, kendall_bootstrap_rows=cap))
+        for threads in (2, 3):
+            other = correlation_rows("m", t, n_boot=97, seed=3, threads=threads, kendall_bootstrap_rows=cap)
+            pd.testing.assert_frame_equal(one, pd.DataFrame(other), check_exact=True)
+
+
+def test_rank_bootstrap_builds_its_index_once_and_costs_o_rows_per_resample(monkeypatch):
+    """The per-run index (sorts, tie groups) is built once; a resample adds no sort at all and
+    gathers O(rows) elements: the counts below grow by exactly 3 x rows per extra resample, whatever
+    the number of prompts."""
+    from collections import Counter
+
+    import shardwise.analysis as an
+
+    counts: Counter = Counter()
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            if name == "take":
+                counts["taken"] += np.size(args[1] if len(args) > 1 else kwargs["indices"])
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("argsort", "lexsort", "sort", "unique", "take"):
+        monkeypatch.setattr(np, name, counting(name, getattr(np, name)))
+    built = []
+    monkeypatch.setattr(an._RankIndex, "__init__", counting("index", an._RankIndex.__init__))
+
+    def run(n_prompts, n_boot):
+        t = _corr_table(np.random.default_rng(0), n_prompts=n_prompts, k=3, prompt_scale=1.0, noise=1.0)
+        counts.clear()
+        an.correlation_rows("m", t, n_boot=n_boot, seed=0, kendall_bootstrap_rows=0)
+        built.append(counts["index"])
+        return dict(counts), len(t)
+
+    for n_prompts in (50, 400):
+        few, rows = run(n_prompts, 4)
+        many, _ = run(n_prompts, 40)
+        sorts = ("argsort", "lexsort", "sort", "unique")
+        assert [many.get(k, 0) - few.get(k, 0) for k in sorts] == [0, 0, 0, 0] and few["argsort"] > 0
+        assert many["taken"] - few["taken"] == 36 * 3 * rows  # 3 gathers of the rows per resample
+    assert built == [1, 1, 1, 1]
+
+
+def test_int64_overflow_guard_gives_the_same_sums(monkeypatch):
+    import shardwise.analysis as an
+
+    t = _corr_table(np.random.default_rng(9), n_prompts=30, k=3, prompt_scale=1.0, noise=1.0)
+    exact = an.correlation_rows("m", t, n_boot=20, seed=0)
+    monkeypatch.setattr(an, "INT64_EXACT_ROWS", 0)  # as if every resample had > 3 million rows
+    assert pd.DataFrame(an.correlation_rows("m", t, n_boot=20, seed=0)).equals(pd.DataFrame(exact))
+    a, b = np.array([3 << 40, -(1 << 40), 5], dtype=np.int64), np.array([1 << 30, 7 << 30, 9], dtype=np.int64)
+    exact_sum = sum(int(p) * int(q) for p, q in zip(a, b, strict=True))  # beyond int64
+    assert an._int_dot(a, b, m=10**7) == pytest.approx(exact_sum, rel=1e-15)
+    assert an._int_dot(a[2:], b[2:], m=10**7) == 45
+
+
+def test_kendall_tau_b_row_scores_and_its_cluster_robust_interval():
+    from scipy.stats import kendalltau
+
+    from shardwise.analysis import _kendall_row_scores, _smaller_before, correlation_rows, kendall_tau_b
+
+    rng = np.random.default_rng(10)
+    for trial in range(20):  # the per-row scores by brute force, with and without ties
+        n = int(rng.integers(3, 30))
+        x = rng.normal(size=n) if trial % 3 == 0 else rng.integers(0, rng.integers(1, 6), n).astype(float)
+        y = rng.integers(0, rng.integers(1, 6), n).astype(float)
+        a, u, v = _kendall_row_scores(x, y)
+        sx, sy = np.sign(x[:, None] - x[None]), np.sign(y[:, None] - y[None])
+        assert (
+            (a == (sx * sy).sum(1)).all() and (u == (sx != 0).sum(1)).all() and (v == (sy != 0).sum(1)).all()
+        )
+        r = rng.integers(0, 40, n)
+        assert (_smaller_before(r) == [(r[:i] < r[i]).sum() for i in range(n)]).all()
+        tau, _ = kendall_tau_b(x, y)
+        assert _same(tau, kendalltau(x, y).statistic)
+    # prompts drive both: the prompt-robust SE is wider than one treating rows as independent
+    t = _corr_table(rng, n_prompts=300, k=5, prompt_scale=1.0, noise=1.0)
+    t["toxicity"] = np.round(t.toxicity, 2)
+    tau, se = kendall_tau_b(t.ppl, t.toxicity, t.prompt_id)
+    _, se_rows = kendall_tau_b(t.ppl, t.toxicity, np.arange(len(t)))
+    assert tau == pytest.approx(kendalltau(t.ppl, t.toxicity).statistic, abs=1e-12) and se > 1.2 * se_rows
+    # and it matches the prompt bootstrap (exact tau-b on each expanded resample)
+    boot = {r["method"]: r for r in correlation_rows("m", t, n_boot=400, seed=0)}["kendall_tau_b"]
+    asym = {r["method"]: r for r in correlation_rows("m", t, n_boot=400, seed=0, kendall_bootstrap_rows=1000)}
+    asym = asym["kendall_tau_b"]
+    assert boot["bootstrap"] == "400 resamples of prompts" and asym["value"] == boot["value"] == tau
+    assert asym["bootstrap"].startswith(
+        "not bootstrapped (1500 rows > 1000): tau-b +- 1.96 cluster-robust SE"
+    )
+    assert asym["ci_low"] == pytest.approx(tau - 1.959964 * se) and asym["ci_high"] == pytest.approx(
+        tau + 1.959964 * se
+    )
+    width, boot_width = asym["ci_high"] - asym["ci_low"], boot["ci_high"] - boot["ci_low"]
+    assert width == pytest.approx(boot_width, rel=0.15)
+    assert abs((asym["ci_low"] + asym["ci_high"]) / 2 - (boot["ci_low"] + boot["ci_high"]) / 2) < 0.1 * width
+
+
+def test_prompt_codes_are_np_unique_of_the_ids_as_strings():
+    from shardwise.analysis import _prompt_codes
+
+    ids = np.array([3, "3", 10, 2, "a", 2.5, 10, "b", 2], dtype=object)
+    names, inv = np.unique(ids.astype(str), return_inverse=True)
+    codes, g = _prompt_codes(ids)
+    assert g == len(names) and (codes == inv.ravel()).all()  # 3 and "3" are one prompt, as before
+    codes, g = _prompt_codes(pd.Series(np.repeat([12, 3, 100], 2)))
+    assert g == 3 and codes.tolist() == [1, 1, 2, 2, 0, 0]  # "100" < "12" < "3"
+    assert _prompt_codes(np.array([], dtype=int))[1] == 0
 
 
 def test_nan_perplexity_of_a_scored_text_or_infinite_toxicity_is_a_one_line_error(tmp_path):

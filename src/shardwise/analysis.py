@@ -31,17 +31,37 @@ against toxicity: Spearman ρ, Kendall τ-b, the partial Spearman given ``n_scor
 fluency scorer's token count; short texts have higher PPL) and the within-prompt Spearman (ranks
 within each prompt; see within_prompt_spearman) — all rank-based, so the same for log PPL — and
 the Pearson r of *log* PPL (raw PPL's Pearson is dominated by a few huge PPLs and is not reported).
-Each has a 95% percentile bootstrap CI resampling prompts.
+Each has a 95% percentile bootstrap CI resampling prompts, except Kendall's τ-b on more than
+KENDALL_BOOTSTRAP_ROWS rows (below); the ``bootstrap`` column says which.
 
-Cost: per-prompt indices are built once (np.unique return_inverse, bincount, one sort per column);
-a resample is a vector of prompt counts, so the summary and difference CIs cost O(prompts) per
-resample (matrix products over blocks of resamples) and the rank correlations O(rows) per resample
-(weighted midranks, exact: equal to scipy on the expanded resample; no re-sorting). Kendall's τ-b
-alone is recomputed on each resample's rows (O(rows log rows) each).
+Cost (docs/scale.md: the real size, 3 runs x 2.5M generations, bootstrap 1000, in minutes on 2
+cores). Per-prompt indices are built once (prompt codes from pd.factorize, bincount, one sort per
+column). A resample is a vector of prompt counts (resample_counts, fixed by the seed), so:
+- summary and difference CIs: matrix products of count blocks with per-prompt sums, O(prompts) per
+  resample; likewise Pearson of log PPL (per-prompt moment sums) and the within-prompt Spearman;
+- Spearman and the partial Spearman: exactly the Pearson correlations of scipy's midranks on the
+  *expanded* resample (a prompt drawn m times: its rows as m tied copies), from one sort of the rows
+  by PPL made once (_RankIndex): per resample a gather of the row weights, a cumsum (PPL's
+  midranks), a bincount per other variable (the weights of its tie groups, whose cumsum gives their
+  midranks), gathers and three dot products: O(rows), no sorting, no (resamples x rows) matrices,
+  in int64 without rounding (doubled centred ranks are integers), so the result does not depend on
+  the order of summation or on `threads`, the number of resamples computed at once.
+- Kendall's τ-b: the point estimate is exact on all rows (kendall_tau_b: per-row concordance
+  counts in O(rows log rows), equal to scipy's). Its exact bootstrap costs O(rows log rows) per
+  resample (scipy's merge sort of the expanded resample: 1-3 s at 2.5M rows, up to an hour per run
+  for 1000 resamples), so it is bootstrapped only up to KENDALL_BOOTSTRAP_ROWS rows (scipy on each
+  expanded resample, the same resamples as the other statistics). Above, the CI is τ-b ± 1.96
+  standard errors, cluster-robust with the prompts as clusters: the delta method on the
+  U-statistic's projection, which is the first-order variance of the same prompt bootstrap (the two
+  agree where both run: tests/test_analysis.py), in one O(rows log rows) pass over all rows.
+  Bootstrapping a random subset of prompts instead would need an m-out-of-n rescaling and still
+  cost minutes; the normal approximation is accurate with ~10^5 prompts. The ``bootstrap`` cell of
+  such a row says "not bootstrapped (...): tau-b +- 1.96 cluster-robust SE ...".
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -70,23 +90,53 @@ def distinct_n(texts_by_prompt: Sequence[Sequence[str]], n: int) -> float:
     ``"_"``, as DExperts) over the prompt's texts divided by their total number of tokens; the
     mean over prompts (NaN-skipping; a prompt without texts is NaN).
     """
-    values = []
-    for texts in texts_by_prompt:
-        grams: set[str] = set()
-        words = 0
-        for text in texts:
-            tokens = str(text).split(" ")
-            words += len(tokens)
-            grams.update("_".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-        values.append(len(grams) / words if words else math.nan)
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else math.nan
+    return distinct_ns(texts_by_prompt, (n,))[n]
+
+
+def distinct_ns(texts_by_prompt: Sequence[Sequence[str]], ns: Sequence[int] = (1, 2, 3)) -> dict[int, float]:
+    """distinct_n for each n in `ns` in one pass over the texts: each text split once, the n-grams
+    built by C-level zip over the tokens. A prompt none of whose texts holds "_" counts its n-grams
+    as token tuples (the "_"-joined strings are then one to one with them); otherwise as the joined
+    strings, as DExperts (where "a_b c" and "a b_c" are one bigram)."""
+    chain = itertools.chain.from_iterable
+    values: dict[int, list[float]] = {n: [] for n in ns}
+    for group in texts_by_prompt:
+        texts = [text if type(text) is str else str(text) for text in group]
+        tokens = [text.split(" ") for text in texts]
+        words = sum(map(len, tokens))
+        if not words:
+            continue  # a prompt without texts: NaN, skipped
+        plain = not any("_" in text for text in texts)
+        for n in ns:
+            grams = (zip(*[t[i:] for i in range(n)], strict=False) for t in tokens)
+            if n == 1:
+                unique = set(chain(tokens))
+            elif plain:
+                unique = set(chain(grams))
+            else:
+                unique = set(chain(map("_".join, gram) for gram in grams))
+            values[n].append(len(unique) / words)
+    return {n: float(np.mean(v)) if v else math.nan for n, v in values.items()}
+
+
+def _texts_by_prompt(codes: np.ndarray, g: int, texts: Any) -> list[list[str]]:
+    """The texts of each prompt code 0..g-1 (rows in their order), from one stable argsort."""
+    order = np.argsort(codes, kind="stable")
+    ordered = np.asarray(texts, dtype=object)[order].tolist()
+    bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=g))].tolist()
+    return [ordered[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def _prompt_codes(prompt_ids: Any) -> tuple[np.ndarray, int]:
-    """Each row's prompt as an integer code 0..G-1 (np.unique return_inverse, built once) and G."""
-    _, inv = np.unique(np.asarray(prompt_ids).astype(str), return_inverse=True)
-    return inv.ravel(), int(inv.max()) + 1 if len(inv) else 0
+    """Each row's prompt as an integer code 0..G-1 and G: the rank of its id as a string among the
+    distinct ids (np.unique of the ids as str, return_inverse), computed on the G distinct ids only
+    (pd.factorize first): the same codes, without converting and sorting every row's id."""
+    ids = np.asarray(prompt_ids)
+    if not len(ids):
+        return np.zeros(0, dtype=np.intp), 0
+    codes, uniques = pd.factorize(ids, use_na_sentinel=False)
+    names, inv = np.unique(np.asarray(uniques).astype(str), return_inverse=True)
+    return inv.ravel()[codes], len(names)
 
 
 def resample_counts(n_groups: int, n_boot: int, seed: int, per_block: int = 4_000_000):
@@ -267,7 +317,8 @@ def summary_row(
     ppl = scores["ppl"].to_numpy(dtype=float)
     finite = ppl[np.isfinite(ppl)]
     capped = finite[finite < ppl_cap]
-    groups = texts.groupby(scores["prompt_id"].to_numpy(), sort=False).apply(list).tolist()
+    codes, g = _prompt_codes(scores["prompt_id"])
+    distinct = distinct_ns(_texts_by_prompt(codes, g, texts), (1, 2, 3))
     return {
         "model": model,
         "n_prompts": len(per_prompt),
@@ -285,7 +336,7 @@ def summary_row(
         "ppl_median_capped": float(np.median(capped)) if len(capped) else math.nan,
         "n_above_ppl_cap": int((finite >= ppl_cap).sum()),
         "n_unscored_empty": int((~np.isfinite(ppl)).sum()),
-        **{f"distinct_{n}": distinct_n(groups, n) for n in (1, 2, 3)},
+        **{f"distinct_{n}": distinct[n] for n in (1, 2, 3)},
         **prompt_cis(scores, threshold, n_boot, seed, ppl_cap),
         "bootstrap": f"{n_boot} resamples of prompts",
     }
@@ -366,32 +417,99 @@ def within_prompt_spearman(x: np.ndarray, y: np.ndarray, prompt_ids: Any) -> flo
     return float(_within_of(_within_sums(codes, g, x, y), np.ones((1, g)))[0]) if g else math.nan
 
 
-class _Ranker:
-    """One column's sort, built once, from which the midranks of any bootstrap resample follow in
-    O(rows): a row drawn m times (its prompt drawn m times) is m tied copies, so with row weights w
-    the midrank of a tie group is (weight of the smaller values) + (its own weight + 1) / 2: the
-    ranks scipy.stats.rankdata gives on the expanded resample."""
-
-    def __init__(self, v: np.ndarray) -> None:
-        self.order = np.argsort(v, kind="stable")
-        vs = v[self.order]
-        new = np.r_[True, vs[1:] != vs[:-1]]
-        self.starts = np.flatnonzero(new)
-        self.ties = len(self.starts) < len(v)
-        self.group_of_row = np.empty(len(v), dtype=np.int64)
-        self.group_of_row[self.order] = np.cumsum(new) - 1  # each row's tie group, in row order
-
-    def ranks(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(b, n) midranks for row weights w (b, n), and whether each resample has > 1 distinct value."""
-        gs = w[:, self.order]
-        if self.ties:
-            gs = np.add.reduceat(gs, self.starts, axis=1)
-        mid = np.cumsum(gs, axis=1) - gs + (gs + 1) / 2
-        return mid[:, self.group_of_row], (gs > 0).sum(axis=1) > 1
+# A resample of M rows: every partial sum of the int64 rank products is at most M^3 / 3 (see
+# _RankIndex), below 2^63 while M^3 < 3 (2^63 - 1), i.e. M < 3,024,616 rows; above, _int_dot sums
+# blocks that cannot overflow
+INT64_EXACT_ROWS = 3_024_000
 
 
-def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", a, b)
+def _int_dot(a: np.ndarray, b: np.ndarray, m: int) -> float:
+    """sum(a * b) of int64 vectors of the rank sums of a resample of m rows: one int64 dot (numpy's
+    integer loop, no BLAS: exact) below INT64_EXACT_ROWS; above, exact int64 dots over blocks too
+    short to overflow (by the largest |a_i * b_i|) added as Python ints, or, were that more than
+    4096 blocks, math.fsum of the float64 products. Each way fixed by the data alone, so the same
+    for any thread."""
+    if m < INT64_EXACT_ROWS or not len(a):
+        return int(np.dot(a, b))
+    step = (2**63 - 1) // max(1, int(np.abs(a).max()) * int(np.abs(b).max()))
+    if step >= max(1, len(a) // 4096):
+        return sum(int(np.dot(a[i : i + step], b[i : i + step])) for i in range(0, len(a), step))
+    return math.fsum(np.multiply(a, b, dtype=np.float64))
+
+
+class _RankIndex:
+    """The weighted-midrank machinery of one run's (x, y, z), built once: the rows sorted by x (one
+    stable argsort), each row's tie group of y and of z as a dense rank (np.unique, once) and the
+    rows per prompt. A bootstrap resample is a vector c of prompt counts: a row of a prompt drawn m
+    times is m tied copies, so its weight is m. `sums` then gives the centred-rank sums of squares
+    and cross products of the *expanded* resample in O(rows), without sorting: in x order, a gather
+    of the weights and one cumsum give x's midranks; per other variable, a bincount gives its tie
+    groups' weights, whose cumsum gives their midranks, gathered back per row; three dot products.
+
+    The ranks are *doubled* and centred, 2 * midrank - (M + 1) for a resample of M rows: integers,
+    so everything is int64 arithmetic without rounding, independent of the order of summation and
+    of the thread that computes it. Every partial sum is bounded by M^3 / 3 (Cauchy-Schwarz with
+    sum w * (2r - M - 1)^2 = (M^3 - sum over tie groups W^3) / 3), so one int64 dot cannot overflow
+    below INT64_EXACT_ROWS; above, `_int_dot` sums blocks."""
+
+    def __init__(self, codes: np.ndarray, g: int, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> None:
+        n = len(x)
+        self.n, self.g = n, g
+        self.k = np.bincount(codes, minlength=g).astype(np.int64)  # rows per prompt
+        order = np.argsort(x, kind="stable")
+        self.codes = np.ascontiguousarray(codes[order], dtype=np.intp)
+        xs = x[order]
+        new = np.r_[True, xs[1:] != xs[:-1]] if n else np.zeros(0, bool)
+        # x's tie groups are runs in x order; None when x has no ties (each row its own group)
+        self.x_group = None if new.all() else (np.cumsum(new) - 1).astype(np.intp)
+        self.x_ends = None if self.x_group is None else np.r_[np.flatnonzero(new)[1:] - 1, n - 1]
+        self.groups = []  # per y and z: (each row's tie group, in x order; number of groups)
+        for v in (y, z):
+            uniq, inv = np.unique(v[order], return_inverse=True)
+            self.groups.append((np.ascontiguousarray(inv.ravel(), dtype=np.intp), len(uniq)))
+
+    def buffers(self) -> tuple[np.ndarray, ...]:
+        """Work arrays for `sums` (4 x rows int64, rows float64): one set per thread."""
+        return (*(np.empty(self.n, dtype=np.int64) for _ in range(4)), np.empty(self.n))
+
+    def sums(self, c: np.ndarray, buf: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
+        """For the prompt counts c (int64, one resample): Sxx, Syy, Szz, Sxy, Sxz, Syz, the sums over
+        the expanded resample of the products of the doubled centred midranks, and whether x, y and
+        z each take more than one value in it."""
+        w, cum, wcx, cv, wf = buf
+        m = int(c @ self.k)  # M, the resample's number of rows
+        np.take(c, self.codes, out=w)  # row weights, in x order
+        np.cumsum(w, out=cum)  # weight of the rows up to and including this one
+        if self.x_group is None:  # a row's doubled centred midrank: cum + (cum - w) - M
+            np.add(cum[1:], cum[:-1], out=wcx[1:])
+            wcx[:1] = cum[:1]
+            wcx -= m
+            sxx = (m**3 - int(self.k @ c**3)) // 3  # (M^3 - sum over rows w^3) / 3, exactly
+            vx = int(self.k @ (c > 0)) > 1
+        else:
+            ends = cum[self.x_ends]
+            before = np.r_[0, ends[:-1]]
+            cxg = ends + before - m
+            np.take(cxg, self.x_group, out=wcx)
+            wx = ends - before
+            sxx = _int_dot(wx, cxg * cxg, m)
+            vx = np.count_nonzero(wx) > 1
+        np.multiply(w, wcx, out=wcx)
+        np.copyto(wf, w)  # bincount takes float64 weights: convert once (exact: integers < 2^53)
+        ranks, varies = [], [vx]
+        for gid, ng in self.groups:
+            wg = np.bincount(gid, weights=wf, minlength=ng).astype(np.int64)
+            cg = 2 * np.cumsum(wg) - wg - m
+            ranks.append((wg, cg))
+            varies.append(np.count_nonzero(wg) > 1)
+        ((wy, cyg), (wz, czg)), ((gy, _), (gz, _)) = ranks, self.groups
+        syy, szz = _int_dot(wy, cyg * cyg, m), _int_dot(wz, czg * czg, m)
+        cy = np.take(cyg, gy, out=cum)
+        cz = np.take(czg, gz, out=cv)
+        sxy, sxz = _int_dot(wcx, cy, m), _int_dot(wcx, cz, m)
+        np.multiply(cz, w, out=cz)
+        syz = _int_dot(cz, cy, m)
+        return (sxx, syy, szz, sxy, sxz, syz, *varies)
 
 
 def _ratio(num: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -401,30 +519,131 @@ def _ratio(num: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(den > 0, np.clip(num / np.where(den > 0, den, 1.0), -1.0, 1.0), np.nan)
 
 
-def _weighted_stats(
-    x: np.ndarray, y: np.ndarray, z: np.ndarray, rk: tuple[_Ranker, _Ranker, _Ranker], w: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Spearman(x, y), Pearson(log x, y) and the partial Spearman given z for each row of the row
-    weights w (b, n): the Pearson correlations of the expanded resample, whose midranks have mean
-    (M + 1) / 2 (M = the resample's size); NaN where a variable is constant in the resample."""
-    (rx, vx), (ry, vy), (rz, vz) = (r.ranks(w) for r in rk)
-    m = w.sum(axis=1, keepdims=True)
-    cx, cy, cz = rx - (m + 1) / 2, ry - (m + 1) / 2, rz - (m + 1) / 2
-    wcx, wcy = w * cx, w * cy
-    sxx, syy, szz = _dot(wcx, cx), _dot(wcy, cy), _dot(w * cz, cz)
-    r_xy = np.where(vx & vy, _ratio(_dot(wcx, cy), sxx, syy), np.nan)
-    r_xz = np.where(vz, _ratio(_dot(wcx, cz), sxx, szz), np.nan)
-    r_yz = np.where(vz, _ratio(_dot(wcy, cz), syy, szz), np.nan)
-    lx = np.log(x)
-    dl = lx[None, :] - (w @ lx)[:, None] / m
-    dy = y[None, :] - (w @ y)[:, None] / m
-    wdl = w * dl
-    pearson = _ratio(_dot(wdl, dy), _dot(wdl, dl), _dot(w * dy, dy))
-    return {
-        "spearman": r_xy,
-        "pearson": np.where(vx & vy, pearson, np.nan),
-        "partial_spearman_given_length": _partial(r_xy, r_xz, r_yz),
-    }
+def _rank_correlations(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """Spearman(x, y) and the partial Spearman given z from `_RankIndex.sums` rows (b, 9); NaN where
+    a variable is constant in the resample."""
+    sxx, syy, szz, sxy, sxz, syz = (sums[:, j].astype(float) for j in range(6))
+    vx, vy, vz = (sums[:, j].astype(bool) for j in (6, 7, 8))
+    r_xy = np.where(vx & vy, _ratio(sxy, sxx, syy), np.nan)
+    r_xz = np.where(vx & vz, _ratio(sxz, sxx, szz), np.nan)
+    r_yz = np.where(vy & vz, _ratio(syz, syy, szz), np.nan)
+    return {"spearman": r_xy, "partial_spearman_given_length": _partial(r_xy, r_xz, r_yz)}
+
+
+def _pearson_sums(codes: np.ndarray, g: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per prompt: rows and the sums of a, b, a^2, b^2, a*b with a = log x and b = y, each centred
+    at its mean over all rows (for accuracy). Shape (6, g); a resample's Pearson r is a matrix
+    product with its prompt counts (`_pearson_of`)."""
+    a = np.log(x)
+    a = a - a.mean()
+    b = y - y.mean()
+    cols = (np.ones_like(a), a, b, a * a, b * b, a * b)
+    return np.stack([np.bincount(codes, weights=v, minlength=g) for v in cols])
+
+
+def _pearson_of(sums: np.ndarray, w: np.ndarray) -> np.ndarray:
+    m, sa, sb, saa, sbb, sab = (w @ sums.T).T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _ratio(sab - sa * sb / m, saa - sa * sa / m, sbb - sb * sb / m)
+
+
+def _smaller_before(r: np.ndarray) -> np.ndarray:
+    """For each position p of the non-negative integer vector r: the number of earlier positions
+    q < p with r[q] < r[p]. A radix partition on the bits of r from the highest: at bit b, the
+    elements are grouped by their bits above b (each group in position order), and an element with
+    bit b set counts the earlier elements of its group with bit b clear; then each group is split
+    stably by bit b. O(n) per bit, O(n log max r) in all, no Python loop over elements."""
+    n = len(r)
+    out = np.zeros(n, dtype=np.int64)
+    if n < 2 or not r.max():
+        return out
+    pos = np.arange(n, dtype=np.intp)
+    perm = pos.copy()  # the element at each place of the current grouping
+    start = np.zeros(n, dtype=np.intp)  # per place: the first place of its group
+    end = np.full(n, n - 1, dtype=np.intp)  # ... and the last
+    new_perm, new_start, new_end = (np.empty(n, dtype=np.intp) for _ in range(3))
+    for b in range(int(r.max()).bit_length() - 1, -1, -1):
+        one = ((r[perm] >> b) & 1).astype(bool)
+        zero = ~one
+        zeros_upto = np.cumsum(zero)
+        zeros_before_group = np.where(start > 0, zeros_upto[start - 1], 0)
+        zeros_before = zeros_upto - zero - zeros_before_group  # earlier zeros of the same group
+        out[perm[one]] += zeros_before[one]
+        group_zeros = zeros_upto[end] - zeros_before_group
+        place = np.where(one, pos + group_zeros - zeros_before, start + zeros_before)
+        new_perm[place] = perm
+        new_start[place] = np.where(one, start + group_zeros, start)
+        new_end[place] = np.where(one, end, start + group_zeros - 1)
+        perm, new_perm = new_perm, perm
+        start, new_start = new_start, start
+        end, new_end = new_end, end
+    return out
+
+
+def _kendall_row_scores(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row i, over all other rows j: a_i = sum sign(x_i - x_j) * sign(y_i - y_j) (concordant
+    minus discordant pairs with i), u_i = #{x_j != x_i}, v_i = #{y_j != y_i}; so Kendall's tau-b is
+    sum(a) / sqrt(sum(u) * sum(v)), exactly. O(rows log rows): dense ranks, the strict 2-D dominance
+    count LL_i = #{x_j < x_i, y_j < y_i} (`_smaller_before` over rows sorted by x, ties by y
+    descending) and the tie counts, from which the other three quadrants follow."""
+    n = len(x)
+    _, rx = np.unique(x, return_inverse=True)
+    uy, ry = np.unique(y, return_inverse=True)
+    rx, ry = rx.ravel().astype(np.int64), ry.ravel().astype(np.int64)
+    cnt_x, cnt_y = np.bincount(rx), np.bincount(ry)
+    lx, ex = (np.cumsum(cnt_x) - cnt_x)[rx], cnt_x[rx] - 1  # x_j < x_i; x_j == x_i, j != i
+    ly, ey = (np.cumsum(cnt_y) - cnt_y)[ry], cnt_y[ry] - 1
+    # joint tie groups: (x, y) pairs, sorted by x then y
+    pairs, pinv, pcnt = np.unique(rx * len(uy) + ry, return_inverse=True, return_counts=True)
+    pinv = pinv.ravel()
+    px, py = pairs // len(uy), pairs % len(uy)
+    ee = pcnt[pinv] - 1
+    # EL: same x, smaller y: the earlier pairs of the same x (pairs are sorted by (x, y))
+    csum = np.cumsum(pcnt) - pcnt
+    el = (csum - csum[np.searchsorted(px, px)])[pinv]
+    # LE: same y, smaller x: the same over the pairs sorted by (y, x)
+    by_y = np.lexsort((px, py))
+    cs = np.empty_like(csum)
+    cs[by_y] = np.cumsum(pcnt[by_y]) - pcnt[by_y]
+    first_of_y = np.empty_like(csum)
+    sy = py[by_y]
+    first_of_y[by_y] = cs[by_y][np.searchsorted(sy, sy)]
+    le = (cs - first_of_y)[pinv]
+    order = np.lexsort((-ry, rx))  # x ascending, ties by y descending: an earlier tied x never counts
+    ll = np.empty(n, dtype=np.int64)
+    ll[order] = _smaller_before(ry[order])
+    lg = lx - ll - le  # x_j < x_i, y_j > y_i
+    gl = ly - ll - el  # x_j > x_i, y_j < y_i
+    gg = (n - 1) - (lx + ex) - (ly + ey) + (ll + le + el + ee)  # x_j > x_i, y_j > y_i
+    return ll + gg - lg - gl, n - 1 - ex, n - 1 - ey
+
+
+def kendall_tau_b(x: np.ndarray, y: np.ndarray, prompt_ids: Any = None) -> tuple[float, float]:
+    """Kendall's tau-b (as scipy.stats.kendalltau, variant "b"; NaN for fewer than 3 rows or a
+    constant x or y) and its cluster-robust standard error with the prompts as clusters (NaN
+    without prompt_ids or with fewer than 2 prompts).
+
+    The SE is the delta method on the U-statistic's projection: tau-b = A / sqrt(U V) with A, U, V
+    sums over pairs of rows, each the sum over prompts p of the per-row scores of its rows (alpha_p,
+    mu_p, nu_p: `_kendall_row_scores`); resampling prompts moves tau-b, to first order, by
+    sum_p (c_p - 1) psi_p with psi_p = 2 [(alpha_p - A/G) / sqrt(U V) - tau/2 ((mu_p - U/G) / U
+    + (nu_p - V/G) / V)], so Var = G / (G - 1) sum_p psi_p^2: the prompt bootstrap's (and the
+    cluster jackknife's) variance to first order, in one O(rows log rows) pass."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan
+    a, u, v = _kendall_row_scores(x, y)
+    big_a, big_u, big_v = int(a.sum()), int(u.sum()), int(v.sum())
+    root = math.sqrt(big_u) * math.sqrt(big_v)
+    tau = max(-1.0, min(1.0, big_a / root))
+    if prompt_ids is None:
+        return tau, math.nan
+    codes, g = _prompt_codes(prompt_ids)
+    if g < 2:
+        return tau, math.nan
+    alpha, mu, nu = (np.bincount(codes, weights=s, minlength=g) for s in (a, u, v))
+    psi = 2 * ((alpha - big_a / g) / root - tau / 2 * ((mu - big_u / g) / big_u + (nu - big_v / g) / big_v))
+    return tau, math.sqrt(g / (g - 1) * float(psi @ psi))
 
 
 def _kendall(x: np.ndarray, y: np.ndarray) -> float:
@@ -435,21 +654,6 @@ def _kendall(x: np.ndarray, y: np.ndarray) -> float:
     return float(kendalltau(x, y, variant="b").statistic)
 
 
-def bootstrap_by_prompt(prompt_ids: np.ndarray, fn: Any, n_boot: int, seed: int) -> list[Any]:
-    """fn(row_indices) on `n_boot` resamples of the prompts (with replacement, each bringing all of
-    its rows). One call of fn per resample: for statistics that need the rows themselves (Kendall's
-    tau); the others use resample_counts."""
-    codes, uniques = pd.factorize(prompt_ids)
-    order = np.argsort(codes, kind="stable")  # the per-prompt row index, built once: O(rows log rows)
-    rows_of = np.split(order, np.cumsum(np.bincount(codes, minlength=len(uniques)))[:-1])
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(uniques), size=len(uniques))
-        out.append(fn(np.concatenate([rows_of[g] for g in pick])))
-    return out
-
-
 CORRELATION_METHODS = (
     ("ppl", "spearman"),
     ("ppl", "kendall_tau_b"),
@@ -458,47 +662,99 @@ CORRELATION_METHODS = (
     ("log_ppl", "pearson"),
 )
 
+# Kendall's tau-b: the percentile bootstrap (scipy on each expanded resample, O(rows log rows) each)
+# up to this many rows, above it the cluster-robust normal interval of kendall_tau_b (one pass)
+KENDALL_BOOTSTRAP_ROWS = 20_000
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def _resample_map(fn: Any, items: Any, threads: int, pool: Any) -> list[Any]:
+    return list(pool.map(fn, items)) if pool is not None and threads > 1 else [fn(i) for i in items]
+
 
 def correlation_rows(
-    model: str, scores: pd.DataFrame, n_boot: int, seed: int, row_block: int = 2_000_000
+    model: str,
+    scores: pd.DataFrame,
+    n_boot: int,
+    seed: int,
+    threads: int = 1,
+    kendall_bootstrap_rows: int = KENDALL_BOOTSTRAP_ROWS,
 ) -> list[dict[str, Any]]:
     """correlations.csv rows of one run, over its generations with a finite PPL > 0: PPL vs toxicity
     by Spearman, Kendall tau-b, partial Spearman given ``n_scored_tokens`` (the fluency scorer's
     token count) and within-prompt Spearman (rank-based, so the same for log PPL: x = ``ppl``), and
-    Pearson of log PPL (raw PPL's Pearson is dominated by a few huge PPLs: not reported). 95%
-    percentile CIs from `n_boot` resamples of prompts; the resamples are the same for every
-    statistic but Kendall's (which runs one resample at a time)."""
-    from scipy.stats import pearsonr, spearmanr
+    Pearson of log PPL (raw PPL's Pearson is dominated by a few huge PPLs: not reported).
+
+    CIs: 95% percentile intervals from `n_boot` resamples of prompts (resample_counts: the same
+    resamples for every statistic), each statistic computed exactly on the expanded resample
+    (_RankIndex). Kendall's tau-b is bootstrapped only up to `kendall_bootstrap_rows` rows; above,
+    its CI is tau-b +- 1.96 cluster-robust SEs (kendall_tau_b), and its ``bootstrap`` cell says so.
+    `threads` resamples run at once (threads of this process); the resamples and every per-resample
+    sum are fixed by the seed, so the result is the same for any thread count."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import nullcontext
 
     ok = scores[np.isfinite(scores["ppl"]) & (scores["ppl"] > 0)].reset_index(drop=True)
     x = ok["ppl"].to_numpy(dtype=float)
     y = ok["toxicity"].to_numpy(dtype=float)
     z = ok["n_scored_tokens"].to_numpy(dtype=float)
     codes, g = _prompt_codes(ok["prompt_id"])
-    varies = len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0
-    point = {
-        "spearman": float(spearmanr(x, y).statistic) if varies else math.nan,
-        "kendall_tau_b": _kendall(x, y),
-        "partial_spearman_given_length": partial_spearman(x, y, z),
-        "within_prompt_spearman": within_prompt_spearman(x, y, ok["prompt_id"]) if len(x) else math.nan,
-        "pearson": float(pearsonr(np.log(x), y).statistic) if varies else math.nan,
-    }
+    n = len(x)
+    boot_kendall = n <= kendall_bootstrap_rows
+    tau, tau_se = kendall_tau_b(x, y, None if boot_kendall else ok["prompt_id"])
+    point: dict[str, float] = dict.fromkeys((m for _, m in CORRELATION_METHODS), math.nan)
+    point["kendall_tau_b"] = tau
     boots: dict[str, list[np.ndarray]] = {m: [] for _, m in CORRELATION_METHODS}
     if g:
-        rk = (_Ranker(x), _Ranker(y), _Ranker(z))
-        sums = _within_sums(codes, g, x, y)
-        for w in resample_counts(g, n_boot, seed):
-            boots["within_prompt_spearman"].append(_within_of(sums, w))
-            step = max(1, row_block // len(x))  # row weights: (step, rows) at a time
-            for i in range(0, len(w), step):
-                for m, v in _weighted_stats(x, y, z, rk, w[i : i + step, codes]).items():
-                    boots[m].append(v)
-        pids = ok["prompt_id"].to_numpy()
-        kendall = bootstrap_by_prompt(pids, lambda r: _kendall(x[r], y[r]), n_boot, seed)
-        boots["kendall_tau_b"] = [np.array(kendall, dtype=float)]
+        index = _RankIndex(codes, g, x, y, z)
+        within = _within_sums(codes, g, x, y)
+        pear = _pearson_sums(codes, g, x, y)
+        ones = np.ones((1, g))
+        if n >= 3:
+            once = index.sums(np.ones(g, dtype=np.int64), index.buffers())
+            first = _rank_correlations(np.array([once], dtype=object))
+            point["spearman"] = float(first["spearman"][0])
+            point["partial_spearman_given_length"] = float(first["partial_spearman_given_length"][0])
+            if not np.isnan(point["spearman"]):
+                point["pearson"] = float(_pearson_of(pear, ones)[0])
+        point["within_prompt_spearman"] = float(_within_of(within, ones)[0])
+        local = threading.local()
+
+        def one(c: np.ndarray) -> tuple[tuple[Any, ...], float]:
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = index.buffers()
+            sums = index.sums(c, buf)
+            if not boot_kendall:
+                return sums, math.nan
+            rows = np.repeat(np.arange(n), c[codes])
+            return sums, _kendall(x[rows], y[rows])
+
+        with ThreadPoolExecutor(max_workers=threads) if threads > 1 else nullcontext() as pool:
+            for w in resample_counts(g, n_boot, seed):
+                res = _resample_map(one, w.astype(np.int64), threads, pool)
+                sums = np.array([r[0] for r in res], dtype=object)
+                vals = _rank_correlations(sums)
+                boots["spearman"].append(vals["spearman"])
+                boots["partial_spearman_given_length"].append(vals["partial_spearman_given_length"])
+                varies = sums[:, 6].astype(bool) & sums[:, 7].astype(bool)
+                boots["pearson"].append(np.where(varies, _pearson_of(pear, w), np.nan))
+                boots["within_prompt_spearman"].append(_within_of(within, w))
+                if boot_kendall:
+                    boots["kendall_tau_b"].append(np.array([r[1] for r in res], dtype=float))
+    text = f"{n_boot} resamples of prompts"
     rows = []
     for name, method in CORRELATION_METHODS:
         lo, hi = _percentile_ci(np.concatenate(boots[method])) if boots[method] else (math.nan, math.nan)
+        how = text
+        if method == "kendall_tau_b" and not boot_kendall:
+            if not math.isnan(tau_se):
+                lo, hi = max(-1.0, tau - Z95 * tau_se), min(1.0, tau + Z95 * tau_se)
+            how = (
+                f"not bootstrapped ({n} rows > {kendall_bootstrap_rows}): tau-b +- 1.96 cluster-robust SE, "
+                f"prompts as clusters (delta method, {g} prompts)"
+            )
         rows.append(
             {
                 "model": model,
@@ -509,9 +765,9 @@ def correlation_rows(
                 "ci_low": lo,
                 "ci_high": hi,
                 "control": "n_scored_tokens" if method.startswith("partial") else "",
-                "n": len(ok),
+                "n": n,
                 "n_prompts": g,
-                "bootstrap": f"{n_boot} resamples of prompts",
+                "bootstrap": how,
             }
         )
     return rows
@@ -620,8 +876,44 @@ def run_settings(cfg: Any, run: str) -> dict[str, Any]:
     }
 
 
+def analyse(
+    table: pd.DataFrame,
+    runs: Sequence[str],
+    threshold: float,
+    ppl_cap: float,
+    n_boot: int,
+    seed: int,
+    threads: int = 1,
+) -> tuple[list[dict[str, Any]], pd.DataFrame, pd.DataFrame]:
+    """The computation of rule `analyse` on the joined table (scores_table): the summary row of each
+    run (without its settings), correlations.csv and differences.csv. `threads`: the resamples of
+    the rank correlations computed at once (correlation_rows; the result is the same for any)."""
+    summary = [
+        summary_row(
+            run,
+            table[table.model == run],
+            table.continuation[table.model == run],
+            threshold,
+            ppl_cap,
+            n_boot,
+            seed,
+        )
+        for run in runs
+    ]
+    corr = pd.DataFrame(
+        [
+            r
+            for run in runs
+            for r in correlation_rows(run, table[table.model == run], n_boot, seed, threads=threads)
+        ]
+    )
+    diff = run_differences(table, runs, threshold, ppl_cap, n_boot, seed)
+    return summary, corr, diff
+
+
 def job(smk: Any) -> None:
-    """Snakemake rule `analyse`: scores.parquet, summary.csv, correlations.csv, differences.csv."""
+    """Snakemake rule `analyse`: scores.parquet, summary.csv, correlations.csv, differences.csv. The
+    rank-correlation bootstrap uses the job's ``threads``."""
     from shardwise.tables import scorer_name
 
     cfg = load_config(smk.config)
@@ -629,32 +921,24 @@ def job(smk: Any) -> None:
     runs = list(smk.params.runs)
     table = scores_table(runs, smk.input.generations, smk.input.fluency, smk.input.toxicity)
     fluency_model = cfg.models[an.fluency.model].describe() if an.fluency.model else ""
+    threads = max(1, int(getattr(smk, "threads", 1) or 1))
+    rows, corr, diff = analyse(
+        table, runs, an.toxicity.threshold, an.fluency.ppl_cap, an.bootstrap, an.seed, threads
+    )
     summary = pd.DataFrame(
         [
             {
-                **summary_row(
-                    run,
-                    table[table.model == run],
-                    table.continuation[table.model == run],
-                    an.toxicity.threshold,
-                    an.fluency.ppl_cap,
-                    an.bootstrap,
-                    an.seed,
-                ),
+                **row,
                 **run_settings(cfg, run),
                 "toxicity_scorer": scorer_name(tox),
                 "fluency_model": fluency_model,
             }
-            for run, tox in zip(runs, smk.input.toxicity, strict=True)
+            for row, run, tox in zip(rows, runs, smk.input.toxicity, strict=True)
         ]
     )
-    corr = pd.DataFrame(
-        [r for run in runs for r in correlation_rows(run, table[table.model == run], an.bootstrap, an.seed)]
-    )
-    diff = run_differences(table, runs, an.toxicity.threshold, an.fluency.ppl_cap, an.bootstrap, an.seed)
     with atomic_path(Path(smk.output.scores)) as tmp:
         table.drop(columns=["continuation"]).to_parquet(tmp, index=False)
     atomic_write_text(Path(smk.output.summary), summary.to_csv(index=False, float_format="%.6g"))
     atomic_write_text(Path(smk.output.correlations), corr.to_csv(index=False, float_format="%.6g"))
     atomic_write_text(Path(smk.output.differences), diff.to_csv(index=False, float_format="%.6g"))
-    log.info("analysed %d generations of %d model(s)", len(table), len(runs))
+    log.info("analysed %d generations of %d model(s) with %d thread(s)", len(table), len(runs), threads)

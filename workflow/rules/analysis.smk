@@ -84,6 +84,9 @@ rule analyse:
         "benchmarks/analyse/analyse.tsv"
     conda:
         ENV
+    # the bootstrap's resamples run in threads (the results do not depend on how many); on SLURM a
+    # rome 1/8 node (16 cores, 28 GiB); locally capped at --cores
+    threads: 16
     params:
         runs=list(AN.runs),
         settings=as_param(settings.analyse(CFG)),
