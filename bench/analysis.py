@@ -1,7 +1,7 @@
 """Stage `analyse` at the real size: summary + correlations + differences of synthetic runs.
 
     python bench/analysis.py                          # scales 0.01 and 0.1, bootstrap 1000, 2 threads
-    python bench/analysis.py --scale 0.01 0.1 1       # and the full experiment (~10 minutes on 2 cores)
+    python bench/analysis.py --scale 0.01 0.1 1       # and the full experiment (~7 minutes on 2 cores)
     python bench/analysis.py --scale 0.1 --bootstrap 200 --threads 1
 
 Scale 1 is the real experiment: 99,442 prompts x 25 samples x 3 runs = 7.5M generations (2.5M rows
