@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,43 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ("Snakefile", "workflow", "scripts", "src", "profiles", "envs", "config")
+STARTED: list[subprocess.Popen[str]] = []  # every Snakemake a test starts (its own process group)
+
+
+def load_factor() -> float:
+    """How much slower than a quiet machine this one runs now: the 1-minute load per CPU, in
+    [1, 4]. A busy CI runner or a CPU hog beside the suite gives ~2."""
+    return min(4.0, max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1)))
+
+
+def scaled(seconds: float) -> float:
+    """A deadline of `seconds` on a quiet machine, stretched by the load at the time it is set."""
+    return seconds * load_factor()
+
+
+def stop_group(proc: subprocess.Popen[str], grace: float = 5) -> None:
+    """End a Snakemake and everything it started locally (its process group): SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the head is gone; its children may not be
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+
+
+@pytest.fixture(autouse=True)
+def _stop_what_the_test_started() -> Iterator[None]:
+    """A test that fails (or forgets) leaves no Snakemake or worker running into the next test."""
+    yield
+    while STARTED:
+        stop_group(STARTED.pop(), grace=2)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -184,22 +223,37 @@ class Workflow:
         self, *args: str, check: bool = True, timeout: int = 600, extra_env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         env = {**self.env(), **(extra_env or {})}
-        proc = subprocess.run(
-            self.cmd(*args), cwd=self.root, capture_output=True, text=True, timeout=timeout, env=env
-        )
+        popen = self._start(self.cmd(*args), env, stderr=subprocess.PIPE)
+        try:
+            stdout, stderr = popen.communicate(timeout=scaled(timeout))
+        except subprocess.TimeoutExpired:
+            stop_group(popen)
+            stdout, stderr = popen.communicate()
+            raise AssertionError(
+                f"snakemake {' '.join(args)} ran past {timeout} s (x{load_factor():.1f} for the load), "
+                f"stopped:\n{stdout[-5000:]}\n{stderr[-5000:]}"
+            ) from None
+        proc = subprocess.CompletedProcess(popen.args, popen.returncode, stdout, stderr)
         if check and proc.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            self.cmd(*args),
+        """Snakemake in the background (stderr into stdout); stopped at the test's end if still running."""
+        return self._start(self.cmd(*args), self.env(), stderr=subprocess.STDOUT)
+
+    def _start(self, cmd: list[str], env: dict[str, str], stderr: int) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            cmd,
             cwd=self.root,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=stderr,
             text=True,
-            env=self.env(),
+            env=env,
+            start_new_session=True,
         )
+        STARTED.append(proc)
+        return proc
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, write_prompts
+from conftest import scaled, tiny_config, write_prompts
 
 from shardwise.batching import batches
 from shardwise.config import load_config
@@ -344,7 +344,7 @@ def test_killed_shard_leaves_no_partial_file_and_rerun_recomputes_only_it(workfl
     _workflow_setup(
         wf,
         tiny_model_src,
-        1200,
+        450,
         max_length=64,
         batch_tokens=32,
         shards={"n_shards": 3, "shards_per_job": 3, "chunk_size": 4},
@@ -353,7 +353,7 @@ def test_killed_shard_leaves_no_partial_file_and_rerun_recomputes_only_it(workfl
     proc = wf.popen("teacher_logits")
     store = wf.path("results/teacher_logits/tiny/shards")
     killed = None
-    deadline = time.time() + 300
+    deadline = time.time() + scaled(300)
     while killed is None and time.time() < deadline and proc.poll() is None:
         for status in store.glob("*/0001-of-0003.status.json"):
             if len(list(status.parent.glob("0001-of-0003.parts/*.h5"))) >= 3:
@@ -378,7 +378,7 @@ def test_killed_shard_leaves_no_partial_file_and_rerun_recomputes_only_it(workfl
     # the same bytes as an uninterrupted run of another layout
     reference = wf.path("reference")
     _workflow_setup(
-        wf, tiny_model_src, 1200, max_length=64, batch_tokens=32, shards={"n_shards": 1, "chunk_size": 4}
+        wf, tiny_model_src, 450, max_length=64, batch_tokens=32, shards={"n_shards": 1, "chunk_size": 4}
     )
     out, *_ = compute(
         reference,

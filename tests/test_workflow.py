@@ -1,21 +1,14 @@
 """The workflow through Snakemake (subprocesses, tiny model): dry run, bad input, determinism across
-shard layouts, a SIGKILLed worker, code edits, status."""
+shard layouts, code edits, status (a SIGKILLed worker: tests/test_slurm.py, tests/test_shards.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 
 import pandas as pd
 import pytest
 import yaml
 from conftest import Workflow, job_counts, make_tiny_model, tiny_config, write_prompts
-
-from shardwise.config import load_config
-from shardwise.generate import generate_table
-from shardwise.models import load_model
 
 
 def setup(wf: Workflow, model, n_prompts: int = 24, **generate) -> None:
@@ -218,52 +211,6 @@ def test_lost_or_damaged_shards_heal_by_running_the_same_command(workflow_copy, 
     assert mtimes(0, 1) == before
     pd.testing.assert_frame_equal(generations(wf), reference)
     assert (store / "0002-of-0003.parquet.bad").is_file()  # kept for inspection
-
-
-def test_killed_worker_rerun_recomputes_only_its_shard(workflow_copy, tiny_model_src, tiny_model):
-    wf = workflow_copy
-    setup(
-        wf,
-        tiny_model_src,
-        n_prompts=150,
-        batch_size=4,
-        sampling={"max_new_tokens": 32},
-        shards={"n_shards": 3, "shards_per_job": 3, "chunk_size": 5},
-    )
-    proc = wf.popen()
-    store = wf.path("results/generations/tiny/shards")
-    killed = None
-    deadline = time.time() + 300
-    while killed is None and time.time() < deadline and proc.poll() is None:
-        for status in store.glob("*/0001-of-0003.status.json"):
-            parts = list(status.parent.glob("0001-of-0003.parts/*.parquet"))
-            if len(parts) >= 2:
-                killed = json.loads(status.read_text())["pid"]
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.02)
-    output = proc.communicate(timeout=300)[0]
-    assert killed is not None, f"shard 1 never committed 2 chunks:\n{output}"
-    assert proc.returncode != 0
-    assert "1 of 3 worker(s) failed: shard 1" in output
-
-    (run_dir,) = store.iterdir()
-    done = {i: (run_dir / f"{i:04d}-of-0003.parquet").stat().st_mtime_ns for i in (0, 2)}
-    assert not (run_dir / "0001-of-0003.parquet").exists()
-    status = wf.shardwise("status").stdout
-    assert "generate/tiny: 3 shards (2 done, 0 running, 1 failed, 0 pending)" in status
-    assert "worker died" in status
-
-    wf.run()
-    assert {i: (run_dir / f"{i:04d}-of-0003.parquet").stat().st_mtime_ns for i in (0, 2)} == done
-    assert "resuming: " in wf.path("logs/generate/tiny/shard-0001.log").read_text()
-    merged = generations(wf)
-    cfg = load_config(tiny_config(tiny_model_src, sampling={"max_new_tokens": 32}))
-    model, tok = load_model(tiny_model)
-    from shardwise.tables import load_prompts
-
-    prompts = load_prompts(wf.path("config/prompts.jsonl"))
-    expected = generate_table(model, tok, prompts, cfg.generate.runs["tiny"].sampling, batch_size=32)
-    pd.testing.assert_frame_equal(merged, expected)
 
 
 def test_editing_the_generation_code_outdates_the_generations(workflow_copy, tiny_model_src):

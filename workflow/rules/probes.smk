@@ -8,6 +8,8 @@ rule toxicity_probe_data:
     log:
         "logs/toxicity_probe_data/toxicity_probe_data.log",
     localrule: True
+    # it fails only on its input (e.g. one class only), which a retry does not change
+    retries: 0
     conda:
         ENV
     params:
