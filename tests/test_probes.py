@@ -653,3 +653,41 @@ def test_the_toxicity_probe_set_is_capped_class_balanced_and_by_prompt():
     assert balanced_sample(table, 1000, seed=1).equals(short)  # seeded
     assert not balanced_sample(table, 1000, seed=2).equals(short)
     assert balanced_sample(table, n, seed=1) is table  # under the cap: untouched
+
+
+def test_probes_train_a_block_of_layers_at_a_time_within_the_memory_budget(tmp_path, caplog):
+    """train_probes reads [L, N, D] a block of layers at a time (an 8B model's capped toxicity set is
+    10.8 GB in float32): a budget of two layers gives the probes, metrics and p-values of one pass."""
+    from safetensors.numpy import load_file
+
+    from shardwise.probes import layer_blocks, layer_bytes, run
+
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:240]))
+    labels = ["subject_plural", "has_number"]
+    raw = {"probes": {"data": str(data), "labels": labels, "permutations": 5, "max_steps": 60}}
+    pr = load_config(raw).probes
+    table = pd.read_json(data, lines=True)
+    rng = np.random.default_rng(0)
+    n_layers, dim = 5, 24
+    signal = table[labels].to_numpy(float) @ rng.normal(size=(2, dim))
+    acts = np.stack([rng.normal(size=(len(table), dim)) + 0.3 * layer * signal for layer in range(n_layers)])
+    path = tmp_path / "acts.h5"
+    with h5py.File(path, "w") as f:
+        f["activations"] = acts.astype(np.float16)
+        f["item_ids"] = np.arange(len(table))
+        f["layers"] = np.arange(n_layers)
+    per_layer = layer_bytes(len(table), dim, len(pr.l2_grid) * 2 * len(labels))
+    assert [list(b) for b in layer_blocks(n_layers, per_layer, 2.5 * per_layer)] == [[0, 1], [2, 3], [4]]
+    assert [list(b) for b in layer_blocks(n_layers, per_layer, 0.1 * per_layer)] == [[i] for i in range(5)]
+
+    whole = run(path, pr, tmp_path / "whole", "tiny", memory_bytes=100 * per_layer)
+    with caplog.at_level("INFO", logger="shardwise.probes"):
+        blocked = run(path, pr, tmp_path / "blocked", "tiny", memory_bytes=2.5 * per_layer)
+    assert "3 block(s) of <= 2 layers" in caplog.text
+    a, b = (pd.read_csv(tmp_path / d / "metrics.csv") for d in ("whole", "blocked"))
+    assert len(a) == n_layers * len(labels)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5, atol=1e-6)
+    wa, wb = (load_file(str(tmp_path / d / "probes.safetensors")) for d in ("whole", "blocked"))
+    np.testing.assert_allclose(wa["W"], wb["W"], rtol=1e-5, atol=1e-6)
+    assert whole["labels"] == blocked["labels"]

@@ -37,3 +37,30 @@ def redirect_output(path: Path, append: bool) -> None:
         force=True,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes this process can still allocate on `device`: a CUDA device's free memory, or on the CPU
+    the smaller of the machine's MemAvailable and what the job's memory cgroup (SLURM's --mem) leaves."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        cgroup = Path("/sys/fs/cgroup") / Path("/proc/self/cgroup").read_text().split("::", 1)[
+            1
+        ].strip().lstrip("/")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int((cgroup / "memory.current").read_text())
+            free = left if free is None else min(free, left)
+    except (OSError, IndexError, ValueError):
+        pass
+    return free if free is not None else 8 * 2**30
