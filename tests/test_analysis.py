@@ -905,6 +905,21 @@ def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     page = (tmp_path / "r.html").read_text()
     assert fmt_ci(r.expected_max_toxicity, r.emt_ci_low, r.emt_ci_high) in page and "b - a" in page
     assert "emt_ci_low" not in page and "Prompt sets: identical." in page
+    assert "Correlations with toxicity (95% CIs: percentile bootstrap over prompts)" in page
+    # above KENDALL_BOOTSTRAP_ROWS a run's Kendall CI is the delta method's, and the page says so
+    delta = pd.DataFrame(
+        [
+            r
+            for m in "ab"
+            for r in correlation_rows(m, table[table.model == m], 50, 0, kendall_bootstrap_rows=10)
+        ]
+    )
+    write_html(tmp_path / "r.html", summary, delta, [tmp_path / "d.png"], info, diff)
+    page = (tmp_path / "r.html").read_text()
+    assert (
+        "(95% CIs: percentile bootstrap over prompts; Kendall tau-b of a, b: cluster-robust SE, "
+        "prompts as clusters (delta method))" in page
+    )
 
 
 def test_report_warns_when_the_k_found_is_not_the_configured_k():

@@ -16,6 +16,7 @@ import base64
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def forest(rows: pd.DataFrame, label: str, group: str, path: Path, title: str, z
         ax.set_yticks(y, part[label].astype(str))
         ax.set_title(str(g), fontsize=9, loc="left")
         ax.tick_params(labelsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 90), fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -213,6 +214,19 @@ def differences_table(differences: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def correlation_cis(correlations: pd.DataFrame) -> str:
+    """How the correlations' 95% CIs were made, as correlations.csv's `bootstrap` cells say: the
+    percentile bootstrap over prompts, except Kendall tau-b of a run above
+    analysis.KENDALL_BOOTSTRAP_ROWS rows (a cluster-robust delta-method interval)."""
+    text = "95% CIs: percentile bootstrap over prompts"
+    how = correlations["bootstrap"].astype(str) if "bootstrap" in correlations else pd.Series(dtype=str)
+    delta = correlations.model[how.str.startswith("not bootstrapped")]
+    if len(delta):
+        runs = ", ".join(dict.fromkeys(delta.astype(str)))
+        text += f"; Kendall tau-b of {runs}: cluster-robust SE, prompts as clusters (delta method)"
+    return text
+
+
 def correlations_table(correlations: pd.DataFrame) -> pd.DataFrame:
     """One row per run, one column per statistic; the value with its CI."""
     c = correlations.assign(statistic=_statistic(correlations), cell=_cis(correlations, "value"))
@@ -319,7 +333,7 @@ def write_html(
             "<p>" + html.escape(f"Prompt sets: {'; '.join(sets)}.") + "</p>",
         ]
     parts += [
-        "<h2>Correlations with toxicity (95% CIs: bootstrap over prompts)</h2>",
+        f"<h2>Correlations with toxicity ({html.escape(correlation_cis(correlations))})</h2>",
         _html_table(correlations_table(correlations)),
         "<p>"
         + html.escape(
@@ -365,7 +379,7 @@ def job(smk: Any) -> None:
         "label",
         "statistic",
         Path(smk.output.forest_correlations),
-        "correlation with toxicity (95% bootstrap CIs over prompts)",
+        f"correlation with toxicity ({correlation_cis(correlations)})",
     )
     info = {
         "scorer": "; ".join(dict.fromkeys(scorer_name(t) for t in smk.input.toxicity)),
