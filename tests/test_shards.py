@@ -368,3 +368,29 @@ def test_a_killed_worker_names_its_shard_and_cause_and_leaves_no_process(tmp_pat
     else:  # the compute process ends with its wrapper (SIGTERM from the kernel), or is killed
         assert "terminated by signal SIGTERM" in message or f"compute process pid {pid}" in message
     assert _gone(pid) and _gone(seen["wrapper"])
+
+
+def test_forward_time_is_counted_only_when_asked(monkeypatch):
+    """SHARDWISE_TIME_FORWARD=1 (bench/rehearsal.py) times each forward pass of a shard's model, so
+    a stage's record can say how much of its time the pipeline spent outside the model."""
+    import torch
+
+    from shardwise import clock
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return x
+
+    monkeypatch.delenv("SHARDWISE_TIME_FORWARD", raising=False)
+    untimed = Slow()
+    clock.time_forward(untimed)
+    assert clock.forward_seconds() is None and not untimed._forward_hooks
+    monkeypatch.setenv("SHARDWISE_TIME_FORWARD", "1")
+    model = Slow()
+    clock.time_forward(model)
+    before = clock.forward_seconds()
+    for _ in range(3):
+        model(torch.zeros(1))
+    time.sleep(1.0)  # outside the model: not counted
+    assert 0.15 <= clock.forward_seconds() - before < 1.0

@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from shardwise import __version__
+from shardwise import __version__, clock
 from shardwise.config import ModelSpec
 from shardwise.errors import ModelError
 from shardwise.fingerprint import sha256_file, stable_hash
@@ -252,7 +252,8 @@ def load_shard_model(
     random weights (:func:`random_model`, one device). Returns (model, tokenizer, input device)."""
     if random_seed is not None:
         model, tokenizer = random_model(model_dir, device, dtype, random_seed)
-        return model, tokenizer, str(model.device)
-    spread = n_gpus > 1 and device != "cpu"
-    model, tokenizer = load_model(model_dir, device, dtype, device_map="auto" if spread else None)
+    else:
+        spread = n_gpus > 1 and device != "cpu"
+        model, tokenizer = load_model(model_dir, device, dtype, device_map="auto" if spread else None)
+    clock.time_forward(model)  # SHARDWISE_TIME_FORWARD=1 only
     return model, tokenizer, str(model.device)

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from shardwise import __version__
 from shardwise.atomic import atomic_path, atomic_write_json
+from shardwise.clock import forward_seconds
 from shardwise.config import ShardSpec
 from shardwise.environment import export_package_path, redirect_output
 from shardwise.errors import ShardError
@@ -217,6 +218,7 @@ class ShardContext:
     started: float = field(default_factory=time.time)
     stats: dict[str, Any] = field(default_factory=dict)
     clock: float = field(default=0.0, repr=False)
+    forward_clock: float | None = field(default=None, repr=False)  # clock.forward_seconds() then
 
     @contextlib.contextmanager
     def progress(self, total: int, unit: str = "item") -> Iterator[Any]:
@@ -225,6 +227,7 @@ class ShardContext:
         from tqdm import tqdm
 
         self.clock = time.perf_counter()
+        self.forward_clock = forward_seconds()
         with tqdm(total=total, unit=unit, mininterval=5, desc=f"shard {self.index}") as bar:
             yield bar
 
@@ -244,6 +247,9 @@ class ShardContext:
             tokens_per_s=round(tokens / seconds, 1) if seconds > 0 else None,
             **extra,
         )
+        forward = forward_seconds()
+        if forward is not None and self.forward_clock is not None:  # SHARDWISE_TIME_FORWARD=1
+            self.stats["forward_seconds"] = round(forward - self.forward_clock, 3)
 
     @property
     def rows(self) -> range:
