@@ -20,6 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 COPIED = ("Snakefile", "workflow", "scripts", "src", "profiles", "envs", "config")
 STARTED: list[subprocess.Popen[str]] = []  # every Snakemake a test starts (its own process group)
 
+# A shell starts background commands (`pytest ... &`, nohup) with SIGINT ignored, and a child keeps an
+# ignored signal across exec: the Snakemake a test stops with Ctrl-C (SIGINT) would never stop.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def load_factor() -> float:
     """How much slower than a quiet machine this one runs now: the 1-minute load per CPU, in
