@@ -176,12 +176,13 @@ def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-# what each rule writes (shard stores for the compute rules: their declared outputs are manifests)
+# what each rule writes (shard stores for the compute rules: their declared outputs are manifests);
+# keyed by the rule's benchmark name (benchmarks/<name>/; compute_teacher_logits: teacher_logits)
 OUTPUTS = {
     "prepare_model": ["resources/models/*"],
     "generate": ["results/generations/*/shards"],
     "merge_generations": ["results/generations/*.parquet"],
-    "compute_teacher_logits": ["results/teacher_logits/*/shards"],
+    "teacher_logits": ["results/teacher_logits/*/shards"],
     "merge_teacher_logits": ["results/teacher_logits/*.h5"],
     "score_fluency": ["results/analysis/fluency/*/shards"],
     "merge_fluency": ["results/analysis/fluency/*.parquet"],
@@ -205,9 +206,9 @@ def shard_records(root: Path) -> dict[str, list[dict]]:
     return out
 
 
-STAGE_OF = {  # shard records' stage -> its compute rule
+STAGE_OF = {  # shard records' stage -> its compute rule's benchmark name
     "generate": "generate",
-    "teacher_logits": "compute_teacher_logits",
+    "teacher_logits": "teacher_logits",
     "activations": "activations",
     "fluency": "score_fluency",
 }
@@ -219,7 +220,7 @@ def measure(root: Path, info: dict) -> pd.DataFrame:
     items = {
         "generate": n_gen * len(RUNS),
         "merge_generations": n_gen * len(RUNS),
-        "compute_teacher_logits": n_gen,
+        "teacher_logits": n_gen,
         "merge_teacher_logits": n_gen,
         "score_fluency": n_gen * len(RUNS),
         "merge_fluency": n_gen * len(RUNS),

@@ -23,19 +23,19 @@ def time_forward(model: Any) -> None:
 
     cuda = any(p.is_cuda for p in model.parameters())
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    starts: list[float] = []
+    forward = model.forward
 
-    def before(module: Any, args: Any) -> None:
+    def timed(*args: Any, **kwargs: Any) -> Any:  # try/finally: a pass a hook ends early counts too
         sync()
-        starts.append(time.perf_counter())
+        started = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            sync()
+            _FORWARD["seconds"] += time.perf_counter() - started
+            _FORWARD["calls"] += 1
 
-    def after(module: Any, args: Any, output: Any) -> None:
-        sync()
-        _FORWARD["seconds"] += time.perf_counter() - starts.pop()
-        _FORWARD["calls"] += 1
-
-    model.register_forward_pre_hook(before)
-    model.register_forward_hook(after)
+    model.forward = timed
 
 
 def forward_seconds() -> float | None:
