@@ -236,7 +236,7 @@ def measure(root: Path, info: dict) -> pd.DataFrame:
             stats = r.get("stats", {})
             loop[rule] += stats.get("seconds", 0.0)
             forward[rule] += stats.get("forward_seconds", 0.0)
-            if rule in ("activations",):
+            if rule == "activations":  # both probe sets: their rows, not the generations
                 items[rule] = items.get(rule, 0) + r["n_rows"]
     if "activations" in items:
         items["merge_activations"] = items["activations"]

@@ -54,12 +54,17 @@ def stop_group(proc: subprocess.Popen[str], grace: float = 5) -> None:
             return
 
 
+def stop_started() -> None:
+    """Stop every Snakemake the current test started that still runs (and its process group)."""
+    while STARTED:
+        stop_group(STARTED.pop(), grace=2)
+
+
 @pytest.fixture(autouse=True)
 def _stop_what_the_test_started() -> Iterator[None]:
     """A test that fails (or forgets) leaves no Snakemake or worker running into the next test."""
     yield
-    while STARTED:
-        stop_group(STARTED.pop(), grace=2)
+    stop_started()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

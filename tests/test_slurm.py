@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, STARTED, Workflow, load_factor, scaled, stop_group, tiny_config, write_prompts
+from conftest import REPO, Workflow, load_factor, scaled, stop_started, tiny_config, write_prompts
 
 from shardwise.config import load_config
 from shardwise.generate import generate_table
@@ -55,8 +55,7 @@ def _cancel_what_the_test_submitted(slurm_cluster) -> Iterator[None]:
     """A failed test leaves no Snakemake head and no SLURM job of its own behind for the next test."""
     before = job_ids()
     yield
-    while STARTED:
-        stop_group(STARTED.pop(), grace=2)
+    stop_started()  # before the scancel, so that no head submits again
     left = [j["id"] for j in sacct() if j["id"] not in before and j["state"].split()[0] in LIVE]
     if left:
         subprocess.run(["scancel", *left], check=False)
