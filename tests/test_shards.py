@@ -112,6 +112,30 @@ def test_chunks_tile_a_shard():
     assert chunk_ranges(range(5, 12), 3) == [range(5, 8), range(8, 11), range(11, 12)]
 
 
+def test_parquet_parts_are_joined_one_at_a_time_with_their_schemas_unified(tmp_path):
+    """The join of chunks into a shard and of shards into a run: one part read at a time (a row
+    group each), a column all None in one part (type null) and one missing from a part unified."""
+    import pyarrow.parquet as pq
+
+    frames = [
+        pd.DataFrame({"row": [0, 1], "extra": [None, None]}),
+        pd.DataFrame({"row": [2], "extra": ["b"], "more": [1.5]}),
+        pd.DataFrame({"row": [3, 4, 5], "extra": ["c", None, "e"]}),
+    ]
+    parts = []
+    for i, frame in enumerate(frames):
+        parts.append(tmp_path / f"{i}.parquet")
+        ParquetCodec().write(frame, parts[-1])
+    ParquetCodec().combine(parts, tmp_path / "out.parquet")
+    out = pq.ParquetFile(tmp_path / "out.parquet")
+    assert out.metadata.num_row_groups == 3
+    merged = out.read().to_pandas()
+    assert list(merged.columns) == ["row", "extra", "more"]
+    assert list(merged.row) == list(range(6))
+    assert merged.extra.tolist()[2:4] == ["b", "c"] and merged.extra.isna().tolist() == [1, 1, 0, 0, 1, 0]
+    assert merged.more.isna().sum() == 5 and merged.more[2] == 1.5
+
+
 def test_fingerprint_depends_on_content_not_on_packing(tmp_path):
     base = make_plan(tmp_path)
     assert make_plan(tmp_path).fingerprint == base.fingerprint

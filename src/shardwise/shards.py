@@ -841,8 +841,16 @@ class ParquetCodec:
         obj.to_parquet(path, index=False)
 
     def combine(self, parts: Sequence[Path], path: Path) -> None:
+        """Stream the parts into one file, one part in memory at a time (a row group each): a
+        merged run of the Snellius example is 2.5M generations, ~0.6 GB as one Arrow table. Schemas
+        are unified as ``pa.concat_tables(promote_options="default")`` does (a column that is all
+        None in one chunk has type null there; a column missing from a part is null in its rows)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tables = [pq.read_table(p) for p in parts]
-        pq.write_table(pa.concat_tables(tables, promote_options="default"), path)
+        schema = pa.unify_schemas([pq.read_schema(p) for p in parts], promote_options="default")
+        empty = schema.empty_table()
+        with pq.ParquetWriter(path, schema) as writer:
+            for part in parts:
+                table = pa.concat_tables([empty, pq.read_table(part)], promote_options="default")
+                writer.write_table(table)
