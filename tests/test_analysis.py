@@ -15,7 +15,7 @@ from shardwise.analysis import distinct_n, distinct_ns, partial_spearman, resamp
 from shardwise.errors import InputError, ModelError
 from shardwise.fluency import continuation_nll, pad_id_of, score_table
 from shardwise.models import load_model
-from shardwise.tables import load_generations
+from shardwise.tables import count_generations, load_generations
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +234,11 @@ def test_bad_analysis_input(tmp_path, tiny_model, monkeypatch):
     pd.DataFrame({"prompt_id": [1], "prompt": ["a"]}).to_parquet(path)
     with pytest.raises(InputError, match=r"gen.parquet: missing column\(s\) sample_id, continuation"):
         load_generations(path)
+    assert list(load_generations(path, ("prompt",)).columns) == ["prompt"]  # only what is needed
+    assert count_generations(path) == 1
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(InputError, match=r"generations file .*bad.parquet: not a readable Parquet file"):
+        count_generations(tmp_path / "bad.parquet")
 
     class NoPad:
         pad_token_id = None
@@ -252,6 +257,10 @@ def test_bad_analysis_input(tmp_path, tiny_model, monkeypatch):
 def test_profanity_check_and_an_hf_classifier_with_its_label(tmp_path, tiny_model_src):
     values, name = toxicity.score(["you are an idiot", "have a nice day"], "profanity-check")
     assert values[0] > 0.9 > 0.2 > values[1] and name.startswith("alt-profanity-check ")
+    texts = ["you are an idiot", "have a nice day", "", "damn it", "the cat sat", "what crap"] * 3
+    whole, _ = toxicity.profanity_check(texts, batch_size=len(texts))
+    batched, _ = toxicity.profanity_check(texts, batch_size=4)  # 5 calls, the last of 2 texts
+    assert batched.shape == (18,) and np.array_equal(batched, whole)
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 

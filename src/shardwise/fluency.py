@@ -33,7 +33,7 @@ from shardwise.fingerprint import code_version, sha256_file
 from shardwise.models import load_shard_model, read_record
 from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job
 from shardwise.shards import merge as merge_shards
-from shardwise.tables import load_generations
+from shardwise.tables import count_generations, load_generations
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def make_plan(
     return ShardPlan(
         stage=STAGE,
         key=run,
-        n_items=len(load_generations(generations)),
+        n_items=count_generations(generations),
         spec=an.fluency.shards,
         identity=identity,
         root=Path(results) / "analysis" / "fluency" / run,

@@ -356,7 +356,8 @@ def job(smk: Any) -> None:
     from shardwise.tables import scorer_name
 
     cfg = load_config(smk.config)
-    scores = pd.read_parquet(smk.input.scores)
+    # the figures need three columns of scores.parquet (7.5M rows in the Snellius example)
+    scores = pd.read_parquet(smk.input.scores, columns=["model", "ppl", "toxicity"])
     summary = pd.read_csv(smk.input.summary)
     correlations = pd.read_csv(smk.input.correlations)
     differences = pd.read_csv(smk.input.differences)

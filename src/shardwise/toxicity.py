@@ -24,6 +24,8 @@ from shardwise.tables import load_generations
 
 log = logging.getLogger(__name__)
 
+PROFANITY_BATCH = 100_000  # texts per profanity-check call
+
 
 def _version(dist: str) -> str:
     try:
@@ -32,12 +34,18 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def profanity_check(texts: Sequence[str]) -> tuple[np.ndarray, str]:
+def profanity_check(texts: Sequence[str], batch_size: int = PROFANITY_BATCH) -> tuple[np.ndarray, str]:
+    """Scores `batch_size` texts per call, so memory does not grow with the run (one call holds the
+    texts' sparse word-count matrix whole). Each text's score is its own (a linear model on its own
+    word counts): batches give the same scores as one call."""
     from profanity_check import predict_prob
 
-    return np.asarray(
-        predict_prob(list(texts)), dtype=np.float64
-    ), f"alt-profanity-check {_version('alt-profanity-check')}"
+    out = [
+        np.asarray(predict_prob(list(texts[s : s + batch_size])), dtype=np.float64)
+        for s in range(0, len(texts), batch_size)
+    ]
+    values = np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
+    return values, f"alt-profanity-check {_version('alt-profanity-check')}"
 
 
 def hf_classifier(
@@ -111,7 +119,7 @@ def job(smk: Any) -> None:
 
     cfg = load_config(smk.config)
     tox = cfg.analysis
-    table = load_generations(smk.input.generations)
+    table = load_generations(smk.input.generations, ("prompt_id", "sample_id", "continuation"))
     texts = table["continuation"].fillna("").tolist()
     values, name = score(
         texts,
