@@ -3,6 +3,7 @@ mechanism, with a micro model (a random 2-layer x 32-dim Llama and a 512-token b
 tokenizer, built offline) in place of each of the example's models, at a fraction of its item counts.
 
     python bench/rehearsal.py --scale 0.01 [0.1 ...] [--cores 2] [--keep DIR]
+    python bench/rehearsal.py --scale 0.01 0.1 --keep DIR --measured   # tables of the kept runs again
 
 Shape of config/snellius.yaml, scaled: 99,442 x scale prompts x 25 samples x 3 generation runs
 (32 shards, 4 per job), teacher logits of one run (64 shards; k 64), fluency of every run (8 shards
@@ -16,7 +17,8 @@ Prints one row per rule: jobs, items, wall (sum over its jobs), CPU, peak RSS of
 benchmark: the job's process tree), output size, and the time per item the pipeline spends outside
 the model's forward passes (shard workers: compute-loop time minus forward time, SHARDWISE_TIME_FORWARD;
 other rules: all of their CPU time). With several scales, the growth of CPU time per item from each
-scale to the next (1.0 = linear).
+scale to the next (1.0 = linear), and each job's peak RSS projected to the full example (linear
+from the two largest scales).
 """
 
 from __future__ import annotations
@@ -225,6 +227,7 @@ def measure(root: Path, info: dict) -> pd.DataFrame:
         "score_fluency": n_gen * len(RUNS),
         "merge_fluency": n_gen * len(RUNS),
         "score_toxicity": n_gen * len(RUNS),
+        "toxicity_probe_data": n_gen * len(RUNS),
         "analyse": n_gen * len(RUNS),
         "report": n_gen * len(RUNS),
     }
@@ -272,6 +275,18 @@ def measure(root: Path, info: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def project_rss(tables: dict[float, pd.DataFrame]) -> pd.DataFrame:
+    """Peak RSS of a job projected to the full example (scale 1), linearly from the two largest
+    scales run: what a rule's job needs on the cluster if its memory grows with its items."""
+    lo, hi = sorted(tables)[-2:]
+    a = tables[lo].set_index("rule").peak_rss_mib
+    b = tables[hi].set_index("rule").peak_rss_mib
+    slope = (b - a) / (hi - lo)
+    full = (b + slope * (1 - hi)).clip(lower=b)
+    columns = {f"rss {lo:g}": a, f"rss {hi:g}": b, "MiB per 0.1": (slope / 10).round(0)}
+    return pd.DataFrame({**columns, "at 1 (MiB)": full.round(0)}).dropna()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -279,7 +294,14 @@ def main() -> None:
     parser.add_argument("--scale", type=float, nargs="+", default=[0.01])
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--keep", type=Path, help="run in DIR/scale-<s> and keep it (default: a temp dir)")
+    parser.add_argument(
+        "--measured",
+        action="store_true",
+        help="run nothing: print the tables of the runs kept in --keep DIR (same --scale)",
+    )
     args = parser.parse_args()
+    if args.measured and not args.keep:
+        parser.error("--measured needs --keep DIR")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SHARDWISE_TIME_FORWARD": "1"}
     env.pop("PYTHONPATH", None)
     print(f"bench/rehearsal.py on {os.cpu_count()} CPUs, --cores {args.cores}, {time.strftime('%Y-%m-%d')}")
@@ -289,27 +311,31 @@ def main() -> None:
     for scale in args.scale:
         base = args.keep or Path(tempfile.mkdtemp(prefix="rehearsal-"))
         root = base / f"scale-{scale:g}"
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True)
-        info = setup(root, scale)
-        started = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "snakemake", "--cores", str(args.cores)],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        wall = time.perf_counter() - started
-        if proc.returncode != 0:
-            sys.exit(f"scale {scale:g}: snakemake failed (in {root}):\n{proc.stderr[-4000:]}")
+        if args.measured:
+            info = json.loads((root / "rehearsal.json").read_text())
+        else:
+            if root.exists():
+                shutil.rmtree(root)
+            root.mkdir(parents=True)
+            info = setup(root, scale)
+            started = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-m", "snakemake", "--cores", str(args.cores)],
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            info["wall_s"] = time.perf_counter() - started
+            if proc.returncode != 0:
+                sys.exit(f"scale {scale:g}: snakemake failed (in {root}):\n{proc.stderr[-4000:]}")
+            (root / "rehearsal.json").write_text(json.dumps(info))
         table = measure(root, info)
         tables[scale] = table
         n_gen = info["prompts"] * SAMPLES * len(RUNS)
         print(
             f"\n## scale {scale:g}: {info['prompts']:,} prompts, {n_gen:,} generations; "
-            f"workflow wall {wall:.0f} s"
+            f"workflow wall {info['wall_s']:.0f} s"
         )
         print(table.to_markdown(index=False))
         if not args.keep:
@@ -321,6 +347,9 @@ def main() -> None:
         growth = (b / a).dropna().round(2)
         print(f"\n## CPU per item, scale {hi:g} vs {lo:g} (1.0 = linear)")
         print(growth.to_frame("growth").to_markdown())
+    if len(scales) > 1:
+        print("\n## Peak RSS of a job, projected to scale 1 (linear from the two largest scales)")
+        print(project_rss(tables).to_markdown())
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ rule report:
         run_info="results/analysis/run_info.json",
     log:
         "logs/report/report.log",
+    benchmark:
+        "benchmarks/report/report.tsv"
     conda:
         ENV
     params:
