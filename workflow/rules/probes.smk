@@ -7,6 +7,8 @@ rule toxicity_probe_data:
         str(TOXICITY_PROBE_DATA),
     log:
         "logs/toxicity_probe_data/toxicity_probe_data.log",
+    benchmark:
+        "benchmarks/toxicity_probe_data/toxicity_probe_data.tsv"
     # it fails only on its input (e.g. one class only), which a retry does not change
     retries: 0
     localrule: True
