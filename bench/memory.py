@@ -108,11 +108,7 @@ STEPS = {
         "import sys; from shardwise.tables import load_generations\n"
         "load_generations(sys.argv[1], ('prompt_id', 'sample_id', 'continuation'))"
     ),
-    "score_toxicity: all columns (before)": (
-        "import sys; from shardwise.tables import load_generations\n"
-        "load_generations(sys.argv[1], ('prompt_id', 'sample_id', 'continuation'))\n"
-        "import pandas as pd; pd.read_parquet(sys.argv[1])"
-    ),
+    "score_toxicity: all columns (before)": ("import sys, pandas as pd\npd.read_parquet(sys.argv[1])"),
     "score_toxicity: profanity-check, 100k per call": (
         "import sys; from shardwise.tables import load_generations; from shardwise import toxicity\n"
         "t = load_generations(sys.argv[1], ('prompt_id', 'sample_id', 'continuation'))\n"
