@@ -420,3 +420,35 @@ def test_forward_time_is_counted_only_when_asked(monkeypatch):
         model(None)
     time.sleep(1.0)  # outside the model: not counted
     assert 0.2 <= clock.forward_seconds() - before < 1.0
+
+
+def test_forward_time_counts_the_parts_a_stage_calls_on_their_own_once(monkeypatch):
+    """Teacher logits call the base model and the LM head themselves, activations the base model:
+    those passes count too, and a part's pass inside the whole model's counts once."""
+    import torch
+
+    from shardwise import clock
+
+    class Part(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.1)
+            return x
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_model, self.head = Part(), Part()
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, x):
+            return self.head(self.base_model(x))
+
+    monkeypatch.setenv("SHARDWISE_TIME_FORWARD", "1")
+    model = LM()
+    clock.time_forward(model)
+    before = clock.forward_seconds()
+    model(torch.zeros(1))  # 0.2 s: base and head inside the model's pass, counted once
+    model.head(model.base_model(torch.zeros(1)))  # 0.2 s: the teacher's way
+    assert 0.4 <= clock.forward_seconds() - before < 0.55

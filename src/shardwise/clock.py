@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-_FORWARD = {"seconds": 0.0, "calls": 0}
+_FORWARD = {"seconds": 0.0, "calls": 0, "depth": 0}
 
 
 def enabled() -> bool:
@@ -15,27 +15,40 @@ def enabled() -> bool:
 
 
 def time_forward(model: Any) -> None:
-    """Count the wall time of every forward pass of `model` (on CUDA, synchronised at both ends,
-    which costs a little: hence opt-in). No-op unless enabled."""
+    """Count the wall time of every forward pass of `model`: of the model itself and of the parts
+    stages call on their own (the base model: teacher logits and activations; the LM head: teacher
+    logits), a pass inside a timed pass counted once. On CUDA, synchronised at both ends, which
+    costs a little: hence opt-in. No-op unless enabled."""
     if not enabled():
         return
     import torch
 
     cuda = any(p.is_cuda for p in model.parameters())
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    forward = model.forward
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules = [model, getattr(model, "base_model", None), head]
+    for module in dict.fromkeys(m for m in modules if m is not None):  # distinct, in order
+        _time(module, sync)
+
+
+def _time(module: Any, sync: Any) -> None:
+    forward = module.forward
 
     def timed(*args: Any, **kwargs: Any) -> Any:  # try/finally: a pass a hook ends early counts too
+        if _FORWARD["depth"]:  # inside a timed pass: counted there
+            return forward(*args, **kwargs)
         sync()
         started = time.perf_counter()
+        _FORWARD["depth"] += 1
         try:
             return forward(*args, **kwargs)
         finally:
+            _FORWARD["depth"] -= 1
             sync()
             _FORWARD["seconds"] += time.perf_counter() - started
             _FORWARD["calls"] += 1
 
-    model.forward = timed
+    module.forward = timed
 
 
 def forward_seconds() -> float | None:
