@@ -23,7 +23,14 @@ from shardwise.batching import batches
 from shardwise.config import load_config
 from shardwise.errors import ShardError
 from shardwise.fingerprint import sha256_file
-from shardwise.logits import TeacherLogits, TeacherLogitsDataset, collate, kd_loss, topk_dtype
+from shardwise.logits import (
+    TeacherLogits,
+    TeacherLogitsDataset,
+    collate,
+    concat_files,
+    kd_loss,
+    topk_dtype,
+)
 from shardwise.models import load_model, prepare_model
 from shardwise.shards import merge, run_job
 from shardwise.teacher_logits import make_plan, worker_args
@@ -151,7 +158,9 @@ def test_layout_dtypes_attrs_and_bytes_per_token(merged, tiny_model_src):
     assert topk_dtype(65_536) == np.uint16 and topk_dtype(65_537) == np.int32
 
 
-def test_merges_of_2_and_5_shards_are_byte_identical(tmp_path, merged, tiny_model_src, tiny_model, corpus):
+def test_merges_of_2_and_5_shards_are_byte_identical(
+    tmp_path, merged, tiny_model_src, tiny_model, corpus, monkeypatch
+):
     two = merged[0]
     five, plan, _, _ = compute(
         tmp_path, tiny_model, teacher_config(tiny_model_src, corpus, shards={"n_shards": 5})
@@ -161,6 +170,27 @@ def test_merges_of_2_and_5_shards_are_byte_identical(tmp_path, merged, tiny_mode
         for name in a:
             assert a[name].dtype == b[name].dtype
             assert a[name][...].tobytes() == b[name][...].tobytes(), name
+        attrs = dict(b.attrs)
+
+    # the join holds one source open at a time (an open HDF5 file keeps its chunk caches)
+    open_now, most = [0], [0]
+
+    class Counted(h5py.File):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+
+        def close(self):
+            open_now[0] -= 1
+            super().close()
+
+    monkeypatch.setattr(h5py, "File", Counted)
+    concat_files(sorted(plan.store.glob("*.h5")), tmp_path / "again.h5", attrs)
+    monkeypatch.undo()
+    assert most[0] == 2  # the destination and one shard
+    with h5py.File(tmp_path / "again.h5") as a, h5py.File(five) as b:
+        assert all(a[name][...].tobytes() == b[name][...].tobytes() for name in b)
 
 
 def _reseal(manifest: Path, shard: Path) -> None:

@@ -65,29 +65,30 @@ class ActivationsCodec:
 
 
 def concat(sources: Sequence[str | Path], dest: str | Path, attrs: dict[str, Any]) -> None:
-    """Join activation files along the item axis (a copy, one source at a time)."""
+    """Join activation files along the item axis (a copy, one source open and read at a time)."""
     import h5py
 
-    handles = [h5py.File(p, "r") for p in sources]
-    try:
-        n = sum(h["item_ids"].shape[0] for h in handles)
-        n_layers, _, dim = handles[0]["activations"].shape
-        with h5py.File(dest, "w") as out:
-            acts = out.create_dataset(
-                "activations", shape=(n_layers, n, dim), dtype=np.float16, chunks=(1, min(n, 1024), dim)
-            )
-            ids = out.create_dataset("item_ids", shape=(n,), dtype=np.int64)
-            out.create_dataset("layers", data=handles[0]["layers"][...])
-            start = 0
-            for h in handles:
-                m = h["item_ids"].shape[0]
+    counts = []
+    for p in sources:
+        with h5py.File(p, "r") as h:
+            counts.append(h["item_ids"].shape[0])
+    n = sum(counts)
+    with h5py.File(sources[0], "r") as h:
+        n_layers, _, dim = h["activations"].shape
+        layers = h["layers"][...]
+    with h5py.File(dest, "w") as out:
+        acts = out.create_dataset(
+            "activations", shape=(n_layers, n, dim), dtype=np.float16, chunks=(1, min(n, 1024), dim)
+        )
+        ids = out.create_dataset("item_ids", shape=(n,), dtype=np.int64)
+        out.create_dataset("layers", data=layers)
+        start = 0
+        for p, m in zip(sources, counts, strict=True):
+            with h5py.File(p, "r") as h:
                 acts[:, start : start + m] = h["activations"][...]
                 ids[start : start + m] = h["item_ids"][...]
-                start += m
-            out.attrs.update(attrs)
-    finally:
-        for h in handles:
-            h.close()
+            start += m
+        out.attrs.update(attrs)
 
 
 def resolve_layers(
