@@ -7,7 +7,7 @@ tokens ~ 12-18 words).
 
     python bench/memory.py [--scale 1] [--shards 32]
 
-Prints, per step: rows, wall and CPU seconds, peak RSS of its process (ru_maxrss) and what the
+Prints, per step: rows, wall and CPU seconds, peak RSS of its process (VmHWM) and what the
 rule's SLURM job has in profiles/slurm (rome: 1.75 GiB per core; the merges and score_toxicity
 ask for one core).
 """
@@ -127,10 +127,12 @@ STEPS = {
 
 
 def peak_rss_mib(code: str, args: list[str]) -> tuple[float, dict]:
+    # VmHWM, the peak RSS of this process' own memory (ru_maxrss would carry the parent's peak
+    # across fork + exec on Linux)
     wrapped = (
-        "import resource, sys\n"
+        "import sys\n"
         f"exec(compile({code!r}, 'step', 'exec'))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
     )
     started = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -241,8 +241,8 @@ def measure(root: Path, info: dict) -> pd.DataFrame:
             forward[rule] += stats.get("forward_seconds", 0.0)
             if rule == "activations":  # both probe sets: their rows, not the generations
                 items[rule] = items.get(rule, 0) + r["n_rows"]
-    if "activations" in items:
-        items["merge_activations"] = items["activations"]
+    if "activations" in items:  # the probe sets' rows (the toxicity set is capped)
+        items["merge_activations"] = items["train_probes"] = items["activations"]
     tsvs = defaultdict(list)
     for tsv in root.glob("benchmarks/**/*.tsv"):
         rule = tsv.relative_to(root / "benchmarks").parts[0]
