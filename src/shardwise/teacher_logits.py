@@ -36,7 +36,7 @@ from shardwise.logits import check_attrs, concat_files, topk_dtype, write_file
 from shardwise.models import load_shard_model, read_record, revision
 from shardwise.shards import ShardContext, ShardPlan, run_job
 from shardwise.shards import merge as merge_shards
-from shardwise.tables import load_texts
+from shardwise.tables import count_generations, load_texts
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,9 @@ def make_plan(
 ) -> tuple[ShardPlan, H5Codec]:
     """The teacher's shard plan and the codec that stamps every file with the layout attrs."""
     tl = cfg.teacher_logits
-    if n_items is None:
-        n_items = len(load_corpus(corpus, tl.corpus is None))
+    if n_items is None:  # a generation run's rows from its footer (2.5M texts would be read)
+        generations = tl.corpus is None
+        n_items = count_generations(corpus) if generations else len(load_corpus(corpus, generations))
     record = read_record(model_dir)
     tok_hash = tokenizer_sha256(model_dir)
     identity = {
