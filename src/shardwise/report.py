@@ -40,7 +40,8 @@ HEXBIN_ABOVE = 5000
 
 def scatter(scores: pd.DataFrame, model: str, path: Path, threshold: float) -> str:
     """PPL (log scale) vs toxicity, with marginal histograms: a scatter up to HEXBIN_ABOVE points, a
-    hexbin (log-count colours, log10 PPL on x) above that, so millions of points stay readable.
+    hexbin (log-count colours with their colour bar, log10 PPL on x) above that, so millions of
+    points stay readable.
     Returns which ("scatter" or "hexbin")."""
     plt = _plt()
     data = scores[(scores.model == model) & np.isfinite(scores.ppl) & (scores.ppl > 0)]
@@ -52,7 +53,10 @@ def scatter(scores: pd.DataFrame, model: str, path: Path, threshold: float) -> s
     right = fig.add_subplot(grid[1, 1], sharey=ax)
     lx = np.log10(data.ppl.to_numpy(dtype=float))
     if kind == "hexbin":
-        ax.hexbin(lx, data.toxicity, gridsize=60, bins="log", cmap="viridis", mincnt=1, linewidths=0)
+        cells = ax.hexbin(lx, data.toxicity, gridsize=60, bins="log", cmap="viridis", mincnt=1, linewidths=0)
+        bar = fig.colorbar(cells, cax=ax.inset_axes((0.04, 0.42, 0.03, 0.3)))
+        bar.set_label("generations per cell", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
         ax.set_xlabel("log10 perplexity")
     else:
         ax.scatter(lx, data.toxicity, s=8, alpha=0.5, color="tab:blue", linewidths=0)
