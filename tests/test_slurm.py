@@ -20,8 +20,9 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import torch
 import yaml
-from conftest import REPO, Workflow, load_factor, scaled, stop_started, tiny_config, write_prompts
+from conftest import REPO, Workflow, scaled, stop_started, tiny_config, write_prompts
 
 from shardwise.config import load_config
 from shardwise.generate import generate_table
@@ -242,7 +243,7 @@ def test_one_job_per_shard_with_one_gpu_each(slurm_cluster, tmp_path, tiny_model
 def test_killed_worker_of_a_node_job(slurm_cluster, tmp_path, tiny_model_src):
     """(a) One of four workers is SIGKILLed: the job fails, Snakemake retries it, and the retry
     computes only that shard (from its last committed chunk). The merged table is the one an
-    uninterrupted run of one shard at another batch size gives. (The local executor takes the same
+    uninterrupted run of one shard with the same batches and threads gives. (The local executor takes the same
     path: shards.run_job; tests/test_shards.py kills and resumes a worker without Snakemake.)"""
     shards = {"n_shards": 4, "shards_per_job": 4, "gpus_per_shard": 1, "chunk_size": 5}
     sampling = {"max_new_tokens": 48}
@@ -263,7 +264,15 @@ def test_killed_worker_of_a_node_job(slurm_cluster, tmp_path, tiny_model_src):
     model, tok = load_model(wf.path("resources/models/tiny"))
     cfg = load_config(tiny_config(tiny_model_src, sampling=sampling))
     prompts = load_prompts(wf.path("config/prompts.jsonl"))
-    expected = generate_table(model, tok, prompts, cfg.generate.runs["tiny"].sampling, batch_size=32)
+    # the workers' batches (2 = one prompt's 2 samples) and torch threads: on an AMD EPYC CPU an
+    # uninterrupted run at batch size 32 with the test's threads differed in 1 of 320 fp32 texts
+    (threads,) = {r["stats"]["torch_threads"] for r in records(wf).values()}
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        expected = generate_table(model, tok, prompts, cfg.generate.runs["tiny"].sampling, batch_size=2)
+    finally:
+        torch.set_num_threads(default)
     pd.testing.assert_frame_equal(merged, expected)
 
 
@@ -287,14 +296,30 @@ def test_scancelled_job(slurm_cluster, tmp_path, tiny_model_src):
     assert_complete(wf, 240)
 
 
+def prompts_per_minute(tmp_path: Path, tiny_model_src: Path, n: int = 20) -> float:
+    """How many of the time-limit test's generations (1 sample, 64 new tokens, batch size 1) this
+    machine does per minute now, timed here on `n` prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_src).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_src)
+    prompts = load_prompts(write_prompts(tmp_path / "calibration.jsonl", n, seed=1))
+    sampling = {"samples_per_prompt": 1, "max_new_tokens": 64}
+    cfg = load_config(tiny_config(tiny_model_src, sampling=sampling))
+    started = time.perf_counter()
+    generate_table(model, tok, prompts, cfg.generate.runs["tiny"].sampling, batch_size=1)
+    return n * 60 / (time.perf_counter() - started)
+
+
 def test_time_limit_then_retry_with_more_time(slurm_cluster, tmp_path, tiny_model_src):
     """(c) A shard outlives its 1-minute limit; the retry gets 4 minutes and resumes from its last
-    committed chunk. The work shrinks with the machine's load, so that a busy machine still times
-    out the first attempt and not the retry. On 2 cores: 1,500 prompts took ~5 min in all quiet
-    (TIMEOUT, COMPLETED); beside a CPU hog (2 busy loops: torch's threads then wait on each other) 60
-    were done in the first minute and ~80 a minute after, so 1,500 needed TIMEOUT, TIMEOUT, COMPLETED
-    (1:19, 4:27, 14:25)."""
-    n_prompts = int(600 / load_factor())
+    committed chunk. The work is ~2 minutes of this machine's measured speed (the same generation in
+    this process, just before), so that the first attempt times out and the retry completes on a
+    slow, fast, quiet or busy machine. Fixed counts failed both ways: on one 2-core machine 1,500
+    prompts needed TIMEOUT, TIMEOUT, COMPLETED beside a CPU hog (1:19, 4:27, 14:25); on a faster one
+    (AMD EPYC) 600 completed within the first minute, and so did 300 (600 / the 1-minute load, which
+    the tests before had left at 2)."""
+    n_prompts = int(2 * prompts_per_minute(tmp_path, tiny_model_src))
     shards = {"n_shards": 1, "shards_per_job": 1, "gpus_per_shard": 1, "chunk_size": 10}
     profile = {"set-resources": {"generate": {"runtime": "1 * 4 ** (attempt - 1)"}}}
     wf = slurm_workflow(
