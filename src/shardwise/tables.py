@@ -226,8 +226,10 @@ def count_generations(path: str | Path) -> int:
     """Rows of a generations table, from its footer (nothing else is read)."""
     import pyarrow.parquet as pq
 
-    _generations_schema(path)
-    return int(pq.ParquetFile(path).metadata.num_rows)
+    try:
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    except Exception as exc:  # pyarrow raises several types
+        raise InputError(f"generations file {path}: not a readable Parquet file ({exc})") from None
 
 
 def scorer_name(path: str | Path) -> str:
