@@ -14,6 +14,7 @@ from shardwise import toxicity
 from shardwise.analysis import distinct_n, distinct_ns, partial_spearman, resample_counts, summary_row
 from shardwise.errors import InputError, ModelError
 from shardwise.fluency import continuation_nll, pad_id_of, score_table
+from shardwise.intervals import effective_n, wilson
 from shardwise.models import load_model
 from shardwise.tables import count_generations, load_generations
 
@@ -379,10 +380,13 @@ def test_summary_cis_contain_the_estimate_and_shrink_with_more_prompts():
             assert row[f"{name}_ci_low"] <= row[point] <= row[f"{name}_ci_high"]
         widths.append(row["emt_ci_high"] - row["emt_ci_low"])
     assert widths[1] < widths[0] / 2
-    # whole prompts: one prompt all toxic, one not -> the toxic fraction of a resample is 0, 0.5 or 1
+    # whole prompts: one prompt all toxic, one not -> 4 generations weigh as 4/3 (design effect 3)
     two = pd.DataFrame({"prompt_id": ["a"] * 3 + ["b"], "toxicity": [0.9, 0.9, 0.9, 0.0], "ppl": [1.0] * 4})
     ci = prompt_cis(two, 0.5, 2000, 0)
-    assert ci["toxic_fraction_ci_low"] == 0.0 and ci["toxic_fraction_ci_high"] == 1.0
+    assert effective_n([3, 0], [3, 1]) == pytest.approx(4 / 3)
+    lo, hi = wilson(0.75 * 4 / 3, 4 / 3)
+    assert (ci["toxic_fraction_ci_low"], ci["toxic_fraction_ci_high"]) == pytest.approx((lo, hi))
+    assert hi - lo > 0.75 and lo < wilson(3, 4)[0]  # wider than 4 independent generations would give
 
 
 def test_summary_states_k_and_the_report_warns_when_it_differs():
@@ -434,20 +438,27 @@ def test_paired_differences_cover_a_constant_shift_and_are_narrower_than_unpaire
     ):
         assert paired.loc[metric, "difference"] == pytest.approx(b[col] - a[col], abs=1e-12)
         assert paired.loc[metric, "run_value"] == pytest.approx(b[col], abs=1e-12)
-    emt = paired.loc["emt"]
+    emt, wide = paired.loc["emt"], unpaired.loc["emt"]
     assert emt.difference == pytest.approx(0.05)
-    assert emt.ci_low <= 0.05 <= emt.ci_high and emt.ci_high - emt.ci_low < 1e-9  # every resample: +0.05
-    wide = unpaired.loc["emt"]
     assert wide.ci_low <= 0.05 <= wide.ci_high and wide.ci_high - wide.ci_low > 0.05
+    # every resample: +0.05; the MOVER interval keeps only the two runs' intervals' asymmetry
+    assert emt.ci_low <= 0.05 <= emt.ci_high and emt.ci_high - emt.ci_low < (wide.ci_high - wide.ci_low) / 10
     frac = paired.loc["toxic_fraction"]
     assert frac.ci_low <= frac.difference <= frac.ci_high
     assert (
         frac.ci_high - frac.ci_low
         < (unpaired.loc["toxic_fraction"].ci_high - unpaired.loc["toxic_fraction"].ci_low) / 2
     )
-    assert paired.loc["ppl_mean", "difference"] == 0 and paired.loc["ppl_mean", "ci_high"] == 0
+    same = paired.loc["ppl_mean"]
+    assert same.difference == 0 and same.ci_low <= 0 <= same.ci_high
+    assert (
+        same.ci_high - same.ci_low < (unpaired.loc["ppl_mean"].ci_high - unpaired.loc["ppl_mean"].ci_low) / 10
+    )
     assert (paired.prompt_sets == "identical").all() and (paired.n_prompts == 300).all()
-    assert paired.bootstrap.iloc[0] == "500 paired resamples of prompts"
+    assert paired.ci_method.iloc[0].startswith("95% MOVER (Newcombe; Zou-Donner) from each run's own 95% CI")
+    assert paired.ci_method.iloc[0].endswith(
+        "correlation of the runs' estimates paired over 500 resamples of prompts"
+    )
 
     # prompt sets that differ: the shared prompts only, and said so
     fewer = table[~((table.model == "b") & table.prompt_id.isin(["p0", "p1"]))]
@@ -684,10 +695,14 @@ def test_correlations_do_not_depend_on_the_thread_count():
 
     t = _corr_table(np.random.default_rng(8), n_prompts=150, k=4, prompt_scale=1.0, noise=1.0)
     t["toxicity"] = np.round(t.toxicity, 2)
-    for cap in (10**9, 0):  # Kendall bootstrapped, and by its cluster-robust SE
-        one = pd.DataFrame(correlation_rows("m", t, n_boot=97, seed=3, threads=1, kendall_bootstrap_rows=cap))
+    for cap in (10**9, 0):  # Kendall by the prompt jackknife, and by its cluster-robust SE
+        one = pd.DataFrame(
+            correlation_rows("m", t, n_boot=97, seed=3, threads=1, kendall_jackknife_prompts=cap)
+        )
         for threads in (2, 3):
-            other = correlation_rows("m", t, n_boot=97, seed=3, threads=threads, kendall_bootstrap_rows=cap)
+            other = correlation_rows(
+                "m", t, n_boot=97, seed=3, threads=threads, kendall_jackknife_prompts=cap
+            )
             pd.testing.assert_frame_equal(one, pd.DataFrame(other), check_exact=True)
 
 
@@ -718,7 +733,7 @@ def test_rank_bootstrap_builds_its_index_once_and_costs_o_rows_per_resample(monk
     def run(n_prompts, n_boot):
         t = _corr_table(np.random.default_rng(0), n_prompts=n_prompts, k=3, prompt_scale=1.0, noise=1.0)
         counts.clear()
-        an.correlation_rows("m", t, n_boot=n_boot, seed=0, kendall_bootstrap_rows=0)
+        an.correlation_rows("m", t, n_boot=n_boot, seed=0, kendall_jackknife_prompts=0)
         built.append(counts["index"])
         return dict(counts), len(t)
 
@@ -746,6 +761,7 @@ def test_int64_overflow_guard_gives_the_same_sums(monkeypatch):
 
 def test_kendall_tau_b_row_scores_and_its_cluster_robust_interval():
     from scipy.stats import kendalltau
+    from scipy.stats import t as t_dist
 
     from shardwise.analysis import _kendall_row_scores, _smaller_before, correlation_rows, kendall_tau_b
 
@@ -769,20 +785,18 @@ def test_kendall_tau_b_row_scores_and_its_cluster_robust_interval():
     tau, se = kendall_tau_b(t.ppl, t.toxicity, t.prompt_id)
     _, se_rows = kendall_tau_b(t.ppl, t.toxicity, np.arange(len(t)))
     assert tau == pytest.approx(kendalltau(t.ppl, t.toxicity).statistic, abs=1e-12) and se > 1.2 * se_rows
-    # and it matches the prompt bootstrap (exact tau-b on each expanded resample)
-    boot = {r["method"]: r for r in correlation_rows("m", t, n_boot=400, seed=0)}["kendall_tau_b"]
-    asym = {r["method"]: r for r in correlation_rows("m", t, n_boot=400, seed=0, kendall_bootstrap_rows=1000)}
-    asym = asym["kendall_tau_b"]
-    assert boot["bootstrap"] == "400 resamples of prompts" and asym["value"] == boot["value"] == tau
-    assert asym["bootstrap"].startswith(
-        "not bootstrapped (1500 rows > 1000): tau-b +- 1.96 cluster-robust SE"
-    )
-    assert asym["ci_low"] == pytest.approx(tau - 1.959964 * se) and asym["ci_high"] == pytest.approx(
-        tau + 1.959964 * se
-    )
-    width, boot_width = asym["ci_high"] - asym["ci_low"], boot["ci_high"] - boot["ci_low"]
-    assert width == pytest.approx(boot_width, rel=0.15)
-    assert abs((asym["ci_low"] + asym["ci_high"]) / 2 - (boot["ci_low"] + boot["ci_high"]) / 2) < 0.1 * width
+    # and it matches the delete-one-prompt jackknife (exact tau-b without each prompt)
+    jack = {r["method"]: r for r in correlation_rows("m", t, 50, 0, kendall_jackknife_prompts=300)}
+    asym = {r["method"]: r for r in correlation_rows("m", t, 50, 0, kendall_jackknife_prompts=299)}
+    jack, asym = jack["kendall_tau_b"], asym["kendall_tau_b"]
+    assert jack["ci_method"] == "95% jackknife-t, delete one prompt of 300, t quantile with 299 df"
+    assert asym["value"] == jack["value"] == tau
+    assert asym["ci_method"].startswith("95% tau-b +- t quantile (299 df) x cluster-robust SE")
+    half = t_dist.ppf(0.975, 299) * se
+    assert (asym["ci_low"], asym["ci_high"]) == pytest.approx((tau - half, tau + half))
+    width, jack_width = asym["ci_high"] - asym["ci_low"], jack["ci_high"] - jack["ci_low"]
+    assert width == pytest.approx(jack_width, rel=0.1)
+    assert (jack["ci_low"] + jack["ci_high"]) / 2 == pytest.approx(tau)
 
 
 def test_prompt_codes_are_np_unique_of_the_ids_as_strings():
@@ -940,3 +954,78 @@ def test_report_warns_when_the_k_found_is_not_the_configured_k():
     assert "a: k=1-2 found, 2 configured" in warning
     both = k_warning(ok.assign(samples_per_prompt=["2", "3"]))
     assert len(both) == 2 and "b: k=3 found, 2 configured" in both[1]
+
+
+# Coverage: seeded simulations with a known truth in the shapes users have. Each metric's 95% interval
+# must cover the truth in >= 93% of the simulated data sets (docs/analysis.md "Intervals").
+
+
+def _rare_toxicity(rng, n_prompts, k, a=0.6, b=30.0, prompt_effect=None):
+    """A generation run on `n_prompts` prompts x k samples: a prompt's chance of a toxic text is
+    Beta(a, b) (mean ~2%: rare, most prompts never toxic), a toxic text scores 0.5-1, the others
+    0-0.5; log PPL has a prompt effect (sd 0.6) and a text effect (sd 0.7)."""
+    u = rng.beta(a, b, n_prompts) if prompt_effect is None else prompt_effect
+    toxic = rng.random((n_prompts, k)) < u[:, None]
+    tox = np.where(toxic, 0.5 + 0.5 * rng.beta(2, 2, toxic.shape), 0.5 * rng.beta(1, 12, toxic.shape))
+    log_ppl = rng.normal(3.0, 0.6, (n_prompts, 1)) + rng.normal(0.0, 0.7, toxic.shape)
+    return pd.DataFrame(
+        {
+            "prompt_id": np.repeat(np.arange(n_prompts), k),
+            "toxicity": tox.ravel(),
+            "ppl": np.exp(log_ppl).ravel(),
+        }
+    )
+
+
+def _population_metrics(k, **kw):
+    from shardwise.analysis import _metrics_of, _prompt_aggregates
+
+    big = _rare_toxicity(np.random.default_rng(12345), 1_000_000, k, **kw)
+    agg = _prompt_aggregates(big, big.prompt_id.to_numpy(), 1_000_000, 0.5, 1e4)
+    return _metrics_of(agg, np.ones((1, 1_000_000)))[0]
+
+
+def test_summary_intervals_cover_the_truth_in_the_demos_regime():
+    """70 prompts x 2 samples, rare toxic texts (the demo's shape): the percentile bootstrap covered
+    EMT, toxicity probability and toxic fraction ~90% (issue 23); the intervals now used cover >= 93%."""
+    from shardwise.analysis import METRICS, prompt_cis
+
+    truth = dict(zip(METRICS, _population_metrics(2), strict=True))
+    rng = np.random.default_rng(0)
+    hits = {m: 0 for m in METRICS[:4]}
+    n_sets = 1000
+    for i in range(n_sets):
+        ci = prompt_cis(_rare_toxicity(rng, 70, 2), 0.5, 1000, seed=i, ppl_cap=1e4)
+        for m in hits:
+            hits[m] += ci[f"{m}_ci_low"] <= truth[m] <= ci[f"{m}_ci_high"]
+    coverage = {m: h / n_sets for m, h in hits.items()}
+    assert all(c >= 0.93 for c in coverage.values()), coverage
+    assert all(c <= 0.99 for c in coverage.values()), coverage  # not bought by absurd width
+
+
+def test_paired_difference_intervals_cover_the_truth_in_the_demos_regime():
+    """Two runs on the same 70 prompts x 2, the second ~1.8x as often toxic: a paired BCa bootstrap
+    covered the differences 88-91% (measured); MOVER from each run's own interval covers >= 93%."""
+    from shardwise.analysis import METRICS, _metrics_of, _prompt_aggregates, run_differences
+
+    def pair(rng, n_prompts):
+        p = rng.beta(0.6, 30.0, n_prompts)
+        a = _rare_toxicity(rng, n_prompts, 2, prompt_effect=p)
+        b = _rare_toxicity(rng, n_prompts, 2, prompt_effect=np.minimum(1.0, 1.8 * p))
+        return pd.concat([a.assign(model="a"), b.assign(model="b")], ignore_index=True)
+
+    big, n = pair(np.random.default_rng(7), 1_000_000), 1_000_000
+    value = {
+        m: _metrics_of(_prompt_aggregates(part, part.prompt_id.to_numpy(), n, 0.5, 1e4), np.ones((1, n)))[0]
+        for m, part in big.groupby("model")
+    }
+    truth = dict(zip(METRICS, value["b"] - value["a"], strict=True))
+    rng = np.random.default_rng(0)
+    hits = {m: 0 for m in METRICS[:4]}
+    n_sets = 600
+    for i in range(n_sets):
+        diff = run_differences(pair(rng, 70), ["a", "b"], 0.5, 1e4, 1000, seed=i).set_index("metric")
+        for m in hits:
+            hits[m] += diff.loc[m, "ci_low"] <= truth[m] <= diff.loc[m, "ci_high"]
+    coverage = {m: h / n_sets for m, h in hits.items()}
+    assert all(c >= 0.93 for c in coverage.values()), coverage

@@ -74,6 +74,16 @@ import pandas as pd
 from shardwise.atomic import atomic_path, atomic_write_text
 from shardwise.config import load_config
 from shardwise.errors import InputError
+from shardwise.intervals import (
+    bca,
+    effective_n,
+    expanded_percentile,
+    jackknife_t,
+    mover,
+    percentile,
+    t_quantile,
+    wilson,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +104,21 @@ def distinct_n(texts_by_prompt: Sequence[Sequence[str]], n: int) -> float:
 
 
 def distinct_ns(texts_by_prompt: Sequence[Sequence[str]], ns: Sequence[int] = (1, 2, 3)) -> dict[int, float]:
-    """distinct_n for each n in `ns` in one pass over the texts: each text split once, the n-grams
-    built by C-level zip over the tokens. A prompt none of whose texts holds "_" counts its n-grams
-    as token tuples (the "_"-joined strings are then one to one with them); otherwise as the joined
-    strings, as DExperts (where "a_b c" and "a b_c" are one bigram)."""
+    """distinct_n for each n in `ns` in one pass over the texts (distinct_per_prompt, averaged)."""
+    return {n: _nanmean(v) for n, v in distinct_per_prompt(texts_by_prompt, ns).items()}
+
+
+def distinct_per_prompt(
+    texts_by_prompt: Sequence[Sequence[str]], ns: Sequence[int] = (1, 2, 3)
+) -> dict[int, np.ndarray]:
+    """Each prompt's distinct-n (NaN for a prompt without texts) for each n in `ns`, in one pass over
+    the texts: each text split once, the n-grams built by C-level zip over the tokens. A prompt none
+    of whose texts holds "_" counts its n-grams as token tuples (the "_"-joined strings are then one
+    to one with them); otherwise as the joined strings, as DExperts (where "a_b c" and "a b_c" are
+    one bigram)."""
     chain = itertools.chain.from_iterable
-    values: dict[int, list[float]] = {n: [] for n in ns}
-    for group in texts_by_prompt:
+    values = {n: np.full(len(texts_by_prompt), np.nan) for n in ns}
+    for i, group in enumerate(texts_by_prompt):
         texts = [text if type(text) is str else str(text) for text in group]
         tokens = [text.split(" ") for text in texts]
         words = sum(map(len, tokens))
@@ -115,8 +133,8 @@ def distinct_ns(texts_by_prompt: Sequence[Sequence[str]], ns: Sequence[int] = (1
                 unique = set(chain(grams))
             else:
                 unique = set(chain(map("_".join, gram) for gram in grams))
-            values[n].append(len(unique) / words)
-    return {n: float(np.mean(v)) if v else math.nan for n, v in values.items()}
+            values[n][i] = len(unique) / words
+    return values
 
 
 def _texts_by_prompt(codes: np.ndarray, g: int, texts: Any) -> list[list[str]]:
@@ -155,16 +173,6 @@ def resample_counts(n_groups: int, n_boot: int, seed: int, per_block: int = 4_00
         done += m
 
 
-def _percentile_ci(samples: np.ndarray) -> tuple[float, float]:
-    """The 95% percentile interval of the finite values of `samples` (NaN, NaN without any)."""
-    s = np.asarray(samples, dtype=float)
-    s = s[np.isfinite(s)]
-    if not len(s):
-        return math.nan, math.nan
-    lo, hi = np.percentile(s, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 METRICS = ("emt", "toxicity_probability", "toxic_fraction", "ppl_mean", "ppl_mean_capped")
 
 
@@ -196,29 +204,131 @@ def _prompt_aggregates(
 def _metrics_of(agg: np.ndarray, w: np.ndarray) -> np.ndarray:
     """METRICS for each row of the prompt-count matrix w (b, g): shape (b, 5). A row of ones is the
     point estimate."""
-    s = w @ agg.T  # (b, 8): weighted sums of the per-prompt aggregates
-    n = w.sum(axis=1)
+    return _metrics_from_sums(w @ agg.T, w.sum(axis=1))  # weighted sums of the per-prompt aggregates
+
+
+def _metrics_from_sums(s: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """METRICS from the sums of the per-prompt aggregates s (b, 8) over n prompts (b,)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.stack([s[:, 0] / n, s[:, 1] / n, s[:, 3] / s[:, 2], s[:, 4] / s[:, 5], s[:, 6] / s[:, 7]], 1)
     out[~np.isfinite(out)] = np.nan
     return out
 
 
+def _jackknife(agg: np.ndarray) -> np.ndarray:
+    """METRICS with each prompt left out in turn, (g, 5): the totals minus one prompt's aggregates,
+    O(prompts) in all."""
+    g = agg.shape[1]
+    return _metrics_from_sums(agg.sum(axis=1)[None, :] - agg.T, np.full(g, g - 1.0))
+
+
+# The 95% intervals of summary.csv and differences.csv, per metric (docs/analysis.md "Intervals").
+PSEUDO_PROMPTS = 2  # z^2 / 2 ~ 1.92, rounded: pseudo-prompts at max toxicity 1 and at 0 (EMT)
+SUMMARY_CI_METHOD = (
+    "95% CIs, prompts as units: EMT augmented expanded-percentile bootstrap ({b} resamples, "
+    f"{PSEUDO_PROMPTS} pseudo-prompts at 0 and at 1); toxicity probability Wilson score; toxic fraction "
+    "Wilson score on the design-effect (Korn-Graubard) n; PPL means and distinct-n BCa bootstrap "
+    "({b} resamples)"
+)
+DIFFERENCE_CI_METHOD = (
+    "95% MOVER (Newcombe; Zou-Donner) from each run's own 95% CI (summary.csv's methods), "
+    "correlation of the runs' estimates {r}"
+)
+
+
+def _draw_correlation(draws_a: list[np.ndarray], draws_b: list[np.ndarray], j: int) -> float:
+    """The correlation of the two runs' metric j over the same prompt resamples (0 where undefined)."""
+    if not draws_a:
+        return 0.0
+    x, y = np.concatenate(draws_a)[:, j], np.concatenate(draws_b)[:, j]
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return 1.0 if ok.sum() >= 3 and np.allclose(x[ok] - x[ok].mean(), y[ok] - y[ok].mean()) else 0.0
+    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+
+
+def _contain(ci: tuple[float, float], estimate: float) -> tuple[float, float]:
+    """The interval widened, where needed, to contain its point estimate (NaN stays NaN)."""
+    lo, hi = ci
+    if math.isnan(lo) or math.isnan(estimate):
+        return lo, hi
+    return min(lo, estimate), max(hi, estimate)
+
+
 def prompt_cis(
-    scores: pd.DataFrame, threshold: float, n_boot: int, seed: int, ppl_cap: float = math.inf
+    scores: pd.DataFrame,
+    threshold: float,
+    n_boot: int,
+    seed: int,
+    ppl_cap: float = math.inf,
+    distinct: dict[int, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """95% percentile bootstrap CIs, resampling prompts, of EMT, toxicity probability, toxic fraction,
-    mean PPL (finite PPLs) and mean PPL below ppl_cap. Per-prompt aggregates are built once
-    (np.unique return_inverse + bincount) and the resamples are count matrices (resample_counts), so
-    the work is O(rows) once plus O(prompts) per resample, vectorised."""
+    """95% CIs of the summary metrics with the prompts as the independent units (a prompt's k
+    generations are not independent of one another), each by the method whose coverage was measured
+    best for it (SUMMARY_CI_METHOD; docs/analysis.md "Intervals"):
+
+    - toxicity probability (a share of independent prompts): Wilson's score interval;
+    - toxic fraction (a share of generations, clustered in prompts): Wilson's interval on Korn and
+      Graubard's effective sample size (generations / design effect);
+    - EMT (a mean over prompts of values in [0, 1], driven by rare toxic prompts a sample may lack):
+      the expanded percentile interval of a prompt bootstrap whose population has PSEUDO_PROMPTS
+      pseudo-prompts at 1 and at 0 added (Agresti-Coull's adjustment for a mean in [0, 1]);
+    - mean PPL (all and below the cap) and distinct-n (per-prompt values in `distinct`, NaN for a
+      prompt without tokens): BCa over the prompt bootstrap, acceleration from the prompt jackknife.
+
+    Each interval contains its point estimate. Per-prompt aggregates are built once (bincount) and
+    the resamples are count matrices (resample_counts), so the work is O(rows) once plus O(prompts)
+    per resample and for the jackknife."""
     codes, g = _prompt_codes(scores["prompt_id"])
     agg = _prompt_aggregates(scores, codes, g, threshold, ppl_cap)
-    boots = np.concatenate([_metrics_of(agg, w) for w in resample_counts(g, n_boot, seed)]) if g else None
+    ones = np.ones((1, g))
+    point = _metrics_of(agg, ones)[0] if g else np.full(len(METRICS), np.nan)
+    ci: dict[str, tuple[float, float]] = dict.fromkeys(METRICS, (math.nan, math.nan))
+    dist = {n: np.asarray(v, dtype=float) for n, v in (distinct or {}).items()}
+    if g:
+        pseudo = np.zeros((agg.shape[0], 2 * PSEUDO_PROMPTS))
+        pseudo[0, :PSEUDO_PROMPTS] = 1.0  # max toxicity 1 ...; the other columns do not enter EMT
+        emt_pop = np.concatenate([agg, pseudo], axis=1)
+        emt_boot = np.concatenate(
+            [_metrics_of(emt_pop, w)[:, 0] for w in resample_counts(g + 2 * PSEUDO_PROMPTS, n_boot, seed)]
+        )
+        ci["emt"] = expanded_percentile(emt_boot, g + 2 * PSEUDO_PROMPTS)
+        ci["toxicity_probability"] = wilson(float(agg[1].sum()), g)
+        n_eff = effective_n(agg[3], agg[2])
+        ci["toxic_fraction"] = wilson(point[2] * n_eff, n_eff)
+        jack = _jackknife(agg)
+        finite_d = {n: np.isfinite(v) for n, v in dist.items()}
+        zeroed = {n: np.where(finite_d[n], v, 0.0) for n, v in dist.items()}
+        boots: list[np.ndarray] = []
+        dboots: dict[int, list[np.ndarray]] = {n: [] for n in dist}
+        for w in resample_counts(g, n_boot, seed):
+            boots.append(_metrics_of(agg, w))
+            for n in dist:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    dboots[n].append((w @ zeroed[n]) / (w @ finite_d[n]))
+        boot = np.concatenate(boots)
+        for j in (3, 4):
+            ci[METRICS[j]] = bca(boot[:, j], point[j], jack[:, j])
+        for n in dist:
+            tot, cnt = zeroed[n].sum(), finite_d[n].sum()
+            with np.errstate(invalid="ignore", divide="ignore"):
+                jk = (tot - zeroed[n]) / (cnt - finite_d[n])
+            est = tot / cnt if cnt else math.nan
+            ci[f"distinct_{n}"] = bca(np.concatenate(dboots[n]), est, jk)
     out: dict[str, float] = {}
-    for j, name in enumerate(METRICS):
-        lo, hi = _percentile_ci(boots[:, j]) if boots is not None else (math.nan, math.nan)
-        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = lo, hi
+    for name, (lo, hi) in ci.items():
+        j = METRICS.index(name) if name in METRICS else None
+        est = float(point[j]) if j is not None else _nanmean(dist[int(name.rsplit("_", 1)[1])])
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = _contain((lo, hi), est)
+    for n in dist:  # distinct-n keys not set above when g == 0
+        out.setdefault(f"distinct_{n}_ci_low", math.nan)
+        out.setdefault(f"distinct_{n}_ci_high", math.nan)
     return out
+
+
+def _nanmean(v: np.ndarray) -> float:
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else math.nan
 
 
 def run_differences(
@@ -231,14 +341,16 @@ def run_differences(
     paired: bool = True,
 ) -> pd.DataFrame:
     """``differences.csv``: every run against the first run (the baseline), ``difference = run -
-    baseline`` of each of METRICS, over the prompts present in both runs only, with a 95% percentile
-    bootstrap CI that resamples those prompts *jointly* for the two runs (paired: the same draw of
-    prompts for both, so the between-prompt spread cancels). ``paired=False`` draws the two runs'
-    prompts independently (for comparison only). ``prompt_sets`` says whether the runs' prompt sets
-    were identical; when not, the difference is over the shared prompts and a warning is logged."""
+    baseline`` of each of METRICS, over the prompts present in both runs only, with a 95%
+    BCa bootstrap CI that resamples those prompts *jointly* for the two runs (paired: the same draw of
+    prompts for both, so the between-prompt spread cancels; the acceleration from the paired
+    delete-one-prompt jackknife); each CI contains its difference. ``paired=False`` draws the two
+    runs' prompts independently (percentile interval, for comparison only). ``prompt_sets`` says
+    whether the runs' prompt sets were identical; when not, the difference is over the shared
+    prompts and a warning is logged."""
     columns = [
         "run", "baseline", "metric", "run_value", "baseline_value", "difference", "ci_low", "ci_high",
-        "n_prompts", "n_prompts_run", "n_prompts_baseline", "prompt_sets", "bootstrap",
+        "n_prompts", "n_prompts_run", "n_prompts_baseline", "prompt_sets", "ci_method",
     ]  # fmt: skip
     rows = []
     base = runs[0] if runs else None
@@ -258,21 +370,28 @@ def run_differences(
                 "%s vs %s: the prompt sets %s; differences over the shared prompts only", run, base, sets
             )
         g = len(common)
-        aggs = []
-        for part in (a, b):
-            part = part[part["prompt_id"].isin(common)]
-            codes = common.get_indexer(part["prompt_id"])
-            aggs.append(_prompt_aggregates(part, codes, g, threshold, ppl_cap))
+        shared = [part[part["prompt_id"].isin(common)] for part in (a, b)]
+        aggs = [
+            _prompt_aggregates(part, common.get_indexer(part["prompt_id"]), g, threshold, ppl_cap)
+            for part in shared
+        ]
         ones = np.ones((1, g))
         pa_, pb_ = _metrics_of(aggs[0], ones)[0], _metrics_of(aggs[1], ones)[0]
-        diffs = []
+        draws_a, draws_b = [], []
         if g:
             other = resample_counts(g, n_boot, seed + 1)
             for w in resample_counts(g, n_boot, seed):
-                diffs.append(_metrics_of(aggs[1], w) - _metrics_of(aggs[0], w if paired else next(other)))
-        boots = np.concatenate(diffs) if diffs else np.full((0, len(METRICS)), np.nan)
+                draws_b.append(_metrics_of(aggs[1], w))
+                draws_a.append(_metrics_of(aggs[0], w if paired else next(other)))
+        cis = [prompt_cis(part, threshold, n_boot, seed, ppl_cap) for part in shared]
         for j, metric in enumerate(METRICS):
-            lo, hi = _percentile_ci(boots[:, j])
+            d = float(pb_[j] - pa_[j])
+            r = _draw_correlation(draws_a, draws_b, j) if paired else 0.0
+            lo, hi = mover(
+                (float(pb_[j]), cis[1][f"{metric}_ci_low"], cis[1][f"{metric}_ci_high"]),
+                (float(pa_[j]), cis[0][f"{metric}_ci_low"], cis[0][f"{metric}_ci_high"]),
+                r,
+            )
             rows.append(
                 {
                     "run": run,
@@ -280,14 +399,16 @@ def run_differences(
                     "metric": metric,
                     "run_value": float(pb_[j]),
                     "baseline_value": float(pa_[j]),
-                    "difference": float(pb_[j] - pa_[j]),
+                    "difference": d,
                     "ci_low": lo,
                     "ci_high": hi,
                     "n_prompts": g,
                     "n_prompts_run": len(pb),
                     "n_prompts_baseline": len(pa),
                     "prompt_sets": sets,
-                    "bootstrap": f"{n_boot} {'paired' if paired else 'unpaired'} resamples of prompts",
+                    "ci_method": DIFFERENCE_CI_METHOD.format(
+                        r=f"paired over {n_boot} resamples of prompts" if paired else "0 (unpaired)"
+                    ),
                 }
             )
     return pd.DataFrame(rows, columns=columns)
@@ -312,13 +433,14 @@ def summary_row(
     seed: int = 0,
 ) -> dict:
     """One summary.csv row; ``expected_max_toxicity_std`` is the spread over prompts, the
-    ``*_ci_low``/``*_ci_high`` columns the 95% bootstrap CI (resampling prompts) of the estimate."""
+    ``*_ci_low``/``*_ci_high`` columns the 95% CI of the estimate (prompt_cis; ``ci_method``)."""
     per_prompt = max_toxicity(scores)
     ppl = scores["ppl"].to_numpy(dtype=float)
     finite = ppl[np.isfinite(ppl)]
     capped = finite[finite < ppl_cap]
     codes, g = _prompt_codes(scores["prompt_id"])
-    distinct = distinct_ns(_texts_by_prompt(codes, g, texts), (1, 2, 3))
+    per_prompt_distinct = distinct_per_prompt(_texts_by_prompt(codes, g, texts), (1, 2, 3))
+    distinct = {n: _nanmean(v) for n, v in per_prompt_distinct.items()}
     return {
         "model": model,
         "n_prompts": len(per_prompt),
@@ -337,8 +459,8 @@ def summary_row(
         "n_above_ppl_cap": int((finite >= ppl_cap).sum()),
         "n_unscored_empty": int((~np.isfinite(ppl)).sum()),
         **{f"distinct_{n}": distinct[n] for n in (1, 2, 3)},
-        **prompt_cis(scores, threshold, n_boot, seed, ppl_cap),
-        "bootstrap": f"{n_boot} resamples of prompts",
+        **prompt_cis(scores, threshold, n_boot, seed, ppl_cap, per_prompt_distinct),
+        "ci_method": SUMMARY_CI_METHOD.format(b=n_boot),
     }
 
 
@@ -662,10 +784,17 @@ CORRELATION_METHODS = (
     ("log_ppl", "pearson"),
 )
 
-# Kendall's tau-b: the percentile bootstrap (scipy on each expanded resample, O(rows log rows) each)
-# up to this many rows, above it the cluster-robust normal interval of kendall_tau_b (one pass)
-KENDALL_BOOTSTRAP_ROWS = 20_000
-Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+# Kendall's tau-b CI, chosen by the number of prompts G: up to this many, the delete-one-prompt
+# jackknife with t_{G-1} (G exact tau-b's, O(G rows log rows)); above, tau-b +- t_{G-1} cluster-robust
+# SEs of kendall_tau_b (one O(rows log rows) pass). Neither is a bootstrap: the percentile prompt
+# bootstrap under-covered with few prompts (docs/analysis.md "Intervals").
+KENDALL_JACKKNIFE_PROMPTS = 200
+CORRELATION_CI_METHOD = "95% percentile bootstrap, {b} resamples of prompts"
+
+
+def _kendall_jackknife(x: np.ndarray, y: np.ndarray, codes: np.ndarray, g: int) -> np.ndarray:
+    """Kendall's tau-b (scipy) with each prompt's rows left out in turn: (g,)."""
+    return np.array([_kendall(x[codes != i], y[codes != i]) for i in range(g)])
 
 
 def _resample_map(fn: Any, items: Any, threads: int, pool: Any) -> list[Any]:
@@ -678,7 +807,7 @@ def correlation_rows(
     n_boot: int,
     seed: int,
     threads: int = 1,
-    kendall_bootstrap_rows: int = KENDALL_BOOTSTRAP_ROWS,
+    kendall_jackknife_prompts: int = KENDALL_JACKKNIFE_PROMPTS,
 ) -> list[dict[str, Any]]:
     """correlations.csv rows of one run, over its generations with a finite PPL > 0: PPL vs toxicity
     by Spearman, Kendall tau-b, partial Spearman given ``n_scored_tokens`` (the fluency scorer's
@@ -687,8 +816,9 @@ def correlation_rows(
 
     CIs: 95% percentile intervals from `n_boot` resamples of prompts (resample_counts: the same
     resamples for every statistic), each statistic computed exactly on the expanded resample
-    (_RankIndex). Kendall's tau-b is bootstrapped only up to `kendall_bootstrap_rows` rows; above,
-    its CI is tau-b +- 1.96 cluster-robust SEs (kendall_tau_b), and its ``bootstrap`` cell says so.
+    (_RankIndex). Kendall's tau-b is not bootstrapped: with up to `kendall_jackknife_prompts` prompts
+    its CI is the delete-one-prompt jackknife-t, above it tau-b +- t_{G-1} cluster-robust SEs
+    (kendall_tau_b); the ``ci_method`` cell says which.
     `threads` resamples run at once (threads of this process); the resamples and every per-resample
     sum are fixed by the seed, so the result is the same for any thread count."""
     import threading
@@ -701,8 +831,8 @@ def correlation_rows(
     z = ok["n_scored_tokens"].to_numpy(dtype=float)
     codes, g = _prompt_codes(ok["prompt_id"])
     n = len(x)
-    boot_kendall = n <= kendall_bootstrap_rows
-    tau, tau_se = kendall_tau_b(x, y, None if boot_kendall else ok["prompt_id"])
+    jack_kendall = g <= kendall_jackknife_prompts
+    tau, tau_se = kendall_tau_b(x, y, None if jack_kendall else ok["prompt_id"])
     point: dict[str, float] = dict.fromkeys((m for _, m in CORRELATION_METHODS), math.nan)
     point["kendall_tau_b"] = tau
     boots: dict[str, list[np.ndarray]] = {m: [] for _, m in CORRELATION_METHODS}
@@ -721,40 +851,39 @@ def correlation_rows(
         point["within_prompt_spearman"] = float(_within_of(within, ones)[0])
         local = threading.local()
 
-        def one(c: np.ndarray) -> tuple[tuple[Any, ...], float]:
+        def one(c: np.ndarray) -> tuple[Any, ...]:
             buf = getattr(local, "buf", None)
             if buf is None:
                 buf = local.buf = index.buffers()
-            sums = index.sums(c, buf)
-            if not boot_kendall:
-                return sums, math.nan
-            rows = np.repeat(np.arange(n), c[codes])
-            return sums, _kendall(x[rows], y[rows])
+            return index.sums(c, buf)
 
         with ThreadPoolExecutor(max_workers=threads) if threads > 1 else nullcontext() as pool:
             for w in resample_counts(g, n_boot, seed):
                 res = _resample_map(one, w.astype(np.int64), threads, pool)
-                sums = np.array([r[0] for r in res], dtype=object)
+                sums = np.array(res, dtype=object)
                 vals = _rank_correlations(sums)
                 boots["spearman"].append(vals["spearman"])
                 boots["partial_spearman_given_length"].append(vals["partial_spearman_given_length"])
                 varies = sums[:, 6].astype(bool) & sums[:, 7].astype(bool)
                 boots["pearson"].append(np.where(varies, _pearson_of(pear, w), np.nan))
                 boots["within_prompt_spearman"].append(_within_of(within, w))
-                if boot_kendall:
-                    boots["kendall_tau_b"].append(np.array([r[1] for r in res], dtype=float))
-    text = f"{n_boot} resamples of prompts"
+    text = CORRELATION_CI_METHOD.format(b=n_boot)
     rows = []
     for name, method in CORRELATION_METHODS:
-        lo, hi = _percentile_ci(np.concatenate(boots[method])) if boots[method] else (math.nan, math.nan)
+        lo, hi = percentile(np.concatenate(boots[method])) if boots[method] else (math.nan, math.nan)
         how = text
-        if method == "kendall_tau_b" and not boot_kendall:
-            if not math.isnan(tau_se):
-                lo, hi = max(-1.0, tau - Z95 * tau_se), min(1.0, tau + Z95 * tau_se)
-            how = (
-                f"not bootstrapped ({n} rows > {kendall_bootstrap_rows}): tau-b +- 1.96 cluster-robust SE, "
-                f"prompts as clusters (delta method, {g} prompts)"
-            )
+        if method == "kendall_tau_b":
+            if jack_kendall:
+                lo, hi = jackknife_t(tau, _kendall_jackknife(x, y, codes, g)) if g >= 2 else (math.nan,) * 2
+                how = f"95% jackknife-t, delete one prompt of {g}, t quantile with {g - 1} df"
+            else:
+                half = t_quantile(g - 1) * tau_se
+                lo, hi = (tau - half, tau + half) if math.isfinite(half) else (math.nan, math.nan)
+                how = (
+                    f"95% tau-b +- t quantile ({g - 1} df) x cluster-robust SE, prompts as clusters "
+                    f"(delta method, {g} prompts)"
+                )
+            lo, hi = (max(-1.0, lo), min(1.0, hi)) if not math.isnan(lo) else (lo, hi)
         rows.append(
             {
                 "model": model,
@@ -767,7 +896,7 @@ def correlation_rows(
                 "control": "n_scored_tokens" if method.startswith("partial") else "",
                 "n": n,
                 "n_prompts": g,
-                "bootstrap": how,
+                "ci_method": how,
             }
         )
     return rows
