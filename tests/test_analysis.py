@@ -879,10 +879,10 @@ def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     )
 
     assert (
-        fmt_ci(0.42, 0.39, 0.45) == "0.42 [0.39, 0.45]"
+        fmt_ci(0.42, 0.39, 0.45) == "0.420 [0.390, 0.450]"
         and fmt_ci(0.4213, 0.39, 0.451, 2) == "0.42 [0.39, 0.45]"
     )
-    assert fmt_ci(0.5) == "0.5" and fmt_ci(math.nan, 0, 1) == ""
+    assert fmt_ci(0.5) == "0.500" and fmt_ci(math.nan, 0, 1) == ""
     rng = np.random.default_rng(5)
     table = _two_runs(rng, n_prompts=40, k=4).assign(n_scored_tokens=lambda t: rng.integers(1, 9, len(t)))
     texts = pd.Series(["a b"] * 160)
@@ -899,6 +899,8 @@ def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     )
     ct = correlations_table(corr)
     assert list(ct.index) == ["a", "b"] and list(ct.columns) == [
+        "generations (finite PPL)",
+        "prompts",
         "Spearman",
         "Kendall tau-b",
         "partial Spearman | scored tokens",
@@ -908,7 +910,7 @@ def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     first = corr.iloc[0]
     assert ct.loc["a", "Spearman"] == fmt_ci(first.value, first.ci_low, first.ci_high)
     dt = differences_table(diff)
-    assert list(dt.columns) == ["b - a"] and dt.loc["expected max toxicity", "b - a"].startswith("0.05 [")
+    assert list(dt.columns) == ["b - a"] and dt.loc["expected max toxicity", "b - a"].startswith("0.0500 [")
 
     big = pd.DataFrame(
         {
@@ -928,7 +930,7 @@ def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     page = (tmp_path / "r.html").read_text()
     assert fmt_ci(r.expected_max_toxicity, r.emt_ci_low, r.emt_ci_high) in page and "b - a" in page
     assert "emt_ci_low" not in page and "Prompt sets: identical." in page
-    assert "Correlations with toxicity (95% CIs: percentile bootstrap over prompts)" in page
+    assert "Intervals: 95% percentile bootstrap, 50 resamples of prompts." in page
     # above KENDALL_BOOTSTRAP_ROWS a run's Kendall CI is the delta method's, and the page says so
     delta = pd.DataFrame(
         [
@@ -940,8 +942,9 @@ def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     write_html(tmp_path / "r.html", summary, delta, [tmp_path / "d.png"], info, diff)
     page = (tmp_path / "r.html").read_text()
     assert (
-        "(95% CIs: percentile bootstrap over prompts; Kendall tau-b of a, b: cluster-robust SE, "
-        "prompts as clusters (delta method))" in page
+        "Intervals: 95% percentile bootstrap, 50 resamples of prompts; Kendall tau-b of a, b: not "
+        "bootstrapped (160 rows &gt; 10): tau-b +- 1.96 cluster-robust SE, prompts as clusters (delta "
+        "method, 40 prompts)." in page
     )
 
 

@@ -237,6 +237,7 @@ class ToxicityConfig:
     variant: str
     batch_size: int
     threshold: float
+    prompt_toxicity_column: str
 
 
 @dataclass(frozen=True)

@@ -134,9 +134,9 @@ def score_toxicity(cfg: Config) -> dict[str, Any]:
 
 
 def analyse(cfg: Config) -> dict[str, Any]:
-    """The analysis tables: runs, threshold, PPL cap, bootstrap and its seed. (summary.csv also
-    reports each run's sampling and weights, and the fluency model: those are the params of
-    `generate` and `prepare_model` upstream, whose reruns rerun the analysis.)"""
+    """The analysis tables: runs, threshold, PPL cap, bootstrap and its seed, the prompt-toxicity
+    column. (summary.csv also reports each run's sampling and weights, and the fluency model: those
+    are the params of `generate` and `prepare_model` upstream, whose reruns rerun the analysis.)"""
     an = cfg.analysis
     return {
         "runs": list(an.runs),
@@ -144,6 +144,7 @@ def analyse(cfg: Config) -> dict[str, Any]:
         "ppl_cap": an.fluency.ppl_cap,
         "bootstrap": an.bootstrap,
         "seed": an.seed,
+        "prompt_toxicity_column": an.toxicity.prompt_toxicity_column,
     }
 
 

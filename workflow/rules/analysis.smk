@@ -68,7 +68,9 @@ rule score_toxicity:
 
 rule analyse:
     """scores.parquet, summary.csv (EMT, toxicity probability, PPL, distinct-n, CIs, run settings),
-    correlations.csv and differences.csv (each run minus the first, paired CIs)."""
+    correlations.csv, differences.csv (each run minus the first, paired CIs) and
+    summary_by_prompt_toxicity.csv (the summary for toxic and non-toxic prompts, when the prompts
+    have analysis.toxicity.prompt_toxicity_column; else its header only)."""
     input:
         generations=expand(rules.merge_generations.output.table, run=AN.runs),
         fluency=expand(rules.merge_fluency.output[0], run=AN.runs),
@@ -78,6 +80,7 @@ rule analyse:
         summary="results/analysis/summary.csv",
         correlations="results/analysis/correlations.csv",
         differences="results/analysis/differences.csv",
+        summary_by_prompt_toxicity="results/analysis/summary_by_prompt_toxicity.csv",
     log:
         "logs/analyse/analyse.log",
     benchmark:
@@ -103,6 +106,7 @@ rule report:
         summary=rules.analyse.output.summary,
         correlations=rules.analyse.output.correlations,
         differences=rules.analyse.output.differences,
+        summary_by_prompt_toxicity=rules.analyse.output.summary_by_prompt_toxicity,
         toxicity=expand(rules.score_toxicity.output[0], run=AN.runs),
     output:
         scatter=report(
@@ -124,6 +128,12 @@ rule report:
             "results/analysis/figures/correlations.png",
             caption="../report/correlations.rst",
             category="Fluency and toxicity",
+        ),
+        # the report's tables as pasted: formatted cells (3 significant digits, CIs in brackets)
+        tables=expand(
+            "results/analysis/tables/{table}.{ext}",
+            table=["settings", "summary", "differences", "correlations", "summary_by_prompt_toxicity"],
+            ext=["csv", "tex"],
         ),
         html="results/analysis/report.html",
         run_info="results/analysis/run_info.json",
