@@ -930,21 +930,23 @@ def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     page = (tmp_path / "r.html").read_text()
     assert fmt_ci(r.expected_max_toxicity, r.emt_ci_low, r.emt_ci_high) in page and "b - a" in page
     assert "emt_ci_low" not in page and "Prompt sets: identical." in page
-    assert "Intervals: 95% percentile bootstrap, 50 resamples of prompts." in page
-    # above KENDALL_BOOTSTRAP_ROWS a run's Kendall CI is the delta method's, and the page says so
+    assert (
+        "Intervals: 95% percentile bootstrap, 50 resamples of prompts; Kendall tau-b of a, b: 95% "
+        "jackknife-t, delete one prompt of 40, t quantile with 39 df." in page
+    )
+    # above KENDALL_JACKKNIFE_PROMPTS a run's Kendall CI is the delta method's, and the page says so
     delta = pd.DataFrame(
         [
             r
             for m in "ab"
-            for r in correlation_rows(m, table[table.model == m], 50, 0, kendall_bootstrap_rows=10)
+            for r in correlation_rows(m, table[table.model == m], 50, 0, kendall_jackknife_prompts=10)
         ]
     )
     write_html(tmp_path / "r.html", summary, delta, [tmp_path / "d.png"], info, diff)
     page = (tmp_path / "r.html").read_text()
     assert (
-        "Intervals: 95% percentile bootstrap, 50 resamples of prompts; Kendall tau-b of a, b: not "
-        "bootstrapped (160 rows &gt; 10): tau-b +- 1.96 cluster-robust SE, prompts as clusters (delta "
-        "method, 40 prompts)." in page
+        "Intervals: 95% percentile bootstrap, 50 resamples of prompts; Kendall tau-b of a, b: 95% tau-b "
+        "+- t quantile (39 df) x cluster-robust SE, prompts as clusters (delta method, 40 prompts)." in page
     )
 
 
