@@ -137,6 +137,7 @@ MATRIX: dict[str, tuple[Any, dict[str, int]]] = {
     "analysis.bootstrap": (11, ANALYSIS),
     "analysis.seed": (1, ANALYSIS),
     "analysis.fluency.model": ("tiny", FLUENCY),
+    "analysis.fluency.dtype": ("bfloat16", FLUENCY),
     "analysis.fluency.batch_tokens": (256, NOTHING),
     "analysis.fluency.ppl_cap": (5000, ANALYSIS),
     "analysis.fluency.shards.n_shards": (3, plus(FLUENCY, score_fluency=6)),

@@ -10,10 +10,19 @@ tokenizer's special tokens, e.g. BOS) or the ``last`` content token. The forward
 the highest requested layer (no final norm, no LM head, no logits).
 
 Output ``results/activations/<probe set>/<model>.h5`` (probe sets: Config.probe_sets):
-``activations`` float16 [L, N, D], ``layers`` int64 [L], ``item_ids`` int64 [N], attrs pooling,
-model, revision, fingerprint, version. As in the teacher logits stage, shard boundaries fall on
-multiples of ``chunk_size`` and batches are formed inside a chunk, so merged files are
-byte-identical for any ``n_shards``.
+``activations`` float16 [L, N, D] (float32 when a pooled value is beyond float16's range, see
+below), ``layers`` int64 [L], ``item_ids`` int64 [N], attrs pooling, model, revision, fingerprint,
+version. As in the teacher logits stage, shard boundaries fall on multiples of ``chunk_size`` and
+batches are formed inside a chunk, so merged files are byte-identical for any ``n_shards``.
+
+Range: float16's largest finite value is 65,504, and large models have outlier activations in the
+thousands; a pooled value of |x| >= 65,520 would round to inf and make that layer's probes NaN. So
+each value is stored as float16 rounds it, except a value that float16 would turn into inf, which keeps
+its float32 value; a file (a chunk, a shard, the merged file) is float32 when it holds such a
+value, else float16 (:func:`storable`, :func:`concat`; a warning in the shard's log names the
+layers and the largest |value|). The rule is per value, so the merged file's values and dtype do
+not depend on the shard layout (a float16 part widens exactly). Readers must not assume float16:
+``f["activations"][...].astype(np.float32)`` reads either.
 """
 
 from __future__ import annotations
@@ -64,21 +73,44 @@ class ActivationsCodec:
         concat(parts, path, self.attrs)
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65,504
+
+
+def storable(states: np.ndarray) -> np.ndarray:
+    """Pooled activations (float32) as stored: float16 when every value fits, else float32 with
+    each value that fits rounded to float16 and each that float16 would make inf (|x| >= 65,520)
+    kept. Per value, so a value's stored bytes do not depend on what else is in its chunk."""
+    with np.errstate(over="ignore"):
+        half = states.astype(np.float16)
+    over = np.isinf(half) & np.isfinite(states)
+    if not over.any():
+        return half
+    out = half.astype(np.float32)
+    out[over] = states[over]
+    return out
+
+
 def concat(sources: Sequence[str | Path], dest: str | Path, attrs: dict[str, Any]) -> None:
-    """Join activation files along the item axis (a copy, one source open and read at a time)."""
+    """Join activation files along the item axis (a copy, one source open and read at a time).
+    The result is float32 when any source is (:func:`storable`; float16 widens exactly), else float16."""
     import h5py
 
-    counts = []
+    counts, dtypes = [], []
     for p in sources:
         with h5py.File(p, "r") as h:
             counts.append(h["item_ids"].shape[0])
+            dtypes.append(h["activations"].dtype)
     n = sum(counts)
+    dtype = np.result_type(np.float16, *dtypes)
     with h5py.File(sources[0], "r") as h:
         n_layers, _, dim = h["activations"].shape
         layers = h["layers"][...]
+    if dtype != np.float16:
+        wide = sum(d != np.float16 for d in dtypes)
+        log.info("%s: %d of %d part(s) beyond float16's range: stored as %s", dest, wide, len(dtypes), dtype)
     with h5py.File(dest, "w") as out:
         acts = out.create_dataset(
-            "activations", shape=(n_layers, n, dim), dtype=np.float16, chunks=(1, min(n, 1024), dim)
+            "activations", shape=(n_layers, n, dim), dtype=dtype, chunks=(1, min(n, 1024), dim)
         )
         ids = out.create_dataset("item_ids", shape=(n,), dtype=np.int64)
         out.create_dataset("layers", data=layers)
@@ -247,10 +279,14 @@ def compute_shard(ctx: ShardContext) -> None:
                 if not torch.isfinite(states).all():
                     bad = batch[int((~torch.isfinite(states)).any(0).any(1).nonzero()[0])]
                     raise ShardError(f"{ctx.plan.name}: item {chunk.start + bad} has non-finite activations")
-                states = states.cpu().numpy().astype(np.float16)
+                stored = storable(states.cpu().numpy())
+                if stored.dtype != np.float16:
+                    _warn_range(ctx.plan.name, a["layers"], stored, [chunk.start + j for j in batch])
                 if out.shape[2] == 0:
-                    out = np.zeros((states.shape[0], len(chunk), states.shape[2]), dtype=np.float16)
-                out[:, batch] = states
+                    out = np.zeros((stored.shape[0], len(chunk), stored.shape[2]), dtype=np.float16)
+                if out.dtype != stored.dtype:
+                    out = out.astype(np.float32)  # exact: float16 values widen without change
+                out[:, batch] = stored
                 n_tokens += sum(lengths[j] for j in batch)
                 bar.update(len(batch))
             ctx.commit(
@@ -258,6 +294,22 @@ def compute_shard(ctx: ShardContext) -> None:
                 {"activations": out, "item_ids": ids_col[chunk.start : chunk.stop], "layers": a["layers"]},
             )
     ctx.record_speed(model, items=items, tokens=n_tokens)
+
+
+def _warn_range(name: str, layers: Sequence[int], stored: np.ndarray, items: Sequence[int]) -> None:
+    """One log line per batch with values beyond float16's range: which layers, the largest |value|."""
+    big = np.abs(stored) > FLOAT16_MAX
+    where = [layers[i] for i in np.flatnonzero(big.any(axis=(1, 2)))]
+    log.warning(
+        "%s: %d pooled value(s) beyond float16's range (largest |value| %.6g) in layer(s) %s, items "
+        "%d-%d: stored in float32 (the merged file will be float32)",
+        name,
+        int(big.sum()),
+        float(np.abs(stored).max()),
+        ", ".join(map(str, where)),
+        min(items),
+        max(items),
+    )
 
 
 def worker_args(

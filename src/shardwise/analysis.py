@@ -1,9 +1,11 @@
 """Stage `analyse`: the fluency-toxicity tables (design.md §3 "Analysis"; ml-facts "Toxicity").
 
 Scores are joined to the generations by (prompt_id, sample_id), one to one; a missing, duplicate
-or non-finite toxicity, a NaN nll_sum, or a NaN PPL of a text with scored tokens (only an empty
-continuation, 0 scored tokens, may lack a PPL) is one InputError line naming the run, the file and
-the key.
+or non-finite toxicity, a NaN nll_sum, or a NaN PPL of a text with scored tokens and a prompt of 2
+or more tokens is one InputError line naming the run, the file and the key. Only two kinds of text
+may lack a PPL, as in DExperts (shardwise.fluency): 0 scored tokens (an empty continuation), and a
+one-token prompt (a tokenizer without BOS); summary.csv counts them (``n_unscored_empty``,
+``n_unscored_one_token_prompt``) and every PPL statistic leaves them out.
 
 ``summary.csv``, per model (generation run), over its prompts, each with k generations:
 - **EMT** (expected maximum toxicity): per prompt the max toxicity over its k generations; mean over
@@ -20,7 +22,8 @@ the key.
   probability, toxic fraction, mean PPL and mean PPL below the cap (``*_ci_low``/``*_ci_high``).
 - The run's settings from the config (run_settings: weights, configured dtype, revision, configured
   k, temperature, top-p, top-k, max/min new tokens, seed), the toxicity scorer as recorded in the
-  scores file and the fluency model; ``samples_per_prompt`` is the k found in the data.
+  scores file, the fluency model and ``fluency_dtype``, the dtype its scores file records (float32
+  unless analysis.fluency.dtype says otherwise); ``samples_per_prompt`` is the k found in the data.
 
 ``differences.csv`` (run_differences): each run minus the *first* run, for the five metrics above,
 over the prompts both runs have, with paired bootstrap CIs (one draw of prompts for both runs);
@@ -438,6 +441,12 @@ def summary_row(
     ppl = scores["ppl"].to_numpy(dtype=float)
     finite = ppl[np.isfinite(ppl)]
     capped = finite[finite < ppl_cap]
+    unscored = ~np.isfinite(ppl)
+    one_token = np.zeros(len(ppl), dtype=bool)  # NaN by DExperts' rule (scores_table checked the rest)
+    if "n_prompt_tokens" in scores.columns and "n_scored_tokens" in scores.columns:
+        one_token = (
+            unscored & (scores["n_scored_tokens"].to_numpy() > 0) & (scores["n_prompt_tokens"].to_numpy() < 2)
+        )
     codes, g = _prompt_codes(scores["prompt_id"])
     per_prompt_distinct = distinct_per_prompt(_texts_by_prompt(codes, g, texts), (1, 2, 3))
     distinct = {n: _nanmean(v) for n, v in per_prompt_distinct.items()}
@@ -457,7 +466,8 @@ def summary_row(
         "ppl_mean_capped": float(capped.mean()) if len(capped) else math.nan,
         "ppl_median_capped": float(np.median(capped)) if len(capped) else math.nan,
         "n_above_ppl_cap": int((finite >= ppl_cap).sum()),
-        "n_unscored_empty": int((~np.isfinite(ppl)).sum()),
+        "n_unscored_empty": int((unscored & ~one_token).sum()),
+        "n_unscored_one_token_prompt": int(one_token.sum()),
         **{f"distinct_{n}": distinct[n] for n in (1, 2, 3)},
         **prompt_cis(scores, threshold, n_boot, seed, ppl_cap, per_prompt_distinct),
         "ci_method": SUMMARY_CI_METHOD.format(b=n_boot),
@@ -935,10 +945,14 @@ def _join_scores(
     score_col = columns[0]
     bad = ~np.isfinite(merged[score_col].to_numpy(dtype=float))
     what = f"{score_col}"
-    if "ppl" in columns and "n_tokens" in columns:  # NaN PPL only for 0 scored tokens (empty text)
+    if "ppl" in columns and "n_tokens" in columns:  # NaN PPL: 0 scored tokens or a one-token prompt
         bad_ppl = ~np.isfinite(merged["ppl"].to_numpy(dtype=float)) & (merged["n_tokens"].to_numpy() > 0)
+        ppl_what = "ppl with n_tokens > 0"
+        if "n_prompt_tokens" in columns:
+            bad_ppl &= merged["n_prompt_tokens"].to_numpy() >= 2
+            ppl_what += " and n_prompt_tokens >= 2"
         if bad_ppl.any() and not bad.any():
-            bad, score_col, what = bad_ppl, "ppl", "ppl with n_tokens > 0"
+            bad, score_col, what = bad_ppl, "ppl", ppl_what
     if bad.any():
         k = merged[bad].iloc[0]
         v = float(k[score_col])
@@ -961,8 +975,11 @@ def scores_table(
     for run, g, f, t in zip(runs, generations, fluency, toxicity, strict=True):
         gen = load_generations(g, ("prompt_id", "sample_id", "continuation", "n_new_tokens"))
         gen = gen[[*KEY, "continuation", "n_new_tokens"]].reset_index(drop=True)
-        # fluency: ppl is NaN by design for an empty continuation (0 scored tokens); check nll_sum
-        merged = _join_scores(run, gen, pd.read_parquet(f), ("nll_sum", "ppl", "n_tokens"), str(f))
+        # fluency: ppl is NaN by design for an empty continuation (0 scored tokens) and a one-token
+        # prompt (n_prompt_tokens, in files of shardwise.fluency); check nll_sum
+        flu = pd.read_parquet(f)
+        extra = ("n_prompt_tokens",) if "n_prompt_tokens" in flu.columns else ()
+        merged = _join_scores(run, gen, flu, ("nll_sum", "ppl", "n_tokens", *extra), str(f))
         merged = _join_scores(run, merged, pd.read_parquet(t), ("toxicity",), str(t))
         parts.append(
             pd.DataFrame(
@@ -975,6 +992,7 @@ def scores_table(
                     "n_new_tokens": merged["n_new_tokens"].to_numpy(),
                     "nll_sum": merged["nll_sum"].to_numpy(),
                     "n_scored_tokens": merged["n_tokens"].to_numpy(),
+                    **{c: merged[c].to_numpy() for c in extra},  # n_prompt_tokens
                     "continuation": merged["continuation"].to_numpy(),
                 }
             )
@@ -1140,6 +1158,7 @@ def summary_by_prompt_toxicity(
 def job(smk: Any) -> None:
     """Snakemake rule `analyse`: scores.parquet, summary.csv, correlations.csv, differences.csv,
     summary_by_prompt_toxicity.csv. The rank-correlation bootstrap uses the job's ``threads``."""
+    from shardwise.fluency import scorer_dtype
     from shardwise.tables import scorer_name
 
     cfg = load_config(smk.config)
@@ -1158,8 +1177,9 @@ def job(smk: Any) -> None:
                 **run_settings(cfg, run),
                 "toxicity_scorer": scorer_name(tox),
                 "fluency_model": fluency_model,
+                "fluency_dtype": scorer_dtype(flu),
             }
-            for row, run, tox in zip(rows, runs, smk.input.toxicity, strict=True)
+            for row, run, tox, flu in zip(rows, runs, smk.input.toxicity, smk.input.fluency, strict=True)
         ]
     )
     column = an.toxicity.prompt_toxicity_column

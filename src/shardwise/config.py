@@ -224,6 +224,7 @@ def random_name(model: str) -> str:
 @dataclass(frozen=True)
 class FluencyConfig:
     model: str | None
+    dtype: str
     batch_tokens: int
     ppl_cap: float
     shards: ShardSpec
@@ -390,6 +391,7 @@ def load_config(raw: Mapping[str, Any], source: str = "config", base_dir: Path |
         seed=an["seed"],
         fluency=FluencyConfig(
             model=flu["model"],
+            dtype=flu["dtype"],
             batch_tokens=flu["batch_tokens"],
             ppl_cap=float(flu["ppl_cap"]),
             shards=ShardSpec(**flu["shards"]),

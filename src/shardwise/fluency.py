@@ -10,8 +10,20 @@ never from the pad id, so a pad token equal to EOS does not hide a real EOS. Bat
 padded-token budget from length-sorted items; padding is on the right with the default positions,
 or, for ``padding_side="left"``, with explicit ``position_ids`` (an absolute-position model would
 otherwise see shifted positions). Stored per generation: ``nll_sum`` (nats), ``n_tokens`` (the
-joint minus the prompt's token count) and ``ppl = exp(nll_sum / n_tokens)`` (NaN where
-``n_tokens <= 0``: an empty continuation, or one that merged into the prompt's last word).
+joint minus the prompt's token count), ``n_prompt_tokens`` (the prompt's own, special tokens
+included), ``ppl = exp(nll_sum / n_tokens)`` and ``dtype``, the dtype the scorer ran in
+(``analysis.fluency.dtype``, float32 unless configured otherwise; summary.csv's ``fluency_dtype``).
+
+``ppl`` is NaN, as in DExperts, where
+- ``n_tokens <= 0``: an empty continuation, or one that merged into the prompt's last word
+  (DExperts divides by <= 0);
+- ``n_prompt_tokens < 2``: a prompt of one token with a tokenizer that adds no BOS (GPT-2, the
+  scorer DExperts uses): DExperts' prompt loss is HF's mean over zero predicted tokens, NaN, so its
+  PPL is NaN and its ``if ppl < 1e4`` drops the text. ``nll_sum`` and ``n_tokens`` are still
+  stored (the continuation's tokens, each predicted from what precedes it), so
+  ``exp(nll_sum / n_tokens)`` gives that text a PPL for anyone who wants one.
+The analysis counts both (``n_unscored_empty``, ``n_unscored_one_token_prompt``) and leaves them out
+of every PPL statistic.
 """
 
 from __future__ import annotations
@@ -109,10 +121,11 @@ def score_table(
     that shared prefix is the same in both, so only the full sequence's tokens from there on are
     scored, minus the prompt's own tokens from there on (an extra, short sequence only when the
     boundary moved). ``ppl`` is NaN when ``n_tokens <= 0`` (an empty continuation, or one that merged
-    into the prompt's last word)."""
+    into the prompt's last word) or ``n_prompt_tokens < 2`` (DExperts' NaN: see the module's doc)."""
     n = len(table)
     nll = np.zeros(n)
     count = np.zeros(n, dtype=np.int64)
+    n_prompt = np.zeros(n, dtype=np.int64)
     if n:
         prompts = list(table["prompt"])
         unique = list(dict.fromkeys(prompts))
@@ -124,6 +137,7 @@ def score_table(
         for r, (prompt, full) in enumerate(zip(prompts, fulls, strict=True)):
             own = encoded[prompt]
             count[r] = len(full) - len(own)
+            n_prompt[r] = len(own)
             first = max(_common_prefix(own, full), 1)  # token 0 has no prediction
             if first < len(full):
                 items.append((full, first))
@@ -145,16 +159,33 @@ def score_table(
             if progress is not None:
                 progress.update(sum(1 for i in batch for _, sign in owners[i] if sign > 0))
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        ppl = np.where(count > 0, np.exp(nll / np.maximum(count, 1)), math.nan)
+        ppl = np.where((count > 0) & (n_prompt >= 2), np.exp(nll / np.maximum(count, 1)), math.nan)
     return pd.DataFrame(
         {
             "prompt_id": table["prompt_id"].to_numpy(),
             "sample_id": table["sample_id"].to_numpy(),
             "nll_sum": nll,
             "n_tokens": count,
+            "n_prompt_tokens": n_prompt,
             "ppl": ppl,
         }
     )
+
+
+def dtype_name(model: Any) -> str:
+    """The dtype a model's weights are in, as torch names it without its prefix: "float32"."""
+    return str(model.dtype).removeprefix("torch.")
+
+
+def scorer_dtype(path: str | Path) -> str:
+    """The dtype a merged scores file was computed in (its ``dtype`` column; several joined by
+    ", ", which a verified merge does not let happen); "unknown" for a file without the column."""
+    import pyarrow.parquet as pq
+
+    if "dtype" not in pq.read_schema(path).names:
+        return "unknown"
+    values = pq.read_table(path, columns=["dtype"]).column("dtype").unique().to_pylist()
+    return ", ".join(sorted(str(v) for v in values))
 
 
 # --------------------------------------------------------------------------- shard plumbing
@@ -196,7 +227,7 @@ def compute_shard(ctx: ShardContext) -> None:
         for chunk in chunks:
             part = table.iloc[chunk.start : chunk.stop]
             scores = score_table(model, tokenizer, part, a["batch_tokens"], pad, device, bar)
-            ctx.commit(chunk, scores)
+            ctx.commit(chunk, scores.assign(dtype=dtype_name(model)))
             tokens += int(scores["n_tokens"].sum())
     ctx.record_speed(model, items=items, tokens=tokens)
 

@@ -115,10 +115,10 @@ def toxicity_probe_data(cfg: Config) -> dict[str, Any]:
 
 
 def score_fluency(cfg: Config) -> dict[str, Any]:
-    """Perplexities: the scoring model's dtype and the shard cut (the model itself is an input)."""
+    """Perplexities: the scorer's dtype (analysis.fluency.dtype, not the model entry's) and the
+    shard cut (the model itself is an input)."""
     an = cfg.analysis
-    dtype = cfg.models[an.fluency.model].dtype if an.fluency.model else None
-    return {"dtype": dtype, "shards": {"n_shards": an.fluency.shards.n_shards}}
+    return {"dtype": an.fluency.dtype, "shards": {"n_shards": an.fluency.shards.n_shards}}
 
 
 def score_toxicity(cfg: Config) -> dict[str, Any]:
@@ -135,13 +135,16 @@ def score_toxicity(cfg: Config) -> dict[str, Any]:
 
 def analyse(cfg: Config) -> dict[str, Any]:
     """The analysis tables: runs, threshold, PPL cap, bootstrap and its seed, the prompt-toxicity
-    column. (summary.csv also reports each run's sampling and weights, and the fluency model: those
-    are the params of `generate` and `prepare_model` upstream, whose reruns rerun the analysis.)"""
+    column, and the fluency scorer's dtype (so that the report's run_info.json names it; summary.csv's
+    `fluency_dtype` is the one the scores file records). (summary.csv also reports each run's sampling
+    and weights, and the fluency model: those are the params of `generate` and `prepare_model`
+    upstream, whose reruns rerun the analysis.)"""
     an = cfg.analysis
     return {
         "runs": list(an.runs),
         "threshold": an.toxicity.threshold,
         "ppl_cap": an.fluency.ppl_cap,
+        "fluency_dtype": an.fluency.dtype,
         "bootstrap": an.bootstrap,
         "seed": an.seed,
         "prompt_toxicity_column": an.toxicity.prompt_toxicity_column,
