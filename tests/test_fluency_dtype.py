@@ -166,7 +166,8 @@ def test_the_scorer_runs_in_float32_unless_configured_and_summary_csv_records_it
 
     tox = tmp_path / "tox.parquet"
     flu[["prompt_id", "sample_id"]].assign(toxicity=[0.1, 0.7, 0.2]).to_parquet(tox)
-    out = {k: tmp_path / f"{k}.out" for k in ("scores", "summary", "correlations", "differences")}
+    names = ("scores", "summary", "correlations", "differences", "summary_by_prompt_toxicity")
+    out = {k: tmp_path / f"{k}.out" for k in names}
     smk = SimpleNamespace(
         config=raw,
         input=SimpleNamespace(generations=[str(gen)], fluency=[str(scored)], toxicity=[str(tox)]),

@@ -19,6 +19,7 @@ import yaml
 
 from shardwise import report
 from shardwise.analysis import (
+    SUMMARY_CI_METHOD,
     prompt_toxicity_of,
     summary_by_prompt_toxicity,
     summary_row,
@@ -120,7 +121,8 @@ def test_summary_table_has_n_first_three_digits_and_distinct_intervals_when_pres
             for number in _numbers(cell):
                 if label not in counts and number not in ("0",):
                     assert _significant(number) == 3, (label, cell)
-    assert "[" not in st.loc["distinct-2", "a"]  # no interval in summary.csv: none shown
+    assert "[" in st.loc["distinct-2", "a"]  # summary_row gives distinct-n its interval
+    assert "[" not in report.summary_table(summary.drop(columns=["distinct_2_ci_low"])).loc["distinct-2", "a"]
     with_ci = summary.assign(
         distinct_2_ci_low=summary.distinct_2 - 0.01, distinct_2_ci_high=summary.distinct_2 + 0.02
     )
@@ -151,7 +153,9 @@ def test_interval_method_comes_from_ci_method_then_bootstrap():
 
 def test_bars_draw_each_runs_interval_not_the_std(tmp_path, monkeypatch):
     table = _table(np.random.default_rng(2))
-    summary = _summary(table)
+    summary = _summary(table).drop(
+        columns=[f"distinct_{n}_ci_{e}" for n in (1, 2, 3) for e in ("low", "high")]
+    )
     drawn: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     real = report._interval_lines
 
@@ -391,7 +395,7 @@ def test_analyse_and_report_jobs_write_every_output(tmp_path):
         and "non-toxic prompts" in page
         and "(column prompt_toxicity) is &gt;= 0.5" in page
     )
-    assert "Intervals: 95% percentile bootstrap, 30 resamples of prompts." in page
-    assert "dtype not recorded in summary.csv" in page
+    assert f"Intervals: {SUMMARY_CI_METHOD.format(b=30)}." in page
+    assert "dtype unknown" in page  # the synthetic scores files have no dtype column
     corr = pd.read_csv(a / "tables/correlations.csv", index_col=0)
     assert corr.loc["smollm2", "prompts"] == 20 and corr.loc["smollm2", "k"] == 2
