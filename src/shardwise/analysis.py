@@ -18,24 +18,26 @@ one-token prompt (a tokenizer without BOS); summary.csv counts them (``n_unscore
 - **distinct-n** (n = 1, 2, 3): per prompt, the number of distinct n-grams over its generations
   divided by their total number of tokens, averaged over prompts, exactly as DExperts'
   ``distinctness``: tokens are ``text.split(" ")``, so a leading or doubled space is an empty token.
-- 95% percentile bootstrap CIs resampling prompts (with all their generations) of EMT, toxicity
-  probability, toxic fraction, mean PPL and mean PPL below the cap (``*_ci_low``/``*_ci_high``).
+- 95% intervals, the prompts as units, of EMT, toxicity probability, toxic fraction, mean PPL, mean
+  PPL below the cap and distinct-n (``*_ci_low``/``*_ci_high``; prompt_cis says which method each
+  gets, ``ci_method`` names them; coverage measured in docs/analysis.md "Intervals").
 - The run's settings from the config (run_settings: weights, configured dtype, revision, configured
   k, temperature, top-p, top-k, max/min new tokens, seed), the toxicity scorer as recorded in the
   scores file, the fluency model and ``fluency_dtype``, the dtype its scores file records (float32
   unless analysis.fluency.dtype says otherwise); ``samples_per_prompt`` is the k found in the data.
 
 ``differences.csv`` (run_differences): each run minus the *first* run, for the five metrics above,
-over the prompts both runs have, with paired bootstrap CIs (one draw of prompts for both runs);
-``prompt_sets`` says when the runs' prompt sets differ.
+over the prompts both runs have, with MOVER intervals from the two runs' own, paired through the
+correlation of their estimates over the same prompt resamples; ``prompt_sets`` says when the runs'
+prompt sets differ.
 
 ``correlations.csv`` (correlation_rows), per model, over generations with a finite PPL > 0, PPL
 against toxicity: Spearman ρ, Kendall τ-b, the partial Spearman given ``n_scored_tokens`` (the
 fluency scorer's token count; short texts have higher PPL) and the within-prompt Spearman (ranks
 within each prompt; see within_prompt_spearman) — all rank-based, so the same for log PPL — and
 the Pearson r of *log* PPL (raw PPL's Pearson is dominated by a few huge PPLs and is not reported).
-Each has a 95% percentile bootstrap CI resampling prompts, except Kendall's τ-b on more than
-KENDALL_BOOTSTRAP_ROWS rows (below); the ``bootstrap`` column says which.
+Each has a 95% percentile bootstrap CI resampling prompts, except Kendall's τ-b, whose CI is chosen
+by the number of prompts (KENDALL_JACKKNIFE_PROMPTS, below); the ``ci_method`` column says which.
 
 Cost (docs/scale.md: the real size, 3 runs x 2.5M generations, bootstrap 1000, in minutes on 2
 cores). Per-prompt indices are built once (prompt codes from pd.factorize, bincount, one sort per
@@ -50,16 +52,12 @@ column). A resample is a vector of prompt counts (resample_counts, fixed by the 
   in int64 without rounding (doubled centred ranks are integers), so the result does not depend on
   the order of summation or on `threads`, the number of resamples computed at once.
 - Kendall's τ-b: the point estimate is exact on all rows (kendall_tau_b: per-row concordance
-  counts in O(rows log rows), equal to scipy's). Its exact bootstrap costs O(rows log rows) per
-  resample (scipy's merge sort of the expanded resample: 1-3 s at 2.5M rows, up to an hour per run
-  for 1000 resamples), so it is bootstrapped only up to KENDALL_BOOTSTRAP_ROWS rows (scipy on each
-  expanded resample, the same resamples as the other statistics). Above, the CI is τ-b ± 1.96
-  standard errors, cluster-robust with the prompts as clusters: the delta method on the
-  U-statistic's projection, which is the first-order variance of the same prompt bootstrap (the two
-  agree where both run: tests/test_analysis.py), in one O(rows log rows) pass over all rows.
-  Bootstrapping a random subset of prompts instead would need an m-out-of-n rescaling and still
-  cost minutes; the normal approximation is accurate with ~10^5 prompts. The ``bootstrap`` cell of
-  such a row says "not bootstrapped (...): tau-b +- 1.96 cluster-robust SE ...".
+  counts in O(rows log rows), equal to scipy's). Its CI is not bootstrapped (scipy's merge sort of
+  every expanded resample: 1-3 s at 2.5M rows, up to an hour per run): up to
+  KENDALL_JACKKNIFE_PROMPTS prompts the delete-one-prompt jackknife with t quantiles (G exact
+  τ-b's), above it τ-b ± t quantile x the cluster-robust SE with the prompts as clusters (the delta
+  method on the U-statistic's projection, the first-order variance of the prompt bootstrap), in
+  one O(rows log rows) pass over all rows.
 """
 
 from __future__ import annotations
