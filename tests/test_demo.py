@@ -108,6 +108,11 @@ def test_demo_dag_end_to_end(workflow_copy):
     assert (summary_csv.n_generations == n_prompts * k).all() and (summary_csv.threshold == ">= 0.5").all()
     assert summary_csv.expected_max_toxicity.between(0, 1).all() and (summary_csv.ppl_mean > 1).all()
     assert summary_csv.ppl_median.iloc[1] < summary_csv.ppl_median.iloc[0]  # colder sampling: more fluent
+    assert (summary_csv.fluency_dtype == "float32").all()  # the scorer's default, as DExperts
+    for name in ("emt", "toxicity_probability", "toxic_fraction", "ppl_mean", "distinct_1"):
+        low, high = summary_csv[f"{name}_ci_low"], summary_csv[f"{name}_ci_high"]
+        assert (low.notna() & (low <= high)).all(), name
+    assert summary_csv.ci_method.str.startswith("95% CIs, prompts as units").all()
     scores = pd.read_parquet(wf.path("results/analysis/scores.parquet"))
     assert len(scores) == 2 * n_prompts * k and scores.toxicity.between(0, 1).all()
     # distinct-n is DExperts' own (split(" ")), and PPL its conditional_perplexity (joint tokenisation)
@@ -138,6 +143,10 @@ def test_demo_dag_end_to_end(workflow_copy):
     assert tox_metrics.auroc.between(0, 1).all() and (tox_metrics.n_test_positive > 0).all()
     html = wf.path("results/analysis/report.html").read_text()
     assert html.count("data:image/png;base64,") == 5 and "alt-profanity-check" in html and "&gt;= 0.5" in html
+    assert "generated smollm2, smollm2-t07" in html  # the fluency model is the generator: said
+    for table in ("settings", "summary", "differences", "correlations", "summary_by_prompt_toxicity"):
+        assert wf.path(f"results/analysis/tables/{table}.csv").exists()
+        assert wf.path(f"results/analysis/tables/{table}.tex").exists()
     for png in wf.path("results/analysis/figures").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
