@@ -118,7 +118,7 @@ def one(scale: float, n_boot: int, threads: int) -> dict:
         "rss_peak_mib": peak_rss_mib(),
         "stages": stages,
         "load": [load, os.getloadavg()[0]],
-        "kendall_ci": kendall.bootstrap,
+        "kendall_ci": kendall.ci_method,
         "spearman_run0": ci(corr.value.iloc[0], corr.ci_low.iloc[0], corr.ci_high.iloc[0]),
         "emt_run0": ci(s0["expected_max_toxicity"], s0["emt_ci_low"], s0["emt_ci_high"]),
         "emt_run1_minus_run0": ci(d0.difference, d0.ci_low, d0.ci_high),
