@@ -18,8 +18,11 @@ from shardwise.config import load_config
 from shardwise.errors import InputError
 from shardwise.models import load_model
 from shardwise.probes import (
+    AUROC_CI_METHOD,
     auroc_bootstrap,
     auroc_columns,
+    auroc_interval,
+    auroc_leave_one_group_out,
     check_split,
     control_labels,
     f1_threshold,
@@ -416,6 +419,16 @@ def test_metrics_have_the_contract_columns_without_a_control_task():
     assert table[table.layer == 2].auroc.min() > 0.8
     assert (table.auroc_ci_low <= table.auroc).all() and (table.auroc <= table.auroc_ci_high).all()
     assert (table.auroc_ci_high - table.auroc_ci_low).between(0.001, 0.3).all()
+    assert (table.auroc_ci_method == AUROC_CI_METHOD).all()
+    assert (table.n_test_groups == (split == 2).sum()).all()
+    # with groups (pairs of rows here) only the interval and its group count change
+    pairs = np.arange(len(y)) // 2
+    grouped = metrics_table(scores(x, probe).numpy(), y, split, [0, 1, 2], list("abcd"), False, groups=pairs)
+    assert (grouped.n_test_groups == len(np.unique(pairs[split == 2]))).all()
+    pd.testing.assert_frame_equal(
+        grouped.drop(columns=["auroc_ci_low", "auroc_ci_high", "n_test_groups"]),
+        table.drop(columns=["auroc_ci_low", "auroc_ci_high", "n_test_groups"]),
+    )
 
 
 def test_auroc_bootstrap_is_sklearns_auroc_of_each_resample_ties_included():
@@ -428,6 +441,87 @@ def test_auroc_bootstrap_is_sklearns_auroc_of_each_resample_ties_included():
     draws = np.random.default_rng(7).integers(0, 60, size=(50, 60))
     ref = [roc_auc_score(y[d], p[d]) if 0 < y[d].sum() < 60 else np.nan for d in draws]
     np.testing.assert_allclose(boot, ref, rtol=0, atol=1e-12)
+
+
+def test_group_bootstrap_is_sklearns_auroc_of_each_resample_of_whole_groups():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    sizes = np.r_[1, 1, 2, 40, rng.integers(1, 12, size=20)]  # tiny and one huge group
+    groups = np.repeat([f"g{i}" for i in range(len(sizes))], sizes)
+    y = (rng.random(len(groups)) < 0.35).astype(np.int64)
+    p = np.round(rng.random(len(groups)) + 0.3 * y, 1)  # ties
+    boot = auroc_bootstrap(y, p, n_boot=70, seed=3, groups=groups)
+    names = np.unique(groups)
+    draws = np.random.default_rng(3).integers(0, len(names), size=(70, len(names)))
+    for b, draw in enumerate(draws):
+        rows = np.concatenate([np.flatnonzero(groups == names[g]) for g in draw])
+        ref = roc_auc_score(y[rows], p[rows]) if 0 < y[rows].sum() < len(rows) else np.nan
+        np.testing.assert_allclose(boot[b], ref, rtol=0, atol=1e-12)
+    # every row its own group: the row bootstrap, draw for draw
+    rows = auroc_bootstrap(y, p, 70, 3, np.arange(len(y)))
+    np.testing.assert_array_equal(rows, auroc_bootstrap(y, p, 70, 3))
+
+
+def test_leave_one_group_out_auroc_is_the_auroc_without_that_group():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(6)
+    sizes = np.r_[1, 3, 60, rng.integers(1, 9, size=30)]
+    groups = np.repeat(np.arange(len(sizes))[::-1], sizes)  # group ids not in row order
+    y = (rng.random(len(groups)) < 0.4).astype(np.int64)
+    y[groups == 0] = 1  # a group of one class only
+    p = np.round(rng.normal(size=len(groups)) + y, 1)  # ties within and across groups
+    jack = auroc_leave_one_group_out(y, p, groups)
+    for g in np.unique(groups):
+        keep = groups != g
+        np.testing.assert_allclose(jack[g], roc_auc_score(y[keep], p[keep]), rtol=0, atol=1e-12)
+    only = np.array([0, 0, 1, 1])  # dropping the one positive group leaves one class: NaN
+    assert np.isnan(auroc_leave_one_group_out(np.array([0, 0, 1, 1]), np.arange(4.0), only)).all()
+
+
+def clustered(n_groups: int, per_group: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows correlated within their group, as a prompt's generations are: each group has its own
+    share of positives (logit u_g - 0.3), score shift (u_g) and signal strength (1 + v_g);
+    score = (1 + v_g) y + u_g + e, with u, v, e standard normal."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(n_groups), per_group)
+    u, v = rng.normal(size=(2, n_groups))
+    y = (rng.random(len(groups)) < 1 / (1 + np.exp(0.3 - u[groups]))).astype(np.int64)
+    p = (1 + v[groups]) * y + u[groups] + rng.normal(size=len(groups))
+    return y, p, groups
+
+
+def clustered_auroc() -> float:
+    """The population AUROC of :func:`clustered` (a positive and a negative of independent groups),
+    by Gauss-Hermite quadrature over both groups' u: P(1 + v + u1 + e1 > u2 + e2) given u1, u2 is
+    Phi((1 + u1 - u2) / sqrt(3)), each side weighted by its group's share of its class."""
+    from scipy.stats import norm
+
+    u, w = np.polynomial.hermite_e.hermegauss(80)
+    w = w / w.sum()
+    pos, neg = w / (1 + np.exp(0.3 - u)), w / (1 + np.exp(u - 0.3))
+    pair = norm.cdf((1 + u[:, None] - u[None, :]) / np.sqrt(3))
+    return float(pos @ pair @ neg / (pos.sum() * neg.sum()))
+
+
+def test_clustered_auroc_is_the_population_value():
+    y, p, _ = clustered(200_000, 1, seed=0)  # one row per group: independent rows
+    assert abs(auroc_columns(y, p[:, None])[0] - clustered_auroc()) < 0.003
+
+
+@pytest.mark.parametrize(("n_groups", "per_group"), [(30, 10), (15, 20)])
+def test_auroc_interval_covers_the_true_auroc_with_clustered_rows(n_groups, per_group):
+    """Coverage of the 95 % interval over 400 seeded data sets of correlated rows. Resampling rows
+    (the old auroc_bootstrap percentiles) covered 81.3 % and 67.3 % here: its interval ignores that a
+    group's rows move together. Measured with the group BCa (t-expanded): 94.5 % and 93.0 %."""
+    truth = clustered_auroc()
+    hits = []
+    for seed in range(400):
+        y, p, groups = clustered(n_groups, per_group, seed)
+        low, high = auroc_interval(y, p, groups, n_boot=1000, seed=seed)
+        hits.append(low <= truth <= high)
+    assert np.mean(hits) >= 0.92, np.mean(hits)
 
 
 def test_f1_threshold_is_the_best_cut_on_validation():

@@ -16,8 +16,9 @@ classes across train/val/test.
 Outputs in ``results/probes/<probe set>/<model>/`` (``labelled``: probes.data; ``toxicity``: the
 generations' own toxicity, :func:`toxicity_table`): ``metrics.csv`` (label, layer, auroc, auprc,
 f1, accuracy, balanced_accuracy, precision, recall, n_train, n_test, control_auroc, selectivity,
-n_test_positive, auroc_ci_low, auroc_ci_high, threshold, val_auroc, l2, status, p_value,
-null_auroc_mean, null_auroc_q95: the permutation null of :func:`permutation_null`),
+n_test_positive, auroc_ci_low, auroc_ci_high, auroc_ci_method, n_test_groups: the 95 % interval of
+:func:`auroc_interval`, resampling the test split's groups; threshold, val_auroc, l2, status,
+p_value, null_auroc_mean, null_auroc_q95: the permutation null of :func:`permutation_null`),
 ``probes.safetensors`` (W [L, K, D] and b [L, K] in the raw activation space:
 p = sigmoid(x @ W[l, k] + b[l, k])), ``aggregate_metrics.json`` (per label the layer with the best
 validation AUROC and its test metrics), ``auroc_heatmap.png`` and ``selectivity_by_layer.png``
@@ -320,27 +321,114 @@ def scores(x: Any, probe: Fit) -> Any:
     return torch.sigmoid(torch.matmul(x, probe.W.transpose(1, 2)) + probe.b.unsqueeze(1))
 
 
-def auroc_bootstrap(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """AUROC of n_boot resamples (with replacement) of the items (y, p): [n_boot].
+def auroc_bootstrap(
+    y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0, groups: Any = None
+) -> np.ndarray:
+    """AUROC of n_boot resamples (with replacement) of the groups of items (y, p): [n_boot].
 
-    The scores are ranked once; a resample is a vector of counts per distinct score, so each one
-    costs O(n) (Mann-Whitney with ties counted half) instead of a sort. Resamples with one class
-    only are NaN."""
+    `groups` [n] keeps a group's rows together (as the split does): a resample draws G of the G
+    groups with replacement and takes every row of each draw; None = every row its own group (a
+    row bootstrap, the same draws as before groups existed). The scores are ranked once; a
+    resample is a vector of counts per distinct score, so each one costs O(n + G) (Mann-Whitney
+    with ties counted half) instead of a sort. Resamples with one class only are NaN."""
     values, inverse = np.unique(p, return_inverse=True)
     n_values = len(values)
+    if groups is None:
+        member = np.arange(len(y))
+    else:
+        _, member = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(member.max()) + 1 if len(member) else 0
+    positive = np.asarray(y) == 1
     rng = np.random.default_rng(seed)
     out = np.empty(n_boot)
     for lo in range(0, n_boot, 64):  # blocks of resamples bound the memory: 64 x n counts
         b = min(64, n_boot - lo)
-        draw = rng.integers(0, len(y), size=(b, len(y)))
-        cell = np.arange(b)[:, None] * n_values + inverse[draw]
-        pos = np.bincount(cell[y[draw] == 1], minlength=b * n_values).reshape(b, n_values)
-        neg = np.bincount(cell[y[draw] == 0], minlength=b * n_values).reshape(b, n_values)
+        draw = rng.integers(0, n_groups, size=(b, n_groups))
+        taken = np.bincount((np.arange(b)[:, None] * n_groups + draw).ravel(), minlength=b * n_groups)
+        weight = taken.reshape(b, n_groups)[:, member].astype(float)  # [b, n] copies of each row
+        cell = np.arange(b)[:, None] * n_values + inverse
+        size = b * n_values
+        pos = np.bincount(cell[:, positive].ravel(), weight[:, positive].ravel(), size).reshape(b, n_values)
+        neg = np.bincount(cell[:, ~positive].ravel(), weight[:, ~positive].ravel(), size).reshape(b, n_values)
         below = np.cumsum(neg, 1) - neg
         n_pos, n_neg = pos.sum(1), neg.sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[lo : lo + b] = (pos * (below + 0.5 * neg)).sum(1) / (n_pos * n_neg)
     return out
+
+
+def auroc_leave_one_group_out(y: np.ndarray, p: np.ndarray, groups: Any) -> np.ndarray:
+    """AUROC of the items (y, p) without each group in turn: [G] in the order of np.unique(groups)
+    (NaN where one class is left). O(n log n) for all G together, not G AUROCs: each positive's
+    count of negatives below it (ties half) and each negative's of positives above, summed per
+    group, take away that group's pairs; its pairs within itself, subtracted twice, come back."""
+    y = np.asarray(y) == 1
+    _, member = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(member.max()) + 1
+    values, inverse = np.unique(p, return_inverse=True)
+    pos_at = np.bincount(inverse[y], minlength=len(values)).astype(float)
+    neg_at = np.bincount(inverse[~y], minlength=len(values)).astype(float)
+    neg_below = np.cumsum(neg_at) - neg_at
+    pos_above = pos_at.sum() - np.cumsum(pos_at)
+    n_pos, n_neg = pos_at.sum(), neg_at.sum()
+    pairs = float((pos_at * (neg_below + 0.5 * neg_at)).sum())
+    below, above = neg_below + 0.5 * neg_at, pos_above + 0.5 * pos_at
+    credit = np.where(y, below[inverse], above[inverse])
+    by_group = np.bincount(member, credit, n_groups)
+    # pairs within a group: cells (group, score value), sorted by group then value
+    cells, cell = np.unique(member * len(values) + inverse, return_inverse=True)
+    cell_pos = np.bincount(cell[y], minlength=len(cells)).astype(float)
+    cell_neg = np.bincount(cell[~y], minlength=len(cells)).astype(float)
+    cell_group = cells // len(values)
+    running = np.cumsum(cell_neg) - cell_neg  # negatives in earlier cells, all groups
+    first = np.searchsorted(cell_group, cell_group)  # each cell's group's first cell
+    within = np.bincount(cell_group, cell_pos * (running - running[first] + 0.5 * cell_neg), n_groups)
+    left_pos = n_pos - np.bincount(member[y], minlength=n_groups)
+    left_neg = n_neg - np.bincount(member[~y], minlength=n_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (pairs - by_group + within) / (left_pos * left_neg)
+    return np.where((left_pos > 0) & (left_neg > 0), out, np.nan)
+
+
+AUROC_CI_METHOD = "group_bca_expanded"
+
+
+def auroc_interval(
+    y: np.ndarray, p: np.ndarray, groups: Any = None, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """A `level` confidence interval for the AUROC of (y, p) whose rows are correlated within their
+    `groups` (None: independent rows, each its own group): BCa over a group bootstrap
+    (:func:`auroc_bootstrap`; bias from the share of resamples below the AUROC, acceleration from
+    the leave-one-group-out jackknife, :func:`auroc_leave_one_group_out`) with the normal quantile
+    z replaced by the t-expanded one, sqrt(G / (G - 1)) t_{G-1} (Hesterberg 2015), G = number of
+    groups. Plain percentiles over groups under-cover with few groups (90 % at 15 x 20 in the
+    simulation of tests/test_probes.py), a row bootstrap far more (67-82 %); this covered 93-95 %
+    there. Resamples with one class are left out. (NaN, NaN) with fewer than 2 groups or no
+    resample with both classes. Cost O(n_boot (n + G) + n log n)."""
+    from scipy.stats import norm, t
+
+    y = np.asarray(y)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    n_groups = len(np.unique(groups))
+    auroc = _auroc(y, p)
+    boot = auroc_bootstrap(y, p, n_boot, seed, groups)
+    boot = boot[np.isfinite(boot)]
+    if n_groups < 2 or not len(boot) or not np.isfinite(auroc):
+        return float("nan"), float("nan")
+    share = (np.sum(boot < auroc) + 0.5 * np.sum(boot == auroc)) / len(boot)
+    z0 = norm.ppf(np.clip(share, 0.5 / len(boot), 1 - 0.5 / len(boot)))
+    jack = auroc_leave_one_group_out(y, p, groups)
+    d = np.nanmean(jack) - jack[np.isfinite(jack)]
+    spread = float((d**2).sum())
+    acceleration = float((d**3).sum()) / (6 * spread**1.5) if spread > 0 else 0.0
+    tails = np.array([(1 - level) / 2, (1 + level) / 2])
+    z = np.sqrt(n_groups / (n_groups - 1)) * t.ppf(tails, n_groups - 1)
+    shifted = z0 + z
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = norm.cdf(z0 + shifted / (1 - acceleration * shifted))
+    alpha = np.where(1 - acceleration * shifted > 0, alpha, tails > 0.5)  # past the pole: the end
+    low, high = np.quantile(boot, np.clip(alpha, 0, 1))
+    return float(low), float(high)
 
 
 def f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -440,10 +528,13 @@ def metrics_table(
     controls: bool = True,
     n_boot: int = 1000,
     seed: int = 0,
+    groups: Any = None,
 ) -> pd.DataFrame:
     """Metrics per (label, layer) on the test split (and the validation AUROC): p [L, N, K'] holds
     the real probes, then (controls) the control-task probes in the same order; y [N, K'] likewise.
-    auroc_ci_low/high: the 2.5/97.5 % percentiles of `n_boot` bootstrap resamples of the test items;
+    auroc_ci_low/high: the 95 % interval of :func:`auroc_interval` over `n_boot` resamples of the
+    test split's `groups` [N] (the split's groups; None = every row its own group), named in
+    auroc_ci_method, with n_test_groups the number of groups it resamples;
     f1, precision, recall, accuracy and balanced_accuracy at `threshold`, the score with the best F1
     on validation (not 0.5: class-balanced probes are not calibrated to the base rate);
     selectivity = auroc - control_auroc (NaN without a control task)."""
@@ -459,13 +550,15 @@ def metrics_table(
     te, va = split == 2, split == 1
     n_train = int((split == 0).sum())
     k = len(labels)
+    test_groups = np.arange(len(split))[te] if groups is None else np.asarray(groups, dtype=str)[te]
+    n_test_groups = len(np.unique(test_groups))
     rows = []
     for j, label in enumerate(labels):
         for i, layer in enumerate(layers):
             threshold = f1_threshold(y[va, j], p[i, va, j])
             pred = p[i, te, j] >= threshold
             auroc = _auroc(y[te, j], p[i, te, j])
-            boot = auroc_bootstrap(y[te, j], p[i, te, j], n_boot, seed)
+            ci_low, ci_high = auroc_interval(y[te, j], p[i, te, j], test_groups, n_boot, seed)
             control = _auroc(y[te, k + j], p[i, te, k + j]) if controls else float("nan")
             rows.append(
                 {
@@ -483,8 +576,10 @@ def metrics_table(
                     "control_auroc": control,
                     "selectivity": auroc - control,
                     "n_test_positive": int(y[te, j].sum()),
-                    "auroc_ci_low": float(np.nanpercentile(boot, 2.5)),
-                    "auroc_ci_high": float(np.nanpercentile(boot, 97.5)),
+                    "auroc_ci_low": ci_low,
+                    "auroc_ci_high": ci_high,
+                    "auroc_ci_method": AUROC_CI_METHOD,
+                    "n_test_groups": n_test_groups,
                     "threshold": threshold,
                     "val_auroc": _auroc(y[va, j], p[i, va, j]),
                 }
@@ -770,7 +865,7 @@ def run(
             nulls.append(null)
             del x
     probe, p, null = _join(fits), np.concatenate(probabilities), np.concatenate(nulls)
-    metrics = metrics_table(p, y_all, split, layers, labels, controls, seed=pr.seed)
+    metrics = metrics_table(p, y_all, split, layers, labels, controls, seed=pr.seed, groups=table["group"])
     metrics["l2"] = [
         float(probe.l2[layers.index(r.layer), labels.index(r.label)]) for r in metrics.itertuples()
     ]
@@ -844,6 +939,8 @@ def run(
         "mean_test_auroc": float(metrics.auroc.mean()),
         "mean_control_auroc": float(metrics.control_auroc.mean()),
         "control_task": "Hewitt & Liang: a random label per control_type" if controls else None,
+        "auroc_ci": f"95 % {AUROC_CI_METHOD}: BCa over bootstrap resamples of the test split's groups, "
+        "t-expanded quantiles (auroc_interval)",
         "permutations": pr.permutations,
         "p_value": "(1 + #{null AUROC >= AUROC}) / (1 + permutations), train and val labels shuffled",
         "n_rows": {s: int((split == i).sum()) for i, s in enumerate(SPLITS)},
