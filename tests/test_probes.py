@@ -212,14 +212,15 @@ def test_vectorised_trainer_matches_scikit_learn_per_probe():
 
 def test_without_early_stopping_the_trainer_converges_to_scikit_learns_weights():
     """Early stopping keeps a probe's best-validation iterate; without it, every probe of the batch
-    must reach the same optimum as scikit-learn's L-BFGS on its own (same objective)."""
+    must reach the same optimum as scikit-learn's L-BFGS on its own (same objective). Weights within
+    1 % need a tighter gap than the default `tolerance` certifies (the objective within 0.2 %)."""
     from sklearn.linear_model import LogisticRegression
 
     x, y = planted()
     split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)
     tr = split == 0
     for l2 in (1e-2, 1.0):
-        probe = fit(x, y, split, [l2], patience=None)
+        probe = fit(x, y, split, [l2], patience=None, tolerance=1e-9)
         for i in range(x.shape[0]):
             mean, std = x[i, tr].mean(0), x[i, tr].std(0)
             z = ((x[i] - mean) / std).numpy()
@@ -278,6 +279,45 @@ def test_the_solver_reaches_scikit_learns_objective_at_real_widths(dim):
                 ours = _objective(z, y[tr, j], w, float(probe.b[i, j] + probe.W[i, j] @ mean), l2)
                 assert ref < 0.69 and np.abs(w).max() > 0  # not the W = 0 of a stalled solver
                 assert ours <= ref * 1.01, (dim, l2, i, j, ours, ref)
+
+
+def separable(dim: int, n: int = 200, k: int = 2, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """N < D rows (linearly separable) with three dominant directions shared by every feature, as
+    real residual streams have, and each label in a weak random direction."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, k)) < 0.4).astype(np.int64)
+    shared = rng.standard_normal((n, 3)) @ (rng.standard_normal((3, dim)) * 10 + 30) / np.sqrt(3)
+    noise, directions = rng.standard_normal((n, dim)), rng.standard_normal((k, dim)) / np.sqrt(dim)
+    x = shared + noise + (2 * y - 1) @ directions * 3
+    return torch.tensor(x[None], dtype=torch.float32), y
+
+
+def test_a_probe_is_converged_only_within_tolerance_of_scikit_learns_objective_on_separable_data():
+    """L2 = 1e-6, 120 training rows x 2048 dims: the old absolute test (every gradient entry below
+    1e-5) said "converged" at 1.114 and 1.078 x scikit-learn's objective, and at L2 = 0 after 33
+    steps. Now `converged` means the gap bound is below tolerance x objective; these two end
+    `stalled` (float32 resolves no further decrease) at 1.009 and 1.006 x, and say so."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = separable(2048)
+    split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.2, seed=0)
+    tr = split == 0
+    l2 = 1e-6
+    probe = fit(x, y, split, [l2], patience=None, max_steps=300)
+    mean, std = x[0, tr].mean(0), x[0, tr].std(0)
+    z = ((x[0] - mean) / std).double().numpy()[tr]
+    names = probe.status_names()[0]
+    for j in range(y.shape[1]):
+        clf = LogisticRegression(class_weight="balanced", C=1.0 / (l2 * tr.sum()), tol=1e-10, max_iter=20000)
+        clf.fit(z, y[tr, j])  # the same objective scaled by 1 / l2
+        ref = _objective(z, y[tr, j], clf.coef_[0], clf.intercept_[0], l2)
+        w = (probe.W[0, j] * std).double().numpy()
+        ours = _objective(z, y[tr, j], w, float(probe.b[0, j] + probe.W[0, j] @ mean), l2)
+        assert names[j] != "converged" or ours <= ref * 1.01, (j, names[j], ours / ref)
+        assert ours <= ref * 1.05, (j, names[j], ours / ref)  # and it gets close, converged or not
+    # without a penalty no minimum exists on separable data: never "converged"
+    unbounded = fit(x, y, split, [0.0], patience=None, max_steps=60)
+    assert "converged" not in set(unbounded.status_names().ravel())
 
 
 def test_a_probe_that_cannot_descend_is_counted_as_stalled():
