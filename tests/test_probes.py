@@ -25,6 +25,7 @@ from shardwise.probes import (
     auroc_leave_one_group_out,
     check_split,
     control_labels,
+    control_task,
     f1_threshold,
     fit,
     group_split,
@@ -368,6 +369,89 @@ def test_type_level_control_measures_selectivity(encode_types):
         assert table.control_auroc.min() > 0.85 and table.selectivity.abs().max() < 0.15
     else:  # the features say nothing of the type: the control is at chance
         assert abs(table.control_auroc.mean() - 0.5) < 0.15 and table.selectivity.min() > 0.3
+
+
+def rare_label(seed: int, n: int = 600, n_types: int = 12, rate: float = 0.1) -> tuple:
+    """A rare label (10 %) and 12 control types over single-row groups (types span the splits)."""
+    rng = np.random.default_rng(seed)
+    types = rng.integers(0, n_types, n).astype(str)
+    y = (rng.random((n, 1)) < rate).astype(np.int64)
+    split = group_split([str(i) for i in range(n)], y, 0.2, 0.2, seed=seed)
+    return y, types, split
+
+
+def test_the_control_of_a_rare_label_has_both_classes_in_every_split():
+    """12 types, a 10 % label: one seeded draw per type left a split with one control class in
+    27 % of seeds (test AUROC, and so selectivity, NaN); the draw is now conditional on both
+    classes in train, val and test."""
+    old_bad = 0
+    for seed in range(100):
+        y, types, split = rare_label(seed)
+        first = control_labels(y, types, seed)  # the unconditional draw
+        old_bad += any(len(np.unique(first[split == s])) < 2 for s in range(3))
+        control, info = control_task(y, types, split, ["rare"], seed, "data.jsonl")
+        assert all(set(np.unique(control[split == s, 0])) == {0, 1} for s in range(3)), seed
+        for t in np.unique(types):  # still one label per type
+            assert len(np.unique(control[types == t])) == 1
+        if all(len(np.unique(first[split == s])) == 2 for s in range(3)):
+            assert np.array_equal(control, first)  # a usable first draw is kept
+        assert info["n_types"] == 12 and info["n_types_train_and_test"] == 12
+        assert info["test_rows_seen_type"] == 1.0
+    assert old_bad >= 15  # the unconditional draw fails often: the check above can fail
+    # one of those seeds through the trainer: selectivity is a number, not NaN
+    y, types, split = rare_label(3)
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(1, len(y), 8)) + y[None] * 0.8, dtype=torch.float32)
+    selectivity = []
+    for control in (control_labels(y, types, 3), control_task(y, types, split, ["rare"], 3, "d")[0]):
+        both = np.concatenate([y, control], axis=1)
+        probe = fit(x, both, split, [1e-2], l2_from=[0, 0])
+        table = metrics_table(scores(x, probe).numpy(), both, split, [0], ["rare"])
+        selectivity.append(table.selectivity.iloc[0])
+    assert np.isnan(selectivity[0]) and np.isfinite(selectivity[1])
+
+
+def test_a_control_whose_types_never_cross_the_split_is_refused(tmp_path):
+    """Types nested in the split's groups (each template's own words): the control cannot be
+    learned (test AUROC ~0.5) and selectivity would be inflated, silently; now one line, before
+    any activation is read."""
+    from shardwise.probes import run
+
+    rng = np.random.default_rng(0)
+    n = 240
+    groups = rng.integers(0, 40, n)
+    table = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "text": [f"text {i}" for i in range(n)],
+            "group": [f"template{g}" for g in groups],
+            "a": (rng.random(n) < 0.5).astype(int),
+            "control_type": [f"word{g}-{rng.integers(0, 3)}" for g in groups],  # within a group
+        }
+    )
+    data = tmp_path / "data.jsonl"
+    table.to_json(data, orient="records", lines=True)
+    pr = load_config({"probes": {"data": str(data), "labels": ["a"]}}).probes
+    y = table[["a"]].to_numpy()
+    split = group_split(table.group.tolist(), y, 0.2, 0.2, seed=0)
+    with pytest.raises(
+        InputError, match=r"data.jsonl: none of the \d+ control types occurs in both the train"
+    ):
+        control_task(y, table.control_type, split, ["a"], 0, f"probes data file {data}")
+    with pytest.raises(
+        InputError, match=r"none of the \d+ control types occurs in both the train and the test"
+    ):
+        run(tmp_path / "absent.h5", pr, tmp_path / "out", "tiny")
+    # types that recur across groups: how many cross, and the share of test rows they cover
+    table["control_type"] = [f"word{i % 7}" if i % 2 else f"own{g}" for i, g in enumerate(groups)]
+    _, info = control_task(y, table.control_type, split, ["a"], 0, "data")
+    te = split == 2
+    train_types = set(table.control_type[split == 0])
+    assert info["n_types_train_and_test"] == len(train_types & set(table.control_type[te]))
+    assert info["test_rows_seen_type"] == pytest.approx(
+        table.control_type[te].isin(train_types).mean(), abs=1e-4
+    )
+    assert 0.4 < info["test_rows_seen_type"] < 0.7
 
 
 def test_fixed_l2_per_column_is_the_grid_fit_at_that_value():

@@ -608,15 +608,80 @@ def metrics_table(
     return pd.DataFrame(rows)
 
 
-def control_labels(y: np.ndarray, types: Sequence[Any], seed: int) -> np.ndarray:
+def control_labels(
+    y: np.ndarray, types: Sequence[Any], seed: int, split: Any = None, tries: int = 1000
+) -> np.ndarray:
     """The control task of Hewitt & Liang (2019): every control type gets one seeded random label
     per label column, drawn with that label's positive rate, and keeps it in train, val and test;
-    only a probe that tells the types apart can solve it. [N, K] 0/1."""
+    only a probe that tells the types apart can solve it. [N, K] 0/1.
+
+    With `split` [N], a column whose control lacks a class in train, val or test is drawn again
+    (seeded by seed, column and try; at most `tries` times), so the draw is the random labelling
+    conditional on both classes in every split; a column that never gets there keeps its last
+    draw, which :func:`control_task` refuses. Columns that have both already keep the first draw."""
     _, inverse = np.unique(np.asarray(types, dtype=str), return_inverse=True)
+    n_types = int(inverse.max()) + 1
     rng = np.random.default_rng([seed, 1])
     rate = y.mean(0)
-    per_type = (rng.random((inverse.max() + 1, y.shape[1])) < rate).astype(y.dtype)
+    per_type = (rng.random((n_types, y.shape[1])) < rate).astype(y.dtype)
+    if split is not None:
+        present = np.zeros((len(SPLITS), n_types), dtype=bool)  # which types each split has
+        present[np.asarray(split), inverse] = True
+
+        def usable(column: np.ndarray) -> bool:
+            return all(0 < column[present[s]].sum() < present[s].sum() for s in range(len(SPLITS)))
+
+        for k in range(y.shape[1]):
+            for attempt in range(1, tries + 1):
+                if usable(per_type[:, k]):
+                    break
+                redraw = np.random.default_rng([seed, 1, k, attempt])
+                per_type[:, k] = redraw.random(n_types) < rate[k]
     return per_type[inverse]
+
+
+def control_task(
+    y: np.ndarray, types: Sequence[Any], split: np.ndarray, labels: Sequence[str], seed: int, where: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The control labels [N, K] (:func:`control_labels`, conditional on both classes in every
+    split) after checking that the control can be learned at all: some control types must occur
+    in both train and test (types nested in the split's groups never do: the control's test AUROC
+    would sit at chance and selectivity would be inflated) - InputError otherwise, and also when a
+    label's control cannot get both classes into train, val and test. Returns the labels and what
+    was checked: n_types, n_types_train_and_test (types in both), test_rows_seen_type (share of
+    test rows whose type is also in train: the rows the control can be learned for)."""
+    types = np.asarray(types, dtype=str)
+    names, inverse = np.unique(types, return_inverse=True)
+    tr, te = split == 0, split == 2
+    in_train = np.zeros(len(names), dtype=bool)
+    in_train[inverse[tr]] = True
+    in_test = np.zeros(len(names), dtype=bool)
+    in_test[inverse[te]] = True
+    crossing = int((in_train & in_test).sum())
+    seen = float(in_train[inverse[te]].mean()) if te.any() else 0.0
+    if crossing == 0:
+        raise InputError(
+            f"{where}: none of the {len(names)} control types occurs in both the train and the test "
+            "split (each lies within the split's groups), so the control task cannot be learned and "
+            "selectivity would be inflated; use a control_type that recurs across groups, or drop it"
+        )
+    tries = 1000
+    control = control_labels(y, types, seed, split, tries)
+    for k, label in enumerate(labels):
+        for s, name in enumerate(SPLITS):
+            classes = np.unique(control[split == s, k])
+            if len(classes) < 2:
+                raise InputError(
+                    f"{where}: the control task of label {label!r} has only class {int(classes[0])} in the "
+                    f"{name} split in {tries} seeded draws ({len(names)} control types, "
+                    f"{int(in_train.sum())} in train); add control types, or drop the control_type column"
+                )
+    info = {
+        "n_types": len(names),
+        "n_types_train_and_test": crossing,
+        "test_rows_seen_type": round(seen, 4),
+    }
+    return control, info
 
 
 def check_split(
@@ -842,8 +907,25 @@ def run(
     check_split(split, y, labels, f"probes data file {pr.data}")
     k = len(labels)
     controls = "control_type" in table.columns
+    control_info: dict[str, Any] | None = None
     if controls:  # the control task's probes train in the same batch, each with its probe's L2
-        y_all = np.concatenate([y, control_labels(y, table["control_type"].tolist(), pr.seed)], axis=1)
+        where = f"probes data file {pr.data}"
+        control, control_info = control_task(y, table["control_type"], split, labels, pr.seed, where)
+        log.info(
+            "control task: %d of %d control types occur in train and test (%.0f %% of test rows have "
+            "a type seen in train)",
+            control_info["n_types_train_and_test"],
+            control_info["n_types"],
+            100 * control_info["test_rows_seen_type"],
+        )
+        if control_info["test_rows_seen_type"] < 0.5:
+            log.warning(
+                "%s: only %.0f %% of test rows have a control type seen in train; the others pull the "
+                "control AUROC towards 0.5 and selectivity up",
+                where,
+                100 * control_info["test_rows_seen_type"],
+            )
+        y_all = np.concatenate([y, control], axis=1)
         l2_from = [*range(k), *range(k)]
     else:
         log.info("%s has no control_type column: no control task, selectivity is NaN", pr.data)
@@ -959,7 +1041,13 @@ def run(
         "labels": best,
         "mean_test_auroc": float(metrics.auroc.mean()),
         "mean_control_auroc": float(metrics.control_auroc.mean()),
-        "control_task": "Hewitt & Liang: a random label per control_type" if controls else None,
+        "control_task": (
+            "Hewitt & Liang: a random label per control_type, drawn (seeded) until train, val and "
+            "test each have both classes"
+            if controls
+            else None
+        ),
+        "control_types": control_info,
         "auroc_ci": f"95 % {AUROC_CI_METHOD}: BCa over bootstrap resamples of the test split's groups, "
         "t-expanded quantiles (auroc_interval)",
         "permutations": pr.permutations,
