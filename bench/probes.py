@@ -12,7 +12,8 @@ each with the same L2 strength (--l2) on standardised features and the class-bal
 `--data factor` gives every feature one shared dominant direction (as real residual streams have
 massive activations) with the labels in weak directions: the case where a solver tuned at small D
 stalls at W = 0. Prints wall time and mean test AUROC of each, the speed-ups, and the gap between
-fit()'s objective without early stopping and scikit-learn's on the same probes. --sample N times the loop and
+fit()'s objective without early stopping and scikit-learn's on the same probes, and the cost of one
+probe's AUROC interval (auroc_interval over groups of --group-size rows). --sample N times the loop and
 scikit-learn on N probes and extrapolates to all (said so in the output). Numbers measured so far:
 docs/performance.md.
 """
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--l2", type=float, default=1e-2)
     ap.add_argument("--sample", type=int, default=0, help="time loop/sklearn on this many probes (0 = all)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--group-size", type=int, default=4, help="rows per group for the AUROC CI timing")
     a = ap.parse_args()
 
     import torch
@@ -134,6 +136,16 @@ def main() -> None:
     vec_sample = np.mean([auroc(p[i, :, j], i, j) for i, j in sample])
     print(f"  speed-up    {loop_s / vec_s:10.1f}x over the loop, {sk_s / vec_s:.1f}x over sklearn")
     print(f"  AUROC gap   {abs(vec_sample - np.mean(sk_auc)):.4f} vs sklearn on the timed probes")
+    from shardwise.probes import AUROC_CI_METHOD, auroc_interval
+
+    groups = np.arange(a.rows) // a.group_size  # rows of a group stay together, as a prompt's samples
+    started = time.perf_counter()
+    auroc_interval(y[te, 0], p[-1, te, 0], groups[te], n_boot=1000)
+    ci_s = time.perf_counter() - started
+    print(
+        f"  AUROC CI    {ci_s:10.3f} s per probe ({AUROC_CI_METHOD}, 1,000 resamples of "
+        f"{len(np.unique(groups[te]))} groups, {te.sum()} test rows); {ci_s * n_probes:.1f} s for all probes"
+    )
     full = fit(x, y, split, [a.l2], patience=None, max_steps=500)  # the L2 optimum, as sklearn's
     gaps = []
     for (i, j), (z, ref) in sk_fits.items():

@@ -16,8 +16,9 @@ classes across train/val/test.
 Outputs in ``results/probes/<probe set>/<model>/`` (``labelled``: probes.data; ``toxicity``: the
 generations' own toxicity, :func:`toxicity_table`): ``metrics.csv`` (label, layer, auroc, auprc,
 f1, accuracy, balanced_accuracy, precision, recall, n_train, n_test, control_auroc, selectivity,
-n_test_positive, auroc_ci_low, auroc_ci_high, threshold, val_auroc, l2, status, p_value,
-null_auroc_mean, null_auroc_q95: the permutation null of :func:`permutation_null`),
+n_test_positive, auroc_ci_low, auroc_ci_high, auroc_ci_method, n_test_groups: the 95 % interval of
+:func:`auroc_interval`, resampling the test split's groups; threshold, val_auroc, l2, status,
+p_value, null_auroc_mean, null_auroc_q95: the permutation null of :func:`permutation_null`),
 ``probes.safetensors`` (W [L, K, D] and b [L, K] in the raw activation space:
 p = sigmoid(x @ W[l, k] + b[l, k])), ``aggregate_metrics.json`` (per label the layer with the best
 validation AUROC and its test metrics), ``auroc_heatmap.png`` and ``selectivity_by_layer.png``
@@ -46,7 +47,7 @@ from shardwise.tables import load_labelled
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-# how each probe's optimisation ended (Fit.status, metrics.csv `status`)
+# how each probe's optimisation ended (Fit.status, metrics.csv `status`; fit() says when each applies)
 CONVERGED, EARLY_STOP, STEP_LIMIT, STALLED = 1, 2, 3, 4
 STATUS = {CONVERGED: "converged", EARLY_STOP: "early_stop", STEP_LIMIT: "step_limit", STALLED: "stalled"}
 
@@ -137,6 +138,21 @@ class _Objective:
         residual = self.c * (logits.sigmoid() - self.y)
         return self.z.transpose(1, 2).bmm(residual) + self.lam * theta
 
+    def gap(self, logits: Any, g: Any) -> Any:
+        """[L, P] how far each probe's loss is above its minimum, at most (the weights) or about
+        (the bias): ||g_w||^2 / (2 lam), which bounds it over the weights at this bias (the loss is
+        lam-strongly convex in them; it is the duality gap when the bias is optimal), plus
+        g_b^2 / (2 h_b), h_b the loss's curvature along the bias here (a Newton estimate). inf when
+        lam = 0: without a penalty nothing bounds it (on separable data no minimum exists)."""
+        import torch
+
+        lam = self.lam[..., 0, :]  # the weights' strength (the last row, the bias, is 0)
+        weights = (g[:, :-1] ** 2).sum(1)
+        p = logits.sigmoid()
+        curvature = (self.c * p * (1 - p)).sum(1)
+        bias = g[:, -1] ** 2 / (2 * curvature.clamp_min(1e-30))
+        return torch.where(lam > 0, weights / (2 * lam.clamp_min(1e-30)), torch.inf) + bias
+
 
 def _two_loop(g: Any, history: list[tuple[Any, Any, Any]], h0: Any) -> Any:
     """L-BFGS search direction -H g for every probe at once (dot products along dim 1), from the
@@ -165,7 +181,7 @@ def fit(
     l2_grid: Sequence[float],
     max_steps: int = 200,
     patience: int | None = 10,
-    tolerance: float = 1e-5,
+    tolerance: float = 2e-3,
     memory: int = 10,
     backtracking: int = 50,
     l2_from: Sequence[int] | None = None,
@@ -181,11 +197,15 @@ def fit(
     dominant directions whose curvature is ~D times the average: a unit Newton-like step there
     overshoots by orders of magnitude); an L-BFGS direction that is not a descent direction, or
     whose line search fails, drops that probe's curvature pairs and restarts it along the scaled
-    gradient. A probe stops as `converged` when its largest gradient entry is below `tolerance` or
-    two steps in a row no longer decrease its loss at float32 precision, as `early_stop` when its
+    gradient. A probe stops as `converged` when its loss is within `tolerance` x itself of its
+    minimum: ||g_w||^2 / (2 L2) bounds that over the weights (the loss is L2-strongly convex in the
+    standardised weights; this is the duality gap when the bias is optimal), and g_b^2 / (2 h_b)
+    estimates it for the bias (h_b the curvature along it; an estimate, not a bound), so the test is
+    relative to the problem and no L2 = 0 probe ever converges. It stops as `early_stop` when its
     validation loss has not improved for `patience` steps (it keeps the weights of its best
-    validation loss; patience None: no early stopping, the weights it converged to), as `stalled`
-    when even a tiny step along the gradient does not descend, and as `step_limit` after
+    validation loss; patience None: no early stopping, the weights it stopped at), as `stalled`
+    when even a tiny step along the gradient does not descend or two steps in a row no longer
+    decrease its loss at float32 precision before the gap test holds, and as `step_limit` after
     `max_steps` (Fit.status). The start is zero, so there is no seed. Per (layer, label) the L2
     strength with the best validation loss is chosen; `l2_from[k]` = j makes label k use label j's
     choice instead (a control task takes its real probe's L2). `l2_columns` [L, K] fixes every
@@ -282,8 +302,10 @@ def fit(
         best = best.where(~better.unsqueeze(1), theta)
         since = torch.where(better, 0.0, since + 1)
         running = status == 0
-        converged = running & ((g.abs().amax(1) <= tolerance) | (flat >= 2))
+        converged = running & (train.gap(logits, g) <= tolerance * f)
         status = torch.where(converged, CONVERGED, status)
+        # float32 no longer resolves a decrease, short of the gap test: stuck, not converged
+        status = torch.where((status == 0) & (flat >= 2), STALLED, status)
         if patience is not None:
             status = torch.where((status == 0) & (since >= patience), EARLY_STOP, status)
         if not bool((status == 0).any()):
@@ -320,27 +342,116 @@ def scores(x: Any, probe: Fit) -> Any:
     return torch.sigmoid(torch.matmul(x, probe.W.transpose(1, 2)) + probe.b.unsqueeze(1))
 
 
-def auroc_bootstrap(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """AUROC of n_boot resamples (with replacement) of the items (y, p): [n_boot].
+def auroc_bootstrap(
+    y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0, groups: Any = None
+) -> np.ndarray:
+    """AUROC of n_boot resamples (with replacement) of the groups of items (y, p): [n_boot].
 
-    The scores are ranked once; a resample is a vector of counts per distinct score, so each one
-    costs O(n) (Mann-Whitney with ties counted half) instead of a sort. Resamples with one class
-    only are NaN."""
+    `groups` [n] keeps a group's rows together (as the split does): a resample draws G of the G
+    groups with replacement and takes every row of each draw; None = every row its own group (a
+    row bootstrap, the same draws as before groups existed). The scores are ranked once; a
+    resample is a vector of counts per distinct score, so each one costs O(n + G) (Mann-Whitney
+    with ties counted half) instead of a sort. Resamples with one class only are NaN."""
     values, inverse = np.unique(p, return_inverse=True)
     n_values = len(values)
+    if groups is None:
+        member = np.arange(len(y))
+    else:
+        _, member = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(member.max()) + 1 if len(member) else 0
+    positive = np.asarray(y) == 1
     rng = np.random.default_rng(seed)
     out = np.empty(n_boot)
     for lo in range(0, n_boot, 64):  # blocks of resamples bound the memory: 64 x n counts
         b = min(64, n_boot - lo)
-        draw = rng.integers(0, len(y), size=(b, len(y)))
-        cell = np.arange(b)[:, None] * n_values + inverse[draw]
-        pos = np.bincount(cell[y[draw] == 1], minlength=b * n_values).reshape(b, n_values)
-        neg = np.bincount(cell[y[draw] == 0], minlength=b * n_values).reshape(b, n_values)
+        draw = rng.integers(0, n_groups, size=(b, n_groups))
+        taken = np.bincount((np.arange(b)[:, None] * n_groups + draw).ravel(), minlength=b * n_groups)
+        weight = taken.reshape(b, n_groups)[:, member].astype(float)  # [b, n] copies of each row
+        cell = np.arange(b)[:, None] * n_values + inverse
+        size = b * n_values
+        pos = np.bincount(cell[:, positive].ravel(), weight[:, positive].ravel(), size).reshape(b, n_values)
+        neg = np.bincount(cell[:, ~positive].ravel(), weight[:, ~positive].ravel(), size).reshape(b, n_values)
         below = np.cumsum(neg, 1) - neg
         n_pos, n_neg = pos.sum(1), neg.sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[lo : lo + b] = (pos * (below + 0.5 * neg)).sum(1) / (n_pos * n_neg)
     return out
+
+
+def auroc_leave_one_group_out(y: np.ndarray, p: np.ndarray, groups: Any) -> np.ndarray:
+    """AUROC of the items (y, p) without each group in turn: [G] in the order of np.unique(groups)
+    (NaN where one class is left). O(n log n) for all G together, not G AUROCs: each positive's
+    count of negatives below it (ties half) and each negative's of positives above, summed per
+    group, take away that group's pairs; its pairs within itself, subtracted twice, come back."""
+    y = np.asarray(y) == 1
+    _, member = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(member.max()) + 1
+    values, inverse = np.unique(p, return_inverse=True)
+    pos_at = np.bincount(inverse[y], minlength=len(values)).astype(float)
+    neg_at = np.bincount(inverse[~y], minlength=len(values)).astype(float)
+    neg_below = np.cumsum(neg_at) - neg_at
+    pos_above = pos_at.sum() - np.cumsum(pos_at)
+    n_pos, n_neg = pos_at.sum(), neg_at.sum()
+    pairs = float((pos_at * (neg_below + 0.5 * neg_at)).sum())
+    below, above = neg_below + 0.5 * neg_at, pos_above + 0.5 * pos_at
+    credit = np.where(y, below[inverse], above[inverse])
+    by_group = np.bincount(member, credit, n_groups)
+    # pairs within a group: cells (group, score value), sorted by group then value
+    cells, cell = np.unique(member * len(values) + inverse, return_inverse=True)
+    cell_pos = np.bincount(cell[y], minlength=len(cells)).astype(float)
+    cell_neg = np.bincount(cell[~y], minlength=len(cells)).astype(float)
+    cell_group = cells // len(values)
+    running = np.cumsum(cell_neg) - cell_neg  # negatives in earlier cells, all groups
+    first = np.searchsorted(cell_group, cell_group)  # each cell's group's first cell
+    within = np.bincount(cell_group, cell_pos * (running - running[first] + 0.5 * cell_neg), n_groups)
+    left_pos = n_pos - np.bincount(member[y], minlength=n_groups)
+    left_neg = n_neg - np.bincount(member[~y], minlength=n_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (pairs - by_group + within) / (left_pos * left_neg)
+    return np.where((left_pos > 0) & (left_neg > 0), out, np.nan)
+
+
+AUROC_CI_METHOD = "group_bca_expanded"
+
+
+def auroc_interval(
+    y: np.ndarray, p: np.ndarray, groups: Any = None, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """A `level` confidence interval for the AUROC of (y, p) whose rows are correlated within their
+    `groups` (None: independent rows, each its own group): BCa over a group bootstrap
+    (:func:`auroc_bootstrap`; bias from the share of resamples below the AUROC, acceleration from
+    the leave-one-group-out jackknife, :func:`auroc_leave_one_group_out`) with the normal quantile
+    z replaced by the t-expanded one, sqrt(G / (G - 1)) t_{G-1} (Hesterberg 2015), G = number of
+    groups. Plain percentiles over groups under-cover with few groups (88-91 % at 15 groups x 20
+    rows in simulations like that of tests/test_probes.py), a row bootstrap far more (68 % and 82 %
+    at 15 x 20 and 30 x 10 there); this covered 93.0 % and 94.5 % there (docs/analysis.md).
+    Resamples with one class are left out. (NaN, NaN) with fewer than 2 groups or no
+    resample with both classes. Cost O(n_boot (n + G) + n log n)."""
+    from scipy.stats import norm, t
+
+    y = np.asarray(y)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    n_groups = len(np.unique(groups))
+    auroc = _auroc(y, p)
+    boot = auroc_bootstrap(y, p, n_boot, seed, groups)
+    boot = boot[np.isfinite(boot)]
+    if n_groups < 2 or not len(boot) or not np.isfinite(auroc):
+        return float("nan"), float("nan")
+    share = (np.sum(boot < auroc) + 0.5 * np.sum(boot == auroc)) / len(boot)
+    z0 = norm.ppf(np.clip(share, 0.5 / len(boot), 1 - 0.5 / len(boot)))
+    jack = auroc_leave_one_group_out(y, p, groups)
+    jack = jack[np.isfinite(jack)]
+    d = jack.mean() - jack if len(jack) else jack
+    spread = float((d**2).sum())
+    acceleration = float((d**3).sum()) / (6 * spread**1.5) if spread > 0 else 0.0
+    tails = np.array([(1 - level) / 2, (1 + level) / 2])
+    z = np.sqrt(n_groups / (n_groups - 1)) * t.ppf(tails, n_groups - 1)
+    shifted = z0 + z
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = norm.cdf(z0 + shifted / (1 - acceleration * shifted))
+    alpha = np.where(1 - acceleration * shifted > 0, alpha, tails > 0.5)  # past the pole: the end
+    low, high = np.quantile(boot, np.clip(alpha, 0, 1))
+    return float(low), float(high)
 
 
 def f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -440,10 +551,13 @@ def metrics_table(
     controls: bool = True,
     n_boot: int = 1000,
     seed: int = 0,
+    groups: Any = None,
 ) -> pd.DataFrame:
     """Metrics per (label, layer) on the test split (and the validation AUROC): p [L, N, K'] holds
     the real probes, then (controls) the control-task probes in the same order; y [N, K'] likewise.
-    auroc_ci_low/high: the 2.5/97.5 % percentiles of `n_boot` bootstrap resamples of the test items;
+    auroc_ci_low/high: the 95 % interval of :func:`auroc_interval` over `n_boot` resamples of the
+    test split's `groups` [N] (the split's groups; None = every row its own group), named in
+    auroc_ci_method, with n_test_groups the number of groups it resamples;
     f1, precision, recall, accuracy and balanced_accuracy at `threshold`, the score with the best F1
     on validation (not 0.5: class-balanced probes are not calibrated to the base rate);
     selectivity = auroc - control_auroc (NaN without a control task)."""
@@ -459,13 +573,15 @@ def metrics_table(
     te, va = split == 2, split == 1
     n_train = int((split == 0).sum())
     k = len(labels)
+    test_groups = np.arange(len(split))[te] if groups is None else np.asarray(groups, dtype=str)[te]
+    n_test_groups = len(np.unique(test_groups))
     rows = []
     for j, label in enumerate(labels):
         for i, layer in enumerate(layers):
             threshold = f1_threshold(y[va, j], p[i, va, j])
             pred = p[i, te, j] >= threshold
             auroc = _auroc(y[te, j], p[i, te, j])
-            boot = auroc_bootstrap(y[te, j], p[i, te, j], n_boot, seed)
+            ci_low, ci_high = auroc_interval(y[te, j], p[i, te, j], test_groups, n_boot, seed)
             control = _auroc(y[te, k + j], p[i, te, k + j]) if controls else float("nan")
             rows.append(
                 {
@@ -483,8 +599,10 @@ def metrics_table(
                     "control_auroc": control,
                     "selectivity": auroc - control,
                     "n_test_positive": int(y[te, j].sum()),
-                    "auroc_ci_low": float(np.nanpercentile(boot, 2.5)),
-                    "auroc_ci_high": float(np.nanpercentile(boot, 97.5)),
+                    "auroc_ci_low": ci_low,
+                    "auroc_ci_high": ci_high,
+                    "auroc_ci_method": AUROC_CI_METHOD,
+                    "n_test_groups": n_test_groups,
                     "threshold": threshold,
                     "val_auroc": _auroc(y[va, j], p[i, va, j]),
                 }
@@ -492,15 +610,81 @@ def metrics_table(
     return pd.DataFrame(rows)
 
 
-def control_labels(y: np.ndarray, types: Sequence[Any], seed: int) -> np.ndarray:
+def control_labels(
+    y: np.ndarray, types: Sequence[Any], seed: int, split: Any = None, tries: int = 1000
+) -> np.ndarray:
     """The control task of Hewitt & Liang (2019): every control type gets one seeded random label
     per label column, drawn with that label's positive rate, and keeps it in train, val and test;
-    only a probe that tells the types apart can solve it. [N, K] 0/1."""
+    only a probe that tells the types apart can solve it. [N, K] 0/1.
+
+    With `split` [N], a column whose control lacks a class in train, val or test is drawn again
+    (seeded by seed, column and try; at most `tries` times), so the draw is the random labelling
+    conditional on both classes in every split; a column that never gets there keeps its last
+    draw, which :func:`control_task` refuses. Columns that have both already keep the first draw."""
     _, inverse = np.unique(np.asarray(types, dtype=str), return_inverse=True)
+    n_types = int(inverse.max()) + 1
     rng = np.random.default_rng([seed, 1])
     rate = y.mean(0)
-    per_type = (rng.random((inverse.max() + 1, y.shape[1])) < rate).astype(y.dtype)
+    per_type = (rng.random((n_types, y.shape[1])) < rate).astype(y.dtype)
+    if split is not None:
+        present = np.zeros((len(SPLITS), n_types), dtype=bool)  # which types each split has
+        present[np.asarray(split), inverse] = True
+
+        def usable(column: np.ndarray) -> bool:
+            return all(0 < column[present[s]].sum() < present[s].sum() for s in range(len(SPLITS)))
+
+        for k in range(y.shape[1]):
+            for attempt in range(1, tries + 1):
+                if usable(per_type[:, k]):
+                    break
+                redraw = np.random.default_rng([seed, 1, k, attempt])
+                per_type[:, k] = redraw.random(n_types) < rate[k]
     return per_type[inverse]
+
+
+def control_task(
+    y: np.ndarray, types: Sequence[Any], split: np.ndarray, labels: Sequence[str], seed: int, where: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The control labels [N, K] (:func:`control_labels`, conditional on both classes in every
+    split) after checking that the control can be learned at all: some control types must occur
+    in both train and test (types nested in the split's groups never do: the control's test AUROC
+    would sit at chance and selectivity would be inflated) - InputError otherwise, and also when a
+    label's control cannot get both classes into train, val and test. Returns the labels and what
+    was checked: n_types, n_types_train_and_test (types in both), test_rows_seen_type (share of
+    test rows whose type is also in train: the rows the control can be learned for)."""
+    types = np.asarray(types, dtype=str)
+    names, inverse = np.unique(types, return_inverse=True)
+    tr, te = split == 0, split == 2
+    in_train = np.zeros(len(names), dtype=bool)
+    in_train[inverse[tr]] = True
+    in_test = np.zeros(len(names), dtype=bool)
+    in_test[inverse[te]] = True
+    crossing = int((in_train & in_test).sum())
+    seen = float(in_train[inverse[te]].mean()) if te.any() else 0.0
+    if crossing == 0:
+        raise InputError(
+            f"{where}: none of the {len(names)} control types occurs in both the train and the test "
+            "split (as when types are nested in the split's groups), so the control task cannot be "
+            "learned and selectivity would be inflated; use a control_type that recurs across groups, "
+            "or drop the column"
+        )
+    tries = 1000
+    control = control_labels(y, types, seed, split, tries)
+    for k, label in enumerate(labels):
+        for s, name in enumerate(SPLITS):
+            classes = np.unique(control[split == s, k])
+            if len(classes) < 2:
+                raise InputError(
+                    f"{where}: the control task of label {label!r} has only class {int(classes[0])} in the "
+                    f"{name} split in {tries} seeded draws ({len(names)} control types, "
+                    f"{int(in_train.sum())} in train); add control types, or drop the control_type column"
+                )
+    info = {
+        "n_types": len(names),
+        "n_types_train_and_test": crossing,
+        "test_rows_seen_type": round(seen, 4),
+    }
+    return control, info
 
 
 def check_split(
@@ -726,8 +910,25 @@ def run(
     check_split(split, y, labels, f"probes data file {pr.data}")
     k = len(labels)
     controls = "control_type" in table.columns
+    control_info: dict[str, Any] | None = None
     if controls:  # the control task's probes train in the same batch, each with its probe's L2
-        y_all = np.concatenate([y, control_labels(y, table["control_type"].tolist(), pr.seed)], axis=1)
+        where = f"probes data file {pr.data}"
+        control, control_info = control_task(y, table["control_type"], split, labels, pr.seed, where)
+        log.info(
+            "control task: %d of %d control types occur in train and test (%.0f %% of test rows have "
+            "a type seen in train)",
+            control_info["n_types_train_and_test"],
+            control_info["n_types"],
+            100 * control_info["test_rows_seen_type"],
+        )
+        if control_info["test_rows_seen_type"] < 0.5:
+            log.warning(
+                "%s: only %.0f %% of test rows have a control type seen in train; the others pull the "
+                "control AUROC towards 0.5 and selectivity up",
+                where,
+                100 * control_info["test_rows_seen_type"],
+            )
+        y_all = np.concatenate([y, control], axis=1)
         l2_from = [*range(k), *range(k)]
     else:
         log.info("%s has no control_type column: no control task, selectivity is NaN", pr.data)
@@ -770,7 +971,7 @@ def run(
             nulls.append(null)
             del x
     probe, p, null = _join(fits), np.concatenate(probabilities), np.concatenate(nulls)
-    metrics = metrics_table(p, y_all, split, layers, labels, controls, seed=pr.seed)
+    metrics = metrics_table(p, y_all, split, layers, labels, controls, seed=pr.seed, groups=table["group"])
     metrics["l2"] = [
         float(probe.l2[layers.index(r.layer), labels.index(r.label)]) for r in metrics.itertuples()
     ]
@@ -843,7 +1044,15 @@ def run(
         "labels": best,
         "mean_test_auroc": float(metrics.auroc.mean()),
         "mean_control_auroc": float(metrics.control_auroc.mean()),
-        "control_task": "Hewitt & Liang: a random label per control_type" if controls else None,
+        "control_task": (
+            "Hewitt & Liang: a random label per control_type, drawn (seeded) until train, val and "
+            "test each have both classes"
+            if controls
+            else None
+        ),
+        "control_types": control_info,
+        "auroc_ci": f"95 % {AUROC_CI_METHOD}: BCa over bootstrap resamples of the test split's groups, "
+        "t-expanded quantiles (auroc_interval)",
         "permutations": pr.permutations,
         "p_value": "(1 + #{null AUROC >= AUROC}) / (1 + permutations), train and val labels shuffled",
         "n_rows": {s: int((split == i).sum()) for i, s in enumerate(SPLITS)},
