@@ -411,7 +411,7 @@ def test_the_control_of_a_rare_label_has_both_classes_in_every_split():
     assert np.isnan(selectivity[0]) and np.isfinite(selectivity[1])
 
 
-def test_a_control_whose_types_never_cross_the_split_is_refused(tmp_path):
+def test_a_control_whose_types_never_cross_the_split_is_refused(tmp_path, monkeypatch):
     """Types nested in the split's groups (each template's own words): the control cannot be
     learned (test AUROC ~0.5) and selectivity would be inflated, silently; now one line, before
     any activation is read."""
@@ -442,6 +442,20 @@ def test_a_control_whose_types_never_cross_the_split_is_refused(tmp_path):
         InputError, match=r"none of the \d+ control types occurs in both the train and the test"
     ):
         run(tmp_path / "absent.h5", pr, tmp_path / "out", "tiny")
+    # ... and already by `shardwise check` / the DAG's checks, before any activation is computed
+    import shardwise.checks as checks
+    import shardwise.models as models
+
+    monkeypatch.setattr(models, "check_source", lambda spec: None)
+    monkeypatch.setattr(checks, "_check_layers", lambda cfg, name: None)
+    cfg = load_config(
+        {
+            "models": {"tiny": {"source": "local", "path": str(tmp_path)}},
+            "probes": {"data": str(data), "labels": ["a"], "models": ["tiny"]},
+        }
+    )
+    with pytest.raises(InputError, match=r"data.jsonl: none of the \d+ control types occurs in both"):
+        checks.check_inputs(cfg)
     # types that recur across groups: how many cross, and the share of test rows they cover
     table["control_type"] = [f"word{i % 7}" if i % 2 else f"own{g}" for i, g in enumerate(groups)]
     _, info = control_task(y, table.control_type, split, ["a"], 0, "data")

@@ -88,7 +88,7 @@ def check_inputs(cfg: Config) -> dict[str, int]:
             check_source(cfg.models[name])
     pr = cfg.probes
     if pr.models:
-        from shardwise.probes import check_split, group_split
+        from shardwise.probes import check_split, control_task, group_split
         from shardwise.tables import load_labelled
 
         for name in pr.models:
@@ -100,4 +100,8 @@ def check_inputs(cfg: Config) -> dict[str, int]:
         y = table[list(pr.labels)].to_numpy()
         split = group_split(table["group"].tolist(), y, pr.val_fraction, pr.test_fraction, pr.seed)
         check_split(split, y, list(pr.labels), f"probes data file {pr.data}")
+        if "control_type" in table.columns:  # as train_probes will, before any activation is computed
+            control_task(
+                y, table["control_type"], split, list(pr.labels), pr.seed, f"probes data file {pr.data}"
+            )
     return counts
