@@ -1000,7 +1000,7 @@ def test_summary_intervals_cover_the_truth_in_the_demos_regime():
     hits = {m: 0 for m in METRICS[:4]}
     n_sets = 1000
     for i in range(n_sets):
-        ci = prompt_cis(_rare_toxicity(rng, 70, 2), 0.5, 1000, seed=i, ppl_cap=1e4)
+        ci = prompt_cis(_rare_toxicity(rng, 70, 2), 0.5, 500, seed=i, ppl_cap=1e4)
         for m in hits:
             hits[m] += ci[f"{m}_ci_low"] <= truth[m] <= ci[f"{m}_ci_high"]
     coverage = {m: h / n_sets for m, h in hits.items()}
@@ -1027,9 +1027,9 @@ def test_paired_difference_intervals_cover_the_truth_in_the_demos_regime():
     truth = dict(zip(METRICS, value["b"] - value["a"], strict=True))
     rng = np.random.default_rng(0)
     hits = {m: 0 for m in METRICS[:4]}
-    n_sets = 600
+    n_sets = 400
     for i in range(n_sets):
-        diff = run_differences(pair(rng, 70), ["a", "b"], 0.5, 1e4, 1000, seed=i).set_index("metric")
+        diff = run_differences(pair(rng, 70), ["a", "b"], 0.5, 1e4, 500, seed=i).set_index("metric")
         for m in hits:
             hits[m] += diff.loc[m, "ci_low"] <= truth[m] <= diff.loc[m, "ci_high"]
     coverage = {m: h / n_sets for m, h in hits.items()}

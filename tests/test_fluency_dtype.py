@@ -20,7 +20,8 @@ from shardwise import settings
 from shardwise.analysis import scores_table, summary_row
 from shardwise.config import load_config
 from shardwise.errors import ConfigError, InputError
-from shardwise.fluency import score_table, scorer_dtype
+from shardwise.fluency import score_table
+from shardwise.tables import scorer_dtype
 
 
 def gpt2_like(seed: int = 0) -> tuple[object, object]:

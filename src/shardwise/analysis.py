@@ -1156,8 +1156,7 @@ def summary_by_prompt_toxicity(
 def job(smk: Any) -> None:
     """Snakemake rule `analyse`: scores.parquet, summary.csv, correlations.csv, differences.csv,
     summary_by_prompt_toxicity.csv. The rank-correlation bootstrap uses the job's ``threads``."""
-    from shardwise.fluency import scorer_dtype
-    from shardwise.tables import scorer_name
+    from shardwise.tables import scorer_dtype, scorer_name
 
     cfg = load_config(smk.config)
     an = cfg.analysis

@@ -177,17 +177,6 @@ def dtype_name(model: Any) -> str:
     return str(model.dtype).removeprefix("torch.")
 
 
-def scorer_dtype(path: str | Path) -> str:
-    """The dtype a merged scores file was computed in (its ``dtype`` column; several joined by
-    ", ", which a verified merge does not let happen); "unknown" for a file without the column."""
-    import pyarrow.parquet as pq
-
-    if "dtype" not in pq.read_schema(path).names:
-        return "unknown"
-    values = pq.read_table(path, columns=["dtype"]).column("dtype").unique().to_pylist()
-    return ", ".join(sorted(str(v) for v in values))
-
-
 # --------------------------------------------------------------------------- shard plumbing
 
 
