@@ -100,15 +100,21 @@ def expanded_percentile(samples: np.ndarray, n: int, level: float = 0.95) -> tup
 
 
 def bca(
-    samples: np.ndarray, estimate: float, jackknife: np.ndarray, level: float = 0.95
+    samples: np.ndarray,
+    estimate: float,
+    jackknife: np.ndarray,
+    level: float = 0.95,
+    expand: int | None = None,
 ) -> tuple[float, float]:
     """The bias-corrected and accelerated interval: the draws' quantiles at Phi(z0 + (z0 + z) /
     (1 - a (z0 + z))), z0 from the share of draws below the estimate (ties count half), the
     acceleration a from the jackknife values (leave one unit out). With draws that all equal the
-    estimate it is the percentile interval."""
+    estimate it is the percentile interval. `expand` = n units: z is Hesterberg's expanded quantile
+    sqrt(n / (n - 1)) t_{n-1} instead of the normal one (wider for few units). Where 1 - a (z0 + z)
+    <= 0 (past the pole of the formula) the limit is the extreme draw on that side."""
     s = _finite(samples)
     jk = _finite(jackknife)
-    if not len(s) or not math.isfinite(estimate):
+    if not len(s) or not math.isfinite(estimate) or (expand is not None and expand < 2):
         return NAN2
     b = len(s)
     share = (np.count_nonzero(s < estimate) + 0.5 * np.count_nonzero(s == estimate)) / b
@@ -116,10 +122,11 @@ def bca(
     u = jk.mean() - jk if len(jk) else np.zeros(1)
     den = 6.0 * float((u**2).sum()) ** 1.5
     a = float((u**3).sum()) / den if den > 0 else 0.0
+    z = _z(level) if expand is None else math.sqrt(expand / (expand - 1)) * t_quantile(expand - 1, level)
     tails = []
-    for z in (-_z(level), _z(level)):
-        arg = z0 + (z0 + z) / (1 - a * (z0 + z))
-        tails.append(100 * NormalDist().cdf(arg))
+    for zz, end in ((-z, 0.0), (z, 100.0)):
+        shifted = z0 + zz
+        tails.append(100 * NormalDist().cdf(z0 + shifted / (1 - a * shifted)) if 1 - a * shifted > 0 else end)
     lo, hi = np.percentile(s, tails)
     return float(lo), float(hi)
 

@@ -427,31 +427,16 @@ def auroc_interval(
     at 15 x 20 and 30 x 10 there); this covered 93.0 % and 94.5 % there (docs/analysis.md).
     Resamples with one class are left out. (NaN, NaN) with fewer than 2 groups or no
     resample with both classes. Cost O(n_boot (n + G) + n log n)."""
-    from scipy.stats import norm, t
+    from shardwise.intervals import bca
 
     y = np.asarray(y)
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     n_groups = len(np.unique(groups))
     auroc = _auroc(y, p)
     boot = auroc_bootstrap(y, p, n_boot, seed, groups)
-    boot = boot[np.isfinite(boot)]
-    if n_groups < 2 or not len(boot) or not np.isfinite(auroc):
+    if n_groups < 2 or not np.isfinite(boot).any() or not np.isfinite(auroc):
         return float("nan"), float("nan")
-    share = (np.sum(boot < auroc) + 0.5 * np.sum(boot == auroc)) / len(boot)
-    z0 = norm.ppf(np.clip(share, 0.5 / len(boot), 1 - 0.5 / len(boot)))
-    jack = auroc_leave_one_group_out(y, p, groups)
-    jack = jack[np.isfinite(jack)]
-    d = jack.mean() - jack if len(jack) else jack
-    spread = float((d**2).sum())
-    acceleration = float((d**3).sum()) / (6 * spread**1.5) if spread > 0 else 0.0
-    tails = np.array([(1 - level) / 2, (1 + level) / 2])
-    z = np.sqrt(n_groups / (n_groups - 1)) * t.ppf(tails, n_groups - 1)
-    shifted = z0 + z
-    with np.errstate(divide="ignore", invalid="ignore"):
-        alpha = norm.cdf(z0 + shifted / (1 - acceleration * shifted))
-    alpha = np.where(1 - acceleration * shifted > 0, alpha, tails > 0.5)  # past the pole: the end
-    low, high = np.quantile(boot, np.clip(alpha, 0, 1))
-    return float(low), float(high)
+    return bca(boot, auroc, auroc_leave_one_group_out(y, p, groups), level, expand=n_groups)
 
 
 def f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
