@@ -380,11 +380,15 @@ def test_summary_cis_contain_the_estimate_and_shrink_with_more_prompts():
             assert row[f"{name}_ci_low"] <= row[point] <= row[f"{name}_ci_high"]
         widths.append(row["emt_ci_high"] - row["emt_ci_low"])
     assert widths[1] < widths[0] / 2
-    # whole prompts: one prompt all toxic, one not -> 4 generations weigh as 4/3 (design effect 3)
+    # whole prompts: one prompt all toxic, one not -> 4 generations weigh as 4/3 (design effect 3),
+    # times Korn-Graubard's (t_3 / t_1)^2 for 2 prompts; one prompt alone: no interval
     two = pd.DataFrame({"prompt_id": ["a"] * 3 + ["b"], "toxicity": [0.9, 0.9, 0.9, 0.0], "ppl": [1.0] * 4})
     ci = prompt_cis(two, 0.5, 2000, 0)
-    assert effective_n([3, 0], [3, 1]) == pytest.approx(4 / 3)
-    lo, hi = wilson(0.75 * 4 / 3, 4 / 3)
+    from scipy.stats import t as t_dist
+
+    n_eff = 4 / 3 * (t_dist.ppf(0.975, 3) / t_dist.ppf(0.975, 1)) ** 2
+    assert effective_n([3, 0], [3, 1]) == pytest.approx(n_eff) and effective_n([3], [4]) == 0
+    lo, hi = wilson(0.75 * n_eff, n_eff)
     assert (ci["toxic_fraction_ci_low"], ci["toxic_fraction_ci_high"]) == pytest.approx((lo, hi))
     assert hi - lo > 0.75 and lo < wilson(3, 4)[0]  # wider than 4 independent generations would give
 
@@ -441,8 +445,8 @@ def test_paired_differences_cover_a_constant_shift_and_are_narrower_than_unpaire
     emt, wide = paired.loc["emt"], unpaired.loc["emt"]
     assert emt.difference == pytest.approx(0.05)
     assert wide.ci_low <= 0.05 <= wide.ci_high and wide.ci_high - wide.ci_low > 0.05
-    # every resample: +0.05; the MOVER interval keeps only the two runs' intervals' asymmetry
-    assert emt.ci_low <= 0.05 <= emt.ci_high and emt.ci_high - emt.ci_low < (wide.ci_high - wide.ci_low) / 10
+    # every prompt: +0.05; only the 4 pseudo-prompts (+1, -1, 0, 0) of the paired bootstrap spread it
+    assert emt.ci_low <= 0.05 <= emt.ci_high and emt.ci_high - emt.ci_low < (wide.ci_high - wide.ci_low) / 4
     frac = paired.loc["toxic_fraction"]
     assert frac.ci_low <= frac.difference <= frac.ci_high
     assert (
@@ -455,8 +459,12 @@ def test_paired_differences_cover_a_constant_shift_and_are_narrower_than_unpaire
     unpaired_width = unpaired.loc["ppl_mean"].ci_high - unpaired.loc["ppl_mean"].ci_low
     assert same.ci_high - same.ci_low < unpaired_width / 5
     assert (paired.prompt_sets == "identical").all() and (paired.n_prompts == 300).all()
-    assert paired.ci_method.iloc[0].startswith("95% MOVER (Newcombe; Zou-Donner) from each run's own 95% CI")
-    assert paired.ci_method.iloc[0].endswith(
+    assert paired.loc["emt", "ci_method"] == (
+        "95% paired expanded-percentile bootstrap of the per-prompt differences of max toxicity, 500 "
+        "resamples of prompts, 4 pseudo-prompts at +1, -1, 0, 0"
+    )
+    assert paired.loc["toxic_fraction", "ci_method"] == (
+        "95% MOVER (Newcombe; Zou-Donner) from each run's own 95% CI (summary.csv's methods), "
         "correlation of the runs' estimates paired over 500 resamples of prompts"
     )
 
@@ -789,9 +797,13 @@ def test_kendall_tau_b_row_scores_and_its_cluster_robust_interval():
     jack = {r["method"]: r for r in correlation_rows("m", t, 50, 0, kendall_jackknife_prompts=300)}
     asym = {r["method"]: r for r in correlation_rows("m", t, 50, 0, kendall_jackknife_prompts=299)}
     jack, asym = jack["kendall_tau_b"], asym["kendall_tau_b"]
-    assert jack["ci_method"] == "95% jackknife-t, delete one prompt of 300, t quantile with 299 df"
+    assert jack["ci_method"] == (
+        "95% jackknife-t, delete one prompt of 300, t quantile with 299 df (effective prompts - 1)"
+    )
     assert asym["value"] == jack["value"] == tau
-    assert asym["ci_method"].startswith("95% tau-b +- t quantile (299 df) x cluster-robust SE")
+    assert asym["ci_method"].startswith(
+        "95% tau-b +- t quantile (299 df, effective prompts - 1) x cluster-robust SE"
+    )
     half = t_dist.ppf(0.975, 299) * se
     assert (asym["ci_low"], asym["ci_high"]) == pytest.approx((tau - half, tau + half))
     width, jack_width = asym["ci_high"] - asym["ci_low"], jack["ci_high"] - jack["ci_low"]
@@ -932,7 +944,7 @@ def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     assert "emt_ci_low" not in page and "Prompt sets: identical." in page
     assert (
         "Intervals: 95% percentile bootstrap, 50 resamples of prompts; Kendall tau-b of a, b: 95% "
-        "jackknife-t, delete one prompt of 40, t quantile with 39 df." in page
+        "jackknife-t, delete one prompt of 40, t quantile with 39 df (effective prompts - 1)." in page
     )
     # above KENDALL_JACKKNIFE_PROMPTS a run's Kendall CI is the delta method's, and the page says so
     delta = pd.DataFrame(
@@ -946,7 +958,8 @@ def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     page = (tmp_path / "r.html").read_text()
     assert (
         "Intervals: 95% percentile bootstrap, 50 resamples of prompts; Kendall tau-b of a, b: 95% tau-b "
-        "+- t quantile (39 df) x cluster-robust SE, prompts as clusters (delta method, 40 prompts)." in page
+        "+- t quantile (39 df, effective prompts - 1) x cluster-robust SE, prompts as clusters (delta "
+        "method, 40 prompts)." in page
     )
 
 
@@ -992,7 +1005,8 @@ def _population_metrics(k, **kw):
 
 def test_summary_intervals_cover_the_truth_in_the_demos_regime():
     """70 prompts x 2 samples, rare toxic texts (the demo's shape): the percentile bootstrap covered
-    EMT, toxicity probability and toxic fraction ~90% (issue 23); the intervals now used cover >= 93%."""
+    EMT 89.8%, toxicity probability and toxic fraction 92.1% (measured); the intervals now used
+    cover >= 93%."""
     from shardwise.analysis import METRICS, prompt_cis
 
     truth = dict(zip(METRICS, _population_metrics(2), strict=True))
@@ -1004,13 +1018,15 @@ def test_summary_intervals_cover_the_truth_in_the_demos_regime():
         for m in hits:
             hits[m] += ci[f"{m}_ci_low"] <= truth[m] <= ci[f"{m}_ci_high"]
     coverage = {m: h / n_sets for m, h in hits.items()}
+    print(coverage)  # pytest -s shows the measured coverage
     assert all(c >= 0.93 for c in coverage.values()), coverage
     assert all(c <= 0.99 for c in coverage.values()), coverage  # not bought by absurd width
 
 
 def test_paired_difference_intervals_cover_the_truth_in_the_demos_regime():
     """Two runs on the same 70 prompts x 2, the second ~1.8x as often toxic: a paired BCa bootstrap
-    covered the differences 88-91% (measured); MOVER from each run's own interval covers >= 93%."""
+    covered the differences 88-91% (measured); the paired intervals now used (docs/analysis.md
+    "Intervals") cover >= 93%."""
     from shardwise.analysis import METRICS, _metrics_of, _prompt_aggregates, run_differences
 
     def pair(rng, n_prompts):
@@ -1033,7 +1049,9 @@ def test_paired_difference_intervals_cover_the_truth_in_the_demos_regime():
         for m in hits:
             hits[m] += diff.loc[m, "ci_low"] <= truth[m] <= diff.loc[m, "ci_high"]
     coverage = {m: h / n_sets for m, h in hits.items()}
+    print(coverage)  # pytest -s shows the measured coverage
     assert all(c >= 0.93 for c in coverage.values()), coverage
+    assert all(c <= 0.99 for c in coverage.values()), coverage  # EMT's is conservative: 98.5%
 
 
 def test_kendall_interval_covers_with_few_large_prompt_clusters():
@@ -1064,3 +1082,70 @@ def test_kendall_interval_covers_with_few_large_prompt_clusters():
         assert row["ci_method"].startswith("95% jackknife-t, delete one prompt of 20")
         hits += row["ci_low"] <= truth <= row["ci_high"]
     assert hits / n_sets >= 0.92, hits / n_sets
+
+
+def test_kendall_interval_is_chosen_by_the_effective_number_of_prompts():
+    """250 prompts, 8 of them with 300 rows and 242 with 2: by the prompt count the cluster-robust
+    normal interval would be used (it covered ~80% in such a design, review of issue 23); by the
+    effective number, rows^2 / sum of squared sizes ~ 9.6, it is the jackknife-t with 8.6 df."""
+    from shardwise.analysis import correlation_rows
+
+    rng = np.random.default_rng(3)
+    sizes = np.r_[np.full(8, 300), np.full(242, 2)]
+    p = np.repeat(np.arange(250), sizes)
+    u = rng.normal(size=250)
+    x = u[p] + rng.normal(size=len(p))
+    y = np.where(rng.random(len(p)) < 0.6, 0.0, 0.5 * u[p] + 0.3 * x + rng.normal(size=len(p)))
+    t = pd.DataFrame({"prompt_id": p, "ppl": np.exp(x), "toxicity": y, "n_scored_tokens": 10})
+    g_eff = sizes.sum() ** 2 / (sizes**2).sum()
+    (row,) = [r for r in correlation_rows("m", t, n_boot=10, seed=0) if r["method"] == "kendall_tau_b"]
+    df = f"{g_eff - 1:.1f}"
+    assert row["ci_method"] == (
+        f"95% jackknife-t, delete one prompt of 250, t quantile with {df} df (effective prompts - 1)"
+    )
+    even = t.assign(prompt_id=np.arange(len(t)) % 250)  # the same rows in 250 near-equal prompts: delta-t
+    (row,) = [r for r in correlation_rows("m", even, n_boot=10, seed=0) if r["method"] == "kendall_tau_b"]
+    assert row["ci_method"].startswith("95% tau-b +- t quantile (248.5 df, effective prompts - 1)")
+
+
+def _texts(rng, n_prompts, k):
+    """k texts per prompt of 3-12 words drawn from the prompt's own small vocabulary (2-40 words):
+    distinct-n differs between prompts, as repetitive and varied prompts do."""
+    vocab = rng.integers(2, 41, n_prompts)
+    lengths = rng.integers(3, 13, (n_prompts, k))
+    return [
+        " ".join(f"w{w}" for w in rng.integers(0, vocab[i], lengths[i, j]))
+        for i in range(n_prompts)
+        for j in range(k)
+    ]
+
+
+def test_capped_ppl_and_distinct_n_intervals_cover_the_truth_in_the_demos_regime():
+    """The BCa intervals of mean PPL below a cap that binds (~20% of texts above it) and of distinct-1/2/3,
+    70 prompts x 2: >= 93% (the truth from 200,000 simulated prompts)."""
+    from shardwise.analysis import _metrics_of, _prompt_aggregates, distinct_per_prompt, summary_row
+
+    cap = 40.0
+    big_rng = np.random.default_rng(4321)
+    n_big = 200_000
+    big = _rare_toxicity(big_rng, n_big, 2)
+    truth = {
+        "ppl_mean_capped": _metrics_of(
+            _prompt_aggregates(big, big.prompt_id.to_numpy(), n_big, 0.5, cap), np.ones((1, n_big))
+        )[0][4]
+    }
+    texts = _texts(big_rng, n_big, 2)
+    per_prompt = distinct_per_prompt([texts[2 * i : 2 * i + 2] for i in range(n_big)], (1, 2, 3))
+    truth |= {f"distinct_{n}": float(np.nanmean(v)) for n, v in per_prompt.items()}
+    rng = np.random.default_rng(0)
+    hits = dict.fromkeys(truth, 0)
+    n_sets = 800
+    for i in range(n_sets):
+        s = _rare_toxicity(rng, 70, 2)
+        row = summary_row("m", s, pd.Series(_texts(rng, 70, 2)), 0.5, cap, n_boot=500, seed=i)
+        for m in hits:
+            hits[m] += row[f"{m}_ci_low"] <= truth[m] <= row[f"{m}_ci_high"]
+    coverage = {m: h / n_sets for m, h in hits.items()}
+    print(coverage)  # pytest -s shows the measured coverage
+    assert all(c >= 0.93 for c in coverage.values()), coverage
+    assert all(c <= 0.99 for c in coverage.values()), coverage

@@ -314,8 +314,10 @@ def test_a_probe_is_converged_only_within_tolerance_of_scikit_learns_objective_o
         ref = _objective(z, y[tr, j], clf.coef_[0], clf.intercept_[0], l2)
         w = (probe.W[0, j] * std).double().numpy()
         ours = _objective(z, y[tr, j], w, float(probe.b[0, j] + probe.W[0, j] @ mean), l2)
-        assert names[j] != "converged" or ours <= ref * 1.01, (j, names[j], ours / ref)
-        assert ours <= ref * 1.05, (j, names[j], ours / ref)  # and it gets close, converged or not
+        # "converged" only within the default relative tolerance (2e-3) of the optimum, float32 aside
+        assert names[j] != "converged" or ours <= ref * (1 + 2e-3) + 1e-6, (j, names[j], ours / ref)
+        assert names[j] in ("converged", "stalled"), (j, names[j])  # not out of steps
+        assert ours <= ref * 1.02, (j, names[j], ours / ref)  # and it gets close (1.009x, 1.006x)
     # without a penalty no minimum exists on separable data: never "converged"
     unbounded = fit(x, y, split, [0.0], patience=None, max_steps=60)
     assert "converged" not in set(unbounded.status_names().ravel())
@@ -651,7 +653,7 @@ def test_clustered_auroc_is_the_population_value():
 @pytest.mark.parametrize(("n_groups", "per_group"), [(30, 10), (15, 20)])
 def test_auroc_interval_covers_the_true_auroc_with_clustered_rows(n_groups, per_group):
     """Coverage of the 95 % interval over 400 seeded data sets of correlated rows. Resampling rows
-    (the old auroc_bootstrap percentiles) covered 81.3 % and 67.3 % here: its interval ignores that a
+    (the old auroc_bootstrap percentiles) covered 81.8 % and 68.0 % here: its interval ignores that a
     group's rows move together. Measured with the group BCa (t-expanded): 94.5 % and 93.0 %."""
     truth = clustered_auroc()
     hits = []

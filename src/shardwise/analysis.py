@@ -228,13 +228,32 @@ PSEUDO_PROMPTS = 2  # z^2 / 2 ~ 1.92, rounded: pseudo-prompts at max toxicity 1 
 SUMMARY_CI_METHOD = (
     "95% CIs, prompts as units: EMT augmented expanded-percentile bootstrap ({b} resamples, "
     f"{PSEUDO_PROMPTS} pseudo-prompts at 0 and at 1); toxicity probability Wilson score; toxic fraction "
-    "Wilson score on the design-effect (Korn-Graubard) n; PPL means and distinct-n BCa bootstrap "
-    "({b} resamples)"
+    "Wilson score on the design-effect (Korn-Graubard) n; PPL means and distinct-n BCa bootstrap with "
+    "expanded quantiles ({b} resamples)"
 )
 DIFFERENCE_CI_METHOD = (
     "95% MOVER (Newcombe; Zou-Donner) from each run's own 95% CI (summary.csv's methods), "
     "correlation of the runs' estimates {r}"
 )
+
+
+EMT_DIFFERENCE_CI_METHOD = (
+    "95% paired expanded-percentile bootstrap of the per-prompt differences of max toxicity, {b} "
+    "resamples of prompts, 4 pseudo-prompts at +1, -1, 0, 0"
+)
+
+
+def _emt_difference_ci(diff: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """The paired interval of the EMT difference: the per-prompt differences of max toxicity (in
+    [-1, 1]) and 4 pseudo-prompts, one at each bound (+1, -1) and two at 0 (the adjustment of
+    Agresti and Min for a paired difference of proportions, of which the EMT difference is the
+    continuous analogue), resampled as prompts; Hesterberg's expanded percentile interval.
+    O(prompts) per resample. Covered 98.5-99.8% in the simulations of docs/analysis.md, where a
+    paired BCa bootstrap covered 87-91%: conservative, and 20% narrower than MOVER from the two
+    runs' augmented EMT intervals."""
+    pop = np.r_[diff, 1.0, -1.0, 0.0, 0.0]
+    n = len(pop)
+    return expanded_percentile(np.concatenate([(w @ pop) / n for w in resample_counts(n, n_boot, seed)]), n)
 
 
 def _draw_correlation(draws_a: list[np.ndarray], draws_b: list[np.ndarray], j: int) -> float:
@@ -275,7 +294,8 @@ def prompt_cis(
       the expanded percentile interval of a prompt bootstrap whose population has PSEUDO_PROMPTS
       pseudo-prompts at 1 and at 0 added (Agresti-Coull's adjustment for a mean in [0, 1]);
     - mean PPL (all and below the cap) and distinct-n (per-prompt values in `distinct`, NaN for a
-      prompt without tokens): BCa over the prompt bootstrap, acceleration from the prompt jackknife.
+      prompt without tokens): BCa over the prompt bootstrap, acceleration from the prompt jackknife,
+      with Hesterberg's expanded quantile for few prompts.
 
     Each interval contains its point estimate. Per-prompt aggregates are built once (bincount) and
     the resamples are count matrices (resample_counts), so the work is O(rows) once plus O(prompts)
@@ -295,7 +315,7 @@ def prompt_cis(
         )
         ci["emt"] = expanded_percentile(emt_boot, g + 2 * PSEUDO_PROMPTS)
         ci["toxicity_probability"] = wilson(float(agg[1].sum()), g)
-        n_eff = effective_n(agg[3], agg[2])
+        n_eff = effective_n(agg[3], agg[2])  # 0 for one prompt: NaN
         ci["toxic_fraction"] = wilson(point[2] * n_eff, n_eff)
         jack = _jackknife(agg)
         finite_d = {n: np.isfinite(v) for n, v in dist.items()}
@@ -309,13 +329,13 @@ def prompt_cis(
                     dboots[n].append((w @ zeroed[n]) / (w @ finite_d[n]))
         boot = np.concatenate(boots)
         for j in (3, 4):
-            ci[METRICS[j]] = bca(boot[:, j], point[j], jack[:, j])
+            ci[METRICS[j]] = bca(boot[:, j], point[j], jack[:, j], expand=g)
         for n in dist:
             tot, cnt = zeroed[n].sum(), finite_d[n].sum()
             with np.errstate(invalid="ignore", divide="ignore"):
                 jk = (tot - zeroed[n]) / (cnt - finite_d[n])
             est = tot / cnt if cnt else math.nan
-            ci[f"distinct_{n}"] = bca(np.concatenate(dboots[n]), est, jk)
+            ci[f"distinct_{n}"] = bca(np.concatenate(dboots[n]), est, jk, expand=int(cnt))
     out: dict[str, float] = {}
     for name, (lo, hi) in ci.items():
         j = METRICS.index(name) if name in METRICS else None
@@ -342,11 +362,13 @@ def run_differences(
     paired: bool = True,
 ) -> pd.DataFrame:
     """``differences.csv``: every run against the first run (the baseline), ``difference = run -
-    baseline`` of each of METRICS, over the prompts present in both runs only, with a 95%
-    BCa bootstrap CI that resamples those prompts *jointly* for the two runs (paired: the same draw of
-    prompts for both, so the between-prompt spread cancels; the acceleration from the paired
-    delete-one-prompt jackknife); each CI contains its difference. ``paired=False`` draws the two
-    runs' prompts independently (percentile interval, for comparison only). ``prompt_sets`` says
+    baseline`` of each of METRICS, over the prompts present in both runs only, with a paired 95%
+    interval (``ci_method`` names it): for EMT a paired bootstrap of the per-prompt differences
+    (_emt_difference_ci); for the others MOVER (intervals.mover) from the two runs' own intervals
+    (prompt_cis, over the shared prompts), with the correlation of the two runs' estimates over
+    resamples that draw the same prompts for both (so the between-prompt spread cancels). Each CI
+    contains its difference. ``paired=False``: MOVER with correlation 0 for every metric (for
+    comparison only). ``prompt_sets`` says
     whether the runs' prompt sets were identical; when not, the difference is over the shared
     prompts and a warning is logged."""
     columns = [
@@ -388,11 +410,18 @@ def run_differences(
         for j, metric in enumerate(METRICS):
             d = float(pb_[j] - pa_[j])
             r = _draw_correlation(draws_a, draws_b, j) if paired else 0.0
-            lo, hi = mover(
-                (float(pb_[j]), cis[1][f"{metric}_ci_low"], cis[1][f"{metric}_ci_high"]),
-                (float(pa_[j]), cis[0][f"{metric}_ci_low"], cis[0][f"{metric}_ci_high"]),
-                r,
-            )
+            if metric == "emt" and paired and g:
+                lo, hi = _contain(_emt_difference_ci(aggs[1][0] - aggs[0][0], n_boot, seed), d)
+                how = EMT_DIFFERENCE_CI_METHOD.format(b=n_boot)
+            else:
+                lo, hi = mover(
+                    (float(pb_[j]), cis[1][f"{metric}_ci_low"], cis[1][f"{metric}_ci_high"]),
+                    (float(pa_[j]), cis[0][f"{metric}_ci_low"], cis[0][f"{metric}_ci_high"]),
+                    r,
+                )
+                how = DIFFERENCE_CI_METHOD.format(
+                    r=f"paired over {n_boot} resamples of prompts" if paired else "0 (unpaired)"
+                )
             rows.append(
                 {
                     "run": run,
@@ -407,9 +436,7 @@ def run_differences(
                     "n_prompts_run": len(pb),
                     "n_prompts_baseline": len(pa),
                     "prompt_sets": sets,
-                    "ci_method": DIFFERENCE_CI_METHOD.format(
-                        r=f"paired over {n_boot} resamples of prompts" if paired else "0 (unpaired)"
-                    ),
+                    "ci_method": how,
                 }
             )
     return pd.DataFrame(rows, columns=columns)
@@ -792,11 +819,14 @@ CORRELATION_METHODS = (
     ("log_ppl", "pearson"),
 )
 
-# Kendall's tau-b CI, chosen by the number of prompts G: up to this many, the delete-one-prompt
-# jackknife with t_{G-1} (G exact tau-b's, O(G rows log rows)); above, tau-b +- t_{G-1} cluster-robust
-# SEs of kendall_tau_b (one O(rows log rows) pass). Neither is a bootstrap: the percentile prompt
-# bootstrap under-covered with few prompts (docs/analysis.md "Intervals").
+# Kendall's tau-b CI, chosen by the effective number of prompts G_eff = rows^2 / sum of squared prompt
+# sizes (G for equal sizes; ~9 for 8 prompts of 1,500 rows beside 242 of 4): up to this many (and at
+# most KENDALL_JACKKNIFE_MAX_PROMPTS prompts, its cost), the delete-one-prompt jackknife (G exact
+# tau-b's, O(G rows log rows)); above, the cluster-robust SE of kendall_tau_b (one O(rows log rows)
+# pass); both with t quantiles of G_eff - 1 df. Neither is a bootstrap: the percentile prompt bootstrap
+# under-covered with few prompts (docs/analysis.md "Intervals").
 KENDALL_JACKKNIFE_PROMPTS = 200
+KENDALL_JACKKNIFE_MAX_PROMPTS = 2_000
 CORRELATION_CI_METHOD = "95% percentile bootstrap, {b} resamples of prompts"
 
 
@@ -824,9 +854,10 @@ def correlation_rows(
 
     CIs: 95% percentile intervals from `n_boot` resamples of prompts (resample_counts: the same
     resamples for every statistic), each statistic computed exactly on the expanded resample
-    (_RankIndex). Kendall's tau-b is not bootstrapped: with up to `kendall_jackknife_prompts` prompts
-    its CI is the delete-one-prompt jackknife-t, above it tau-b +- t_{G-1} cluster-robust SEs
-    (kendall_tau_b); the ``ci_method`` cell says which.
+    (_RankIndex). Kendall's tau-b is not bootstrapped: with up to `kendall_jackknife_prompts`
+    effective prompts (KENDALL_JACKKNIFE_PROMPTS) its CI is the delete-one-prompt jackknife-t, above
+    it tau-b +- t cluster-robust SEs (kendall_tau_b), t with effective prompts - 1 df; the
+    ``ci_method`` cell says which.
     `threads` resamples run at once (threads of this process); the resamples and every per-resample
     sum are fixed by the seed, so the result is the same for any thread count."""
     import threading
@@ -839,7 +870,9 @@ def correlation_rows(
     z = ok["n_scored_tokens"].to_numpy(dtype=float)
     codes, g = _prompt_codes(ok["prompt_id"])
     n = len(x)
-    jack_kendall = g <= kendall_jackknife_prompts
+    sizes = np.bincount(codes, minlength=g).astype(float)
+    g_eff = float(sizes.sum() ** 2 / (sizes**2).sum()) if g else 0.0
+    jack_kendall = g_eff <= kendall_jackknife_prompts and g <= KENDALL_JACKKNIFE_MAX_PROMPTS
     tau, tau_se = kendall_tau_b(x, y, None if jack_kendall else ok["prompt_id"])
     point: dict[str, float] = dict.fromkeys((m for _, m in CORRELATION_METHODS), math.nan)
     point["kendall_tau_b"] = tau
@@ -881,15 +914,21 @@ def correlation_rows(
         lo, hi = percentile(np.concatenate(boots[method])) if boots[method] else (math.nan, math.nan)
         how = text
         if method == "kendall_tau_b":
+            df = g_eff - 1
+            dfs = f"{df:.1f}".removesuffix(".0")
             if jack_kendall:
-                lo, hi = jackknife_t(tau, _kendall_jackknife(x, y, codes, g)) if g >= 2 else (math.nan,) * 2
-                how = f"95% jackknife-t, delete one prompt of {g}, t quantile with {g - 1} df"
+                jk = _kendall_jackknife(x, y, codes, g) if g >= 2 else np.array([])
+                lo, hi = jackknife_t(tau, jk, df=df)
+                how = (
+                    f"95% jackknife-t, delete one prompt of {g}, t quantile with {dfs} df "
+                    "(effective prompts - 1)"
+                )
             else:
-                half = t_quantile(g - 1) * tau_se
+                half = t_quantile(df) * tau_se
                 lo, hi = (tau - half, tau + half) if math.isfinite(half) else (math.nan, math.nan)
                 how = (
-                    f"95% tau-b +- t quantile ({g - 1} df) x cluster-robust SE, prompts as clusters "
-                    f"(delta method, {g} prompts)"
+                    f"95% tau-b +- t quantile ({dfs} df, effective prompts - 1) x cluster-robust SE, "
+                    f"prompts as clusters (delta method, {g} prompts)"
                 )
             lo, hi = (max(-1.0, lo), min(1.0, hi)) if not math.isnan(lo) else (lo, hi)
         rows.append(

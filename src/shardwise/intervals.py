@@ -38,10 +38,11 @@ def _z(level: float) -> float:
 
 
 def t_quantile(df: float, level: float = 0.95) -> float:
-    """The two-sided `level` quantile of Student's t with `df` degrees of freedom (NaN for df < 1)."""
+    """The two-sided `level` quantile of Student's t with `df` (> 0, not necessarily whole) degrees
+    of freedom; NaN otherwise."""
     from scipy.stats import t
 
-    return float(t.ppf(0.5 + level / 2, df)) if df >= 1 else math.nan
+    return float(t.ppf(0.5 + level / 2, df)) if df > 0 else math.nan
 
 
 def wilson(successes: float, n: float, level: float = 0.95) -> tuple[float, float]:
@@ -54,23 +55,28 @@ def wilson(successes: float, n: float, level: float = 0.95) -> tuple[float, floa
     d = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if p == 0 else max(0.0, centre - half)  # exactly 0 (1) at no (all) successes
+    return low, 1.0 if p == 1 else min(1.0, centre + half)
 
 
-def effective_n(num: np.ndarray, den: np.ndarray) -> float:
-    """Korn & Graubard's effective sample size of the ratio p = sum(num) / sum(den), with the groups
-    (entries) as the sampling units and sum(den) rows: rows / deff, where deff = the groups' robust
-    variance of p over the binomial variance p (1 - p) / rows, and never below 1. When p is 0 or 1
-    there is no variance to estimate and it is the number of rows, as theirs."""
+def effective_n(num: np.ndarray, den: np.ndarray, level: float = 0.95) -> float:
+    """Korn & Graubard's effective sample size of the ratio p = sum(num) / sum(den), with the G
+    groups (entries) as the sampling units and n = sum(den) rows: n / deff, where deff = the groups'
+    robust variance of p over the binomial variance p (1 - p) / n, never below 1 (n when p is 0 or
+    1: no variance to estimate, as theirs), times their degrees-of-freedom factor
+    (t_{n-1} / t_{G-1})^2, which shrinks it when there are few groups. 0 (no interval) with fewer
+    than 2 groups: one group's rows say nothing about the spread between groups."""
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
-    g, rows = len(den), float(den.sum())
-    if not rows > 0:
+    g, rows = int(np.count_nonzero(den)), float(den.sum())
+    if not rows > 0 or g < 2:
         return 0.0
     p = float(num.sum()) / rows
-    if g < 2 or p <= 0 or p >= 1:
-        return rows
-    var = g / (g - 1) * float(((num - p * den) ** 2).sum()) / rows**2
-    return rows / max(1.0, var / (p * (1 - p) / rows))
+    deff = 1.0
+    if 0 < p < 1:
+        var = g / (g - 1) * float(((num - p * den) ** 2).sum()) / rows**2
+        deff = max(1.0, var / (p * (1 - p) / rows))
+    df_factor = (t_quantile(rows - 1, level) / t_quantile(g - 1, level)) ** 2 if rows > 1 else 1.0
+    return rows / deff * df_factor
 
 
 def _finite(samples: np.ndarray) -> np.ndarray:
@@ -131,14 +137,18 @@ def bca(
     return float(lo), float(hi)
 
 
-def jackknife_t(estimate: float, jackknife: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """estimate +- t_{G-1} sqrt(jackknife variance) over G leave-one-group-out values, the
-    jackknife variance being (G - 1) / G sum (theta_(i) - mean)^2."""
+def jackknife_t(
+    estimate: float, jackknife: np.ndarray, level: float = 0.95, df: float | None = None
+) -> tuple[float, float]:
+    """estimate +- t_df sqrt(jackknife variance) over G leave-one-group-out values, the jackknife
+    variance being (G - 1) / G sum (theta_(i) - mean)^2; df = G - 1 unless given (e.g. the
+    effective number of groups - 1 when their sizes differ)."""
     jk = _finite(jackknife)
     g = len(jk)
     if g < 2 or not math.isfinite(estimate):
         return NAN2
-    half = t_quantile(g - 1, level) * math.sqrt((g - 1) / g * float(((jk - jk.mean()) ** 2).sum()))
+    df = g - 1 if df is None else df
+    half = t_quantile(df, level) * math.sqrt((g - 1) / g * float(((jk - jk.mean()) ** 2).sum()))
     return estimate - half, estimate + half
 
 
