@@ -42,6 +42,15 @@ def _check(args: argparse.Namespace) -> int:
         stages += f", {len(cfg.teacher_logits.teachers)} teacher(s)"
     if cfg.probes.models:
         stages += f", probes of {len(cfg.probes.models)} model(s)"
+    if args.profile:
+        from shardwise.cluster import check_profile
+
+        problems = check_profile(cfg, args.profile)
+        for line in problems:
+            print(f"shardwise: error: {line}", file=sys.stderr)
+        if problems:
+            return 1
+        stages += f"; every job fits {args.profile}'s partitions"
     print(f"{args.config}: ok ({len(cfg.models)} model(s), {stages}{items})")
     return 0
 
@@ -68,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_verify)
     p = sub.add_parser("check", help="validate a config file and its inputs without running")
     p.add_argument("config", nargs="?", default="config/config.yaml")
+    p.add_argument(
+        "--profile",
+        help="also check every job's request against this SLURM profile's partition table "
+        "(e.g. profiles/slurm) and its account",
+    )
     p.set_defaults(fn=_check)
     p = sub.add_parser(
         "install-profile", help="link profiles/slurm where `snakemake --profile slurm` finds it"

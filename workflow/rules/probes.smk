@@ -34,9 +34,9 @@ rule activations:
         "benchmarks/activations/{probe_set}/{model}/job-{job}.tsv"
     conda:
         ENV
-    threads: PROBES.shards.shards_per_job
+    threads: CLUSTER.threads("activations")
     resources:
-        gpu=PROBES.shards.gpus_per_job,
+        **CLUSTER.resources("activations"),
     params:
         settings=lambda wc: as_param(settings.activations(CFG, wc.probe_set, wc.model)),
         shards=job_shards(PROBES.shards),
@@ -63,6 +63,8 @@ rule merge_activations:
     retries: 0
     conda:
         ENV
+    resources:
+        **CLUSTER.resources("merge_activations"),
     params:
         settings=lambda wc: as_param(settings.activations(CFG, wc.probe_set, wc.model)),
         code=code("activations"),
@@ -104,7 +106,7 @@ rule train_probes:
     conda:
         ENV
     resources:
-        gpu=1 if PROBES.shards.gpus_per_shard else 0,
+        **CLUSTER.resources("train_probes"),
     params:
         settings=lambda wc: as_param(settings.train_probes(CFG, wc.probe_set)),
         code=code("probes"),
