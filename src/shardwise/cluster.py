@@ -296,6 +296,8 @@ def check_request(req: Request, table: PartitionTable) -> str | None:
         cores = _int_or(res["cpus_per_task"])
     elif gpus and _int_or(res.get("cpus_per_gpu")):
         cores = _int_or(res["cpus_per_gpu"]) * gpus
+        if issues:  # too many GPUs: their cores and memory are too many by the same factor
+            cores = _int_or(res["cpus_per_gpu"]) * min(gpus, part.gpus * nodes)
     else:
         cores = max(1, _int_or(res.get("threads"), 1))
     if cores > part.cores * nodes:
