@@ -356,7 +356,9 @@ def test_killed_snakemake_head_then_restart(slurm_cluster, tmp_path, tiny_model_
     done = shard_mtimes(wf, finished)
     subprocess.run(["scancel", status["slurm_job_id"]], check=True)  # the orphan
     wait_for(lambda: not sacct([status["slurm_job_id"]])[0]["state"].startswith("RUNNING"), what="scancel")
-    shown = wf.shardwise("status").stdout
+    proc = wf.shardwise("status", check=False)
+    shown = proc.stdout
+    assert proc.returncode == 2  # a failed shard
     assert f"SLURM job {status['slurm_job_id']} CANCELLED" in shown, shown
     assert f"shard {i}: failed" in shown and f"{len(finished)} done" in shown
     wf.run("--unlock")

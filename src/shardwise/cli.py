@@ -10,10 +10,17 @@ from shardwise.errors import ShardwiseError
 
 
 def _status(args: argparse.Namespace) -> int:
-    from shardwise.status import collect, render
+    import json
 
-    sys.stdout.write(render(collect(args.results), tail=args.tail))
-    return 0
+    from shardwise.config import load_config_file
+    from shardwise.status import render_report, report
+
+    rep = report(args.results, load_config_file(args.config) if args.config else None)
+    if args.json:
+        sys.stdout.write(json.dumps(rep.as_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(render_report(rep, tail=args.tail))
+    return rep.exit_code
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -68,9 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardwise", description=__doc__)
     parser.add_argument("--version", action="version", version=f"shardwise {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("status", help="shards done/running/failed/pending per stage and model")
+    p = sub.add_parser(
+        "status",
+        help="shards done/running/failed/pending per stage and model; exit 2 if a shard failed, "
+        "1 on an error (e.g. a results path with no shardwise run)",
+    )
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.add_argument("--tail", type=int, default=8, help="log lines shown per failed shard")
+    p.add_argument("--config", help="the run's config: its stages not started yet are listed as pending")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(fn=_status)
     p = sub.add_parser("verify", help="read every shard and check its size and sha256 (changes nothing)")
     p.add_argument("--results", default="results", help="results directory (default: results)")

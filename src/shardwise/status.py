@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardwise.config import ShardSpec
+from shardwise.config import Config, ShardSpec
+from shardwise.errors import ShardwiseError
 from shardwise.shards import ShardPlan, log_tail, pid_alive
 
 
@@ -277,3 +278,96 @@ def render(runs: list[RunStatus], tail: int = 8) -> str:
                     lines.append(f"    --- last lines of {shard.log} ---")
                     lines.extend("    " + ln for ln in log_tail(shard.log, tail).splitlines())
     return "\n".join(lines) + "\n"
+
+
+def expected_stages(cfg: Config) -> dict[str, ShardSpec]:
+    """Every sharded stage output a config asks for, by its name in the shard stores
+    (`<stage>/<key>`, ShardPlan.name), with its shard layout."""
+    gen, tl, pr, an = cfg.generate, cfg.teacher_logits, cfg.probes, cfg.analysis
+    names: dict[str, ShardSpec] = {f"generate/{run}": gen.shards for run in gen.runs}
+    names.update({f"teacher_logits/{teacher}": tl.shards for teacher in tl.teachers})
+    for probe_set in cfg.probe_sets():
+        names.update({f"activations/{probe_set}/{model}": pr.shards for model in pr.probed()})
+    names.update({f"score_fluency/{run}": an.fluency.shards for run in an.runs})
+    return names
+
+
+@dataclass
+class Report:
+    """`shardwise status`: the newest run of each stage output found, and the config's stages that
+    have not started (when a config is given)."""
+
+    results: Path
+    runs: list[RunStatus]
+    not_started: dict[str, ShardSpec]
+
+    @property
+    def n_failed(self) -> int:
+        return sum(run.count("failed") for run in self.runs)
+
+    @property
+    def exit_code(self) -> int:
+        """0: no shard failed (all done, or still running / pending); 2: a shard failed."""
+        return 2 if self.n_failed else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        stages = []
+        for run in self.runs:
+            counts = {s: run.count(s) for s in ("done", "running", "failed", "pending")}
+            state = next((s for s in ("failed", "running", "pending") if counts[s]), "done")
+            stages.append(
+                {
+                    "name": run.plan.name,
+                    "state": state,
+                    "n_shards": run.plan.spec.n_shards,
+                    "counts": counts,
+                    "run": run.plan.fingerprint,
+                    "older_runs": run.older_runs,
+                    "shards": [
+                        {"index": s.index, "state": s.state, "detail": s.detail, "log": str(s.log or "")}
+                        for s in run.shards
+                        if s.state in ("running", "failed")
+                    ],
+                }
+            )
+        for name, spec in self.not_started.items():
+            counts = {"done": 0, "running": 0, "failed": 0, "pending": spec.n_shards}
+            stages.append(
+                {
+                    "name": name,
+                    "state": "pending",
+                    "n_shards": spec.n_shards,
+                    "counts": counts,
+                    "run": None,
+                    "older_runs": 0,
+                    "shards": [],
+                }
+            )
+        return {"results": str(self.results), "failed_shards": self.n_failed, "stages": stages}
+
+
+def report(results: str | Path = "results", cfg: Config | None = None) -> Report:
+    """The status of `results` (and, given the config, of its stages not started yet). A results
+    path that does not exist, or holds no shard store while no config says what to expect, is an
+    error (a mistyped --results)."""
+    results = Path(results)
+    if not results.is_dir():
+        raise ShardwiseError(f"{results}: no such directory (no shardwise run there; --results?)")
+    runs = collect(results)
+    if not runs and cfg is None:
+        raise ShardwiseError(
+            f"{results}: holds no shardwise run (no shard store under it; --results? nothing ran yet?)"
+        )
+    found = {run.plan.name for run in runs}
+    expected = expected_stages(cfg) if cfg is not None else {}
+    return Report(results, runs, {n: spec for n, spec in expected.items() if n not in found})
+
+
+def render_report(rep: Report, tail: int = 8) -> str:
+    text = render(rep.runs, tail=tail) if rep.runs else ""
+    for name, spec in rep.not_started.items():
+        n = spec.n_shards
+        text += f"{name}: {n} shards (0 done, 0 running, 0 failed, {n} pending), not started\n"
+    if rep.n_failed:
+        text += f"{rep.n_failed} shard(s) failed: see above; rerun the workflow to retry them\n"
+    return text
