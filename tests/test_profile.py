@@ -98,6 +98,9 @@ def test_sbatch_lines_of_the_snellius_profile(workflow_copy: Workflow, tiny_mode
     shards = {"n_shards": 4, "shards_per_job": shards_per_job, "gpus_per_shard": 1, "chunk_size": 6}
     wf.write_config(tiny_config(tiny_model_src, shards=shards))
     env = fake_slurm(wf.root)
+    profile = wf.path("profiles/slurm/config.yaml")
+    account = profile.read_text().replace("slurm_account: <your-account>", "slurm_account: shardwise")
+    profile.write_text(account)  # the account the stand-in sacctmgr knows
     args = (
         "--profile",
         "profiles/slurm",
@@ -126,7 +129,9 @@ def test_sbatch_lines_of_the_snellius_profile(workflow_copy: Workflow, tiny_mode
     (merge,) = log.read_text().splitlines()
     assert "rule_merge_generations" in merge
     assert "-p rome" in merge and " -t 30" in merge and "--mem-per-cpu 1792" in merge
-    assert "--cpus-per-task=1" in merge and "--gpus" not in merge and "--mem " not in merge
+    assert "-A shardwise" in merge
+    # the 1/8 rome node it is billed for: 16 cores and their 28 GiB
+    assert "--cpus-per-task=16" in merge and "--gpus" not in merge and "--mem " not in merge
 
     # The GPU rule: every attempt of every job (each "fails", so Snakemake retries it twice).
     for manifest in jobs.iterdir():
@@ -190,6 +195,8 @@ def test_dry_run_places_every_job_by_its_own_gpus(workflow_copy: Workflow, confi
     rules = {rule for rule, gpus, _ in jobs if gpus}
     if config == "config/config.yaml":
         assert not rules  # the demo asks for no GPU
+        # the toxicity probe set is built in a CPU job, not on the login node
+        assert ("toxicity_probe_data", 0, "rome") in jobs
     else:
         assert rules == {"generate", "compute_teacher_logits", "score_fluency", "score_toxicity"}
         assert "rule analyse:" in out and re.search(r"cpus_per_task=16, mem_mb_per_cpu=1792", out)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shardwise.config import Config
-from shardwise.errors import InputError
+from shardwise.errors import ConfigError, InputError
 
 
 def _check_shards(section: str, spec: Any, n: int, what: str, where: str, align: int = 1) -> None:
@@ -39,6 +39,26 @@ def check_placeholders(node: Any, key: str = "") -> None:
         )
 
 
+# A model, run or teacher name becomes a path component (results/generations/<run>/...) and a
+# wildcard value: one plain component only ("smollm2/t07" would write inside run smollm2's folder).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_names(cfg: Config) -> None:
+    """Refuse a model, generation run or teacher name that is not one safe path component."""
+    for section, names in (
+        ("models", cfg.models),
+        ("generate.models", cfg.generate.runs),
+        ("teacher_logits.teachers", cfg.teacher_logits.teachers),
+    ):
+        for name in names:
+            if not SAFE_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"{section}: {name!r} is not a safe name: use letters, digits, '.', '_' and '-' "
+                    "(not first), since it becomes a directory name"
+                )
+
+
 def _check_layers(cfg: Config, name: str) -> None:
     """probes.layers against the model's depth, as soon as its config.json is here (a local model,
     or one already prepared): read as JSON, without importing transformers."""
@@ -61,11 +81,13 @@ def _check_layers(cfg: Config, name: str) -> None:
 
 def check_inputs(cfg: Config) -> dict[str, int]:
     """What the workflow checks before any job runs (also `shardwise check`): no placeholder left,
-    each used model's source, and each input table; returns the number of items per input."""
+    safe names, each used model's source, and each input table; returns the number of items per
+    input."""
     from shardwise.models import check_source
     from shardwise.tables import load_prompts, load_texts
 
     check_placeholders(cfg.resolved)
+    check_names(cfg)
 
     counts = {}
     gen, tl = cfg.generate, cfg.teacher_logits

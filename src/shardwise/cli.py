@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from shardwise import __version__
@@ -67,7 +68,7 @@ def _install_profile(args: argparse.Namespace) -> int:
 
     link, created = install_profile(args.name)
     state = "installed" if created else "already installed"
-    print(f"{state}: {link} -> {link.resolve()}; run `snakemake --profile {args.name}`")
+    print(f"{state}: {link} -> {link.resolve()}; run `snakemake --profile {shlex.quote(args.name)}`")
     return 0
 
 

@@ -154,6 +154,8 @@ def rule_jobs(cfg: Config) -> dict[str, RuleJobs]:
         "merge_teacher_logits": RuleJobs(n_teachers, 0, 1),
         "activations": sharded(pr.shards, n_probed),
         "merge_activations": RuleJobs(n_probed, 0, 1),
+        # the probe set `toxicity` from the analysed generations (all of them in memory at once)
+        "toxicity_probe_data": RuleJobs(1 if "toxicity" in cfg.probe_sets() else 0, 0, 1),
         "train_probes": RuleJobs(n_probed, 1 if pr.shards.gpus_per_shard else 0, 1),
         "score_fluency": sharded(an.fluency.shards, n_an),
         "merge_fluency": RuleJobs(n_an, 0, 1),

@@ -11,9 +11,12 @@ rule toxicity_probe_data:
         "benchmarks/toxicity_probe_data/toxicity_probe_data.tsv"
     # it fails only on its input (e.g. one class only), which a retry does not change
     retries: 0
-    localrule: True
     conda:
         ENV
+    # a cluster job, not one on the login node: it holds every analysed generation in memory
+    # (docs/scale.md: ~3.4 GB at the example's size)
+    resources:
+        **CLUSTER.resources("toxicity_probe_data"),
     params:
         settings=as_param(settings.toxicity_probe_data(CFG)),
         code=code("probes"),
