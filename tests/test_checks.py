@@ -42,3 +42,26 @@ def test_the_profile_path_is_quoted(tmp_path, monkeypatch):
         install_profile("slurm", tmp_path / "user")
     quoted = shlex.quote(str(workflow / "profiles/slurm"))
     assert quoted.startswith("'") and f"`snakemake --profile {quoted}` instead" in str(err.value)
+
+
+def test_a_prompt_longer_than_the_models_context_is_refused(tmp_path, tiny_model_src, monkeypatch):
+    """The tiny model's context is 512 tokens; a 1.26M-character prompt was accepted silently."""
+    import json
+
+    from conftest import tiny_config, write_prompts
+
+    monkeypatch.chdir(tmp_path)
+    write_prompts(tmp_path / "prompts.jsonl", 20)
+    cfg = load_config(tiny_config(tiny_model_src, "prompts.jsonl", sampling={"max_new_tokens": 64}))
+    check_inputs(cfg)  # short prompts: nothing to tokenize
+    with open(tmp_path / "prompts.jsonl", "a") as fh:
+        fh.write(json.dumps({"prompt_id": "long", "prompt": "the cat ran " * 300}) + "\n")
+    with pytest.raises(
+        ShardwiseError,
+        match=r"prompt 'long' is \d+ tokens \(3,600 characters\); with "
+        r"max_new_tokens 64 it does not fit generate\.models\.tiny \(model 'tiny', context 512",
+    ):
+        check_inputs(cfg)
+    cfg = load_config(tiny_config(tiny_model_src, "prompts.jsonl", sampling={"max_new_tokens": 600}))
+    with pytest.raises(ConfigError, match="max_new_tokens 600 leaves no room for a prompt"):
+        check_inputs(cfg)
