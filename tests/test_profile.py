@@ -225,3 +225,15 @@ def test_dry_run_refuses_what_no_partition_can_run(workflow_copy: Workflow):
         "x 16 cores); a rome node has 224 GiB usable",
     ]
     assert "rule generate:" not in proc.stdout
+
+
+def test_the_workflow_profile_changes_nothing_of_slurm_jobs():
+    """profiles/default is loaded next to profiles/slurm and wins over it: it must set no cores,
+    threads or resources. (Its `cores: all` was passed on to every SLURM job as `--cores <the login
+    node's cores>`, capping e.g. analyse's 16 threads at 2.)"""
+    import yaml
+
+    default = yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())
+    shaping = {"cores", "jobs", "max-threads", "set-threads", "resources", "default-resources"}
+    shaping.add("set-resources")
+    assert not shaping & set(default), default
