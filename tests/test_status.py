@@ -226,3 +226,31 @@ def test_status_lists_every_stage_of_the_config(tmp_path, capsys, monkeypatch):
         n = cfg["generate"]["shards"]["n_shards"]
         assert f"generate/{run}: {n} shards (0 done, 0 running, 0 failed, {n} pending), not started" in out
     assert "teacher_logits/" in out and "activations/labelled/" in out and "score_fluency/" in out
+
+
+def test_billed_against_used_per_stage(tmp_path, monkeypatch, capsys):
+    """Two node jobs of 2 GPUs each, 1 h elapsed each (4 GPU-h billed); their 4 shards computed
+    0.5 h each on 1 GPU (2 GPU-h): half of it."""
+    from shardwise.cli import main
+    from shardwise.status import parse_sacct_usage
+
+    usage = parse_sacct_usage(
+        "7|3600|billing=36,cpu=36,gres/gpu:a100=2,gres/gpu=2,mem=240G,node=1\n8|3600|cpu=36,gres/gpu=2\n"
+    )
+    assert usage == {"7": (3600.0, 36, 2), "8": (3600.0, 36, 2)}
+    monkeypatch.setattr("shardwise.status.slurm_usage", lambda ids: {i: usage[i] for i in ids if i in usage})
+    p = plan(tmp_path)  # 4 shards, 2 per job, 1 GPU each
+    p.write_plan_file()
+    for i in range(4):
+        rows = p.ranges()[i]
+        done = {**record(rows, 1800.0, 10.0), "slurm_job_id": "7" if i < 2 else "8", "index": i}
+        monkeypatch.setattr(ShardPlan, "is_done", lambda self, i, checksum=False: True)
+        p.record_path(i).parent.mkdir(parents=True, exist_ok=True)
+        p.record_path(i).write_text(json.dumps(done))
+    assert main(["status", "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    billed = "billed: 4.00 GPU-h in 2 SLURM job(s) (elapsed x allocated); "
+    assert billed + "the shards computed 2.00 GPU-h of it (50 %)" in out
+    assert main(["status", "--results", str(tmp_path / "results"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["stages"][0]["billing"]
+    assert got == {"unit": "GPU-h", "jobs": 2, "billed": 4.0, "used": 2.0}
