@@ -237,3 +237,17 @@ def test_the_workflow_profile_changes_nothing_of_slurm_jobs():
     shaping = {"cores", "jobs", "max-threads", "set-threads", "resources", "default-resources"}
     shaping.add("set-resources")
     assert not shaping & set(default), default
+
+
+def test_a_run_without_an_account_submits_nothing(workflow_copy: Workflow, tiny_model_src):
+    """The profile as shipped names no account: a real run stops in one line before any job (a dry
+    run needs none). Before, the plugin printed "Unable to guess SLURM account" and submitted."""
+    wf = workflow_copy
+    write_prompts(wf.path("config/prompts.jsonl"), 16)
+    wf.write_config(tiny_config(tiny_model_src))
+    env = fake_slurm(wf.root)
+    proc = wf.run("--profile", "profiles/slurm", check=False, extra_env=env)
+    assert proc.returncode == 1
+    assert "shardwise: error: the SLURM profile: default-resources.slurm_account is not set" in proc.stderr
+    assert Path(env["FAKE_SLURM_DIR"], "sbatch.log").read_text() == ""
+    assert not wf.path("resources/models/tiny").exists()  # not even a local job ran
