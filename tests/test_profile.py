@@ -98,6 +98,9 @@ def test_sbatch_lines_of_the_snellius_profile(workflow_copy: Workflow, tiny_mode
     shards = {"n_shards": 4, "shards_per_job": shards_per_job, "gpus_per_shard": 1, "chunk_size": 6}
     wf.write_config(tiny_config(tiny_model_src, shards=shards))
     env = fake_slurm(wf.root)
+    profile = wf.path("profiles/slurm/config.yaml")
+    account = profile.read_text().replace("slurm_account: <your-account>", "slurm_account: shardwise")
+    profile.write_text(account)  # the account the stand-in sacctmgr knows
     args = (
         "--profile",
         "profiles/slurm",
@@ -126,7 +129,9 @@ def test_sbatch_lines_of_the_snellius_profile(workflow_copy: Workflow, tiny_mode
     (merge,) = log.read_text().splitlines()
     assert "rule_merge_generations" in merge
     assert "-p rome" in merge and " -t 30" in merge and "--mem-per-cpu 1792" in merge
-    assert "--cpus-per-task=1" in merge and "--gpus" not in merge and "--mem " not in merge
+    assert "-A shardwise" in merge
+    # the 1/8 rome node it is billed for: 16 cores and their 28 GiB
+    assert "--cpus-per-task=16" in merge and "--gpus" not in merge and "--mem " not in merge
 
     # The GPU rule: every attempt of every job (each "fails", so Snakemake retries it twice).
     for manifest in jobs.iterdir():
@@ -151,3 +156,98 @@ def test_sbatch_lines_of_the_snellius_profile(workflow_copy: Workflow, tiny_mode
     for job, seen in attempts.items():
         assert sorted(seen) == list(range(1, len(seen) + 1)) and len(seen) <= 3, (job, seen)
     assert sum(map(len, attempts.values())) >= 3 * n_jobs - 1
+
+
+def placements(out: str) -> list[tuple[str, int, str]]:
+    """(rule, gpu, slurm_partition) of every cluster job of a dry run (local rules have no gpu)."""
+    jobs = []
+    for rule, res in re.findall(r"^rule (\w+):\n.*?^    resources: ([^\n]*)", out, re.S | re.M):
+        values = dict(kv.split("=", 1) for kv in res.split(", ") if "=" in kv)
+        if "gpu" in values:
+            jobs.append((rule, int(values["gpu"]), values.get("slurm_partition", "")))
+    return jobs
+
+
+def snellius_copy(wf: Workflow) -> None:
+    """config/snellius.yaml with its placeholders filled and a stand-in prompts table of its size."""
+    text = wf.path("config/snellius.yaml").read_text()
+    text = text.replace("<commit-sha>", "0" * 40).replace("<project>", "demo")
+    wf.path("config/snellius.yaml").write_text(text)
+    wf.path("data").mkdir()
+    with open(wf.path("data/rtp_prompts.jsonl"), "w") as fh:
+        fh.writelines(f'{{"prompt": "prompt {i}"}}\n' for i in range(99_442))
+
+
+@pytest.mark.parametrize("config", ["config/config.yaml", "config/snellius.yaml"])
+def test_dry_run_places_every_job_by_its_own_gpus(workflow_copy: Workflow, config):
+    """The demo (CPU workers, the CPU toxicity scorer) and the Snellius example, with the SLURM
+    profile as shipped: every gpu=0 job on a CPU partition, every GPU job on a GPU partition.
+    (Before placement, the demo's generate and score_toxicity went to gpu_a100 with gpu=0.)"""
+    wf = workflow_copy
+    if config == "config/snellius.yaml":
+        snellius_copy(wf)
+    out = wf.run("-n", "--profile", "profiles/slurm", "--configfile", config).stdout
+    jobs = placements(out)
+    assert len(jobs) >= 20
+    cpu = {p for _, gpus, p in jobs if not gpus}
+    gpu = {p for _, gpus, p in jobs if gpus}
+    assert cpu == {"rome"} and gpu <= {"gpu_a100", "gpu_h100"}, (cpu, gpu)
+    rules = {rule for rule, gpus, _ in jobs if gpus}
+    if config == "config/config.yaml":
+        assert not rules  # the demo asks for no GPU
+        # the toxicity probe set is built in a CPU job, not on the login node
+        assert ("toxicity_probe_data", 0, "rome") in jobs
+    else:
+        assert rules == {"generate", "compute_teacher_logits", "score_fluency", "score_toxicity"}
+        assert "rule analyse:" in out and re.search(r"cpus_per_task=16, mem_mb_per_cpu=1792", out)
+
+
+def test_dry_run_refuses_what_no_partition_can_run(workflow_copy: Workflow):
+    """8 GPUs per shard x 2 shards in one job, and a profile asking more memory than a node has:
+    one line each (per rule), exit 1, before any job (nothing is listed)."""
+    import yaml
+
+    wf = workflow_copy
+    cfg = yaml.safe_load(wf.path("config/config.yaml").read_text())
+    cfg["generate"]["shards"].update(gpus_per_shard=8, shards_per_job=2)
+    wf.write_config(cfg)
+    profile = yaml.safe_load(wf.path("profiles/slurm/config.yaml").read_text())
+    profile["set-resources"]["merge_generations"] = {"mem_mb_per_cpu": 10_000_000}
+    wf.path("profiles/big").mkdir()
+    wf.path("profiles/big/config.yaml").write_text(yaml.safe_dump(profile))
+    proc = wf.run("-n", "--profile", "profiles/big", check=False)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("shardwise: error:")]
+    assert errors == [
+        "shardwise: error: rule generate (2 jobs): asks for 16 GPUs in one job (gpu=16); "
+        "a gpu_a100 node has 4",
+        "shardwise: error: rule merge_generations (2 jobs): asks for 156,250 GiB (mem_mb_per_cpu=10000000 "
+        "x 16 cores); a rome node has 224 GiB usable",
+    ]
+    assert "rule generate:" not in proc.stdout
+
+
+def test_the_workflow_profile_changes_nothing_of_slurm_jobs():
+    """profiles/default is loaded next to profiles/slurm and wins over it: it must set no cores,
+    threads or resources. (Its `cores: all` was passed on to every SLURM job as `--cores <the login
+    node's cores>`, capping e.g. analyse's 16 threads at 2.)"""
+    import yaml
+
+    default = yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())
+    shaping = {"cores", "jobs", "max-threads", "set-threads", "resources", "default-resources"}
+    shaping.add("set-resources")
+    assert not shaping & set(default), default
+
+
+def test_a_run_without_an_account_submits_nothing(workflow_copy: Workflow, tiny_model_src):
+    """The profile as shipped names no account: a real run stops in one line before any job (a dry
+    run needs none). Before, the plugin printed "Unable to guess SLURM account" and submitted."""
+    wf = workflow_copy
+    write_prompts(wf.path("config/prompts.jsonl"), 16)
+    wf.write_config(tiny_config(tiny_model_src))
+    env = fake_slurm(wf.root)
+    proc = wf.run("--profile", "profiles/slurm", check=False, extra_env=env)
+    assert proc.returncode == 1
+    assert "shardwise: error: the SLURM profile: default-resources.slurm_account is not set" in proc.stderr
+    assert Path(env["FAKE_SLURM_DIR"], "sbatch.log").read_text() == ""
+    assert not wf.path("resources/models/tiny").exists()  # not even a local job ran

@@ -166,3 +166,91 @@ def test_a_status_of_many_shards_cuts_each_plan_once(tmp_path, monkeypatch):
     assert len(run.shards) == 500 and all(s.state == "pending" for s in run.shards)
     render([run])
     assert len(calls) == 1
+
+
+def failed_and_running(tmp_path: Path) -> ShardPlan:
+    p = plan(tmp_path)
+    p.write_plan_file()
+    failed = {"state": "failed", "pid": 1, "host": "gcn1", "error": "InputError: bad prompt"}
+    p.status_path(0).write_text(json.dumps(failed))
+    running = {"state": "running", "pid": 2, "host": "gcn1", "slurm_job_id": "4101"}
+    p.status_path(1).write_text(json.dumps(running))
+    return p
+
+
+def test_status_exits_2_with_a_failed_shard_and_0_while_running(tmp_path, capsys, monkeypatch):
+    from shardwise.cli import main
+
+    # the running shard's SLURM job is alive (sacct stand-in)
+    monkeypatch.setattr("shardwise.status.slurm_states", lambda ids: {i: "RUNNING" for i in ids})
+    p = failed_and_running(tmp_path)
+    results = str(tmp_path / "results")
+    assert main(["status", "--results", results]) == 2
+    out = capsys.readouterr().out
+    assert "shard 0: failed: InputError: bad prompt" in out and "1 shard(s) failed" in out
+    assert main(["status", "--results", results, "--json"]) == 2
+    got = json.loads(capsys.readouterr().out)
+    (stage,) = got["stages"]
+    assert got["failed_shards"] == 1 and stage["name"] == "generate/run" and stage["state"] == "failed"
+    assert stage["counts"] == {"done": 0, "running": 1, "failed": 1, "pending": 2}
+    assert [s["state"] for s in stage["shards"]] == ["failed", "running"]
+
+    p.status_path(0).unlink()  # only running and pending: not a failure
+    assert main(["status", "--results", results, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"][0]["state"] == "running"
+
+
+def test_status_of_a_path_with_no_run_is_an_error(tmp_path, capsys):
+    from shardwise.cli import main
+
+    assert main(["status", "--results", str(tmp_path / "reslts")]) == 1
+    assert "reslts: no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["status", "--results", str(tmp_path / "empty")]) == 1
+    assert "holds no shardwise run" in capsys.readouterr().err
+
+
+def test_status_lists_every_stage_of_the_config(tmp_path, capsys, monkeypatch):
+    """The demo config's sharded stages: those not started are pending (they were left out before)."""
+    import yaml
+
+    from shardwise.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the demo config's relative paths
+    (tmp_path / "results").mkdir()
+    assert main(["status", "--results", str(tmp_path / "results"), "--config", "config/config.yaml"]) == 0
+    out = capsys.readouterr().out
+    cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
+    for run in cfg["generate"]["models"]:
+        n = cfg["generate"]["shards"]["n_shards"]
+        assert f"generate/{run}: {n} shards (0 done, 0 running, 0 failed, {n} pending), not started" in out
+    assert "teacher_logits/" in out and "activations/labelled/" in out and "score_fluency/" in out
+
+
+def test_billed_against_used_per_stage(tmp_path, monkeypatch, capsys):
+    """Two node jobs of 2 GPUs each, 1 h elapsed each (4 GPU-h billed); their 4 shards computed
+    0.5 h each on 1 GPU (2 GPU-h): half of it."""
+    from shardwise.cli import main
+    from shardwise.status import parse_sacct_usage
+
+    usage = parse_sacct_usage(
+        "7|3600|billing=36,cpu=36,gres/gpu:a100=2,gres/gpu=2,mem=240G,node=1\n8|3600|cpu=36,gres/gpu=2\n"
+    )
+    assert usage == {"7": (3600.0, 36, 2), "8": (3600.0, 36, 2)}
+    monkeypatch.setattr("shardwise.status.slurm_usage", lambda ids: {i: usage[i] for i in ids if i in usage})
+    p = plan(tmp_path)  # 4 shards, 2 per job, 1 GPU each
+    p.write_plan_file()
+    for i in range(4):
+        rows = p.ranges()[i]
+        done = {**record(rows, 1800.0, 10.0), "slurm_job_id": "7" if i < 2 else "8", "index": i}
+        monkeypatch.setattr(ShardPlan, "is_done", lambda self, i, checksum=False: True)
+        p.record_path(i).parent.mkdir(parents=True, exist_ok=True)
+        p.record_path(i).write_text(json.dumps(done))
+    assert main(["status", "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    billed = "billed: 4.00 GPU-h in 2 SLURM job(s) (elapsed x allocated); "
+    assert billed + "the shards computed 2.00 GPU-h of it (50 %)" in out
+    assert main(["status", "--results", str(tmp_path / "results"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["stages"][0]["billing"]
+    assert got == {"unit": "GPU-h", "jobs": 2, "billed": 4.0, "used": 2.0}

@@ -38,6 +38,15 @@ def jsonl(*rows):
             jsonl({"prompt_id": "x", "prompt": "a"}, {"prompt_id": "x", "prompt": "b"}),
             "duplicate prompt_id 'x' (rows 0, 1)",
         ),
+        (
+            "mixed.jsonl",  # failed with ArrowTypeError after generation (issue 25)
+            jsonl(
+                {"prompt_id": 1, "prompt": "a"},
+                {"prompt_id": 2, "prompt": "b"},
+                {"prompt_id": "p3", "prompt": "c"},
+            ),
+            "prompt_id mixes kinds: row 0 has number 1, row 2 has str 'p3'",
+        ),
         ("latin1.jsonl", b'{"prompt": "caf\xe9"}\n', "not valid UTF-8 (byte 15, line 1)"),
         ("broken.jsonl", '{"prompt": "a"}\n{"prompt": \n', "line 2: not valid JSON"),
         ("list.jsonl", "[1, 2]\n", "line 1: expected a JSON object"),

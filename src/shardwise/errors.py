@@ -19,3 +19,16 @@ class ModelError(ShardwiseError):
 
 class ShardError(ShardwiseError):
     """A shard failed, or shards do not verify at merge time."""
+
+
+# Exceptions that a retry of the same job meets again: bad config or input, a model that cannot
+# load, data of the wrong type, a CUDA out-of-memory at the same batch size. (By class name, so that
+# neither pyarrow nor torch is imported to tell.)
+RECURRING_NAMES = ("ArrowTypeError", "ArrowInvalid", "OutOfMemoryError")
+
+
+def recurs(exc: BaseException) -> bool:
+    """Whether a job that failed with `exc` fails the same way when run again unchanged."""
+    if isinstance(exc, (ConfigError, InputError, ModelError)):
+        return True
+    return bool(getattr(exc, "recurring", False)) or type(exc).__name__ in RECURRING_NAMES

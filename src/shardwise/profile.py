@@ -7,6 +7,7 @@ site dir — never in `profiles/`. This links `profiles/slurm` into the user con
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from shardwise.errors import ShardwiseError
@@ -43,7 +44,7 @@ def install_profile(name: str = "slurm", dest_dir: Path | None = None) -> tuple[
         what = f"a link to {link.readlink()}" if link.is_symlink() else "a different profile"
         raise ShardwiseError(
             f"{link} already exists ({what}); not replacing it. Remove it, or use "
-            f"`snakemake --profile {source}` instead"
+            f"`snakemake --profile {shlex.quote(str(source))}` instead"
         )
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(source.resolve(), target_is_directory=True)

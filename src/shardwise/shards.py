@@ -45,7 +45,7 @@ from shardwise.atomic import atomic_path, atomic_write_json
 from shardwise.clock import forward_seconds
 from shardwise.config import ShardSpec
 from shardwise.environment import export_package_path, redirect_output
-from shardwise.errors import ShardError
+from shardwise.errors import ShardError, recurs
 from shardwise.fingerprint import sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
@@ -430,7 +430,8 @@ def worker_main(task: ShardTask) -> dict[str, Any]:
         record = ctx.finish()
     except BaseException as exc:
         log.error("shard %d failed:\n%s", i, traceback.format_exc())
-        _write_status(plan, i, "failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        _write_status(plan, i, "failed", error=error, recurring=recurs(exc))
         raise
     plan.status_path(i).unlink(missing_ok=True)
     log.info(
@@ -504,6 +505,14 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _failed_recurring(plan: ShardPlan, i: int) -> bool:
+    """Whether shard i's worker recorded an error that a rerun meets again (errors.recurs)."""
+    try:
+        return bool(json.loads(plan.status_path(i).read_text()).get("recurring"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def describe_failure(plan: ShardPlan, i: int, oom_before: int | None) -> str:
@@ -658,10 +667,13 @@ def run_job(
             )
         if failures:
             names = "; ".join(f"shard {i}: {reason} (log {plan.log_path(i)})" for i, reason in failures)
-            raise ShardError(
+            error = ShardError(
                 f"{plan.name} job {job}: {len(failures)} of {len(pending)} worker(s) "
                 f"failed: {names}. Finished shards are kept; rerun to compute the rest."
             )
+            # every failed worker met an error that a rerun meets again: retrying the job is pointless
+            error.recurring = all(_failed_recurring(plan, i) for i, _ in failures)
+            raise error
 
     records = []
     for i in indices:

@@ -17,7 +17,7 @@ from typing import Any
 from shardwise import __version__
 from shardwise.config import Config, load_config
 from shardwise.environment import redirect_output
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, recurs
 
 log = logging.getLogger("shardwise")
 
@@ -41,10 +41,21 @@ def fail(message: str) -> None:
     raise SystemExit(1)
 
 
+def no_retry_path(log_file: str | Path) -> Path:
+    """Where a job that failed for good says so: next to its log (the head reads it, retries.py)."""
+    return Path(f"{log_file}.no-retry.json")
+
+
 def rule_main(smk: Any, fn: Callable[[Any], None]) -> None:
-    """Run a rule's package function with stdout/stderr (fd level) and logging in the rule's log."""
+    """Run a rule's package function with stdout/stderr (fd level) and logging in the rule's log.
+
+    A failure that a rerun meets again (errors.recurs: bad config or input, a model that cannot
+    load, data of the wrong type, CUDA out of memory at the same batch size) leaves
+    <log>.no-retry.json with its one-line cause: the Snakemake head then does not retry the job."""
     # appended, one header per attempt: a retry keeps the failed attempt's log above its own
-    redirect_output(Path(smk.log[0]), append=True)
+    log_file = Path(smk.log[0])
+    redirect_output(log_file, append=True)
+    no_retry_path(log_file).unlink(missing_ok=True)  # a former run's verdict
     slurm = os.environ.get("SLURM_JOB_ID")
     where = f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {slurm}" if slurm else "")
     log.info(
@@ -54,9 +65,14 @@ def rule_main(smk: Any, fn: Callable[[Any], None]) -> None:
         fn(smk)
         if hasattr(smk.output, "run_info"):
             write_run_info(smk)
-    except ShardwiseError as exc:
-        log.error("%s", exc)
-        fail(str(exc))
+    except BaseException as exc:
+        if recurs(exc):
+            cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            no_retry_path(log_file).write_text(json.dumps({"cause": cause, "slurm_job_id": slurm}) + "\n")
+        if isinstance(exc, ShardwiseError):
+            log.error("%s", exc)
+            fail(str(exc))
+        raise
 
 
 def workflow_config(config: dict[str, Any], configfiles: Iterable[str | Path]) -> Config:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardwise.config import ShardSpec
+from shardwise.config import Config, ShardSpec
+from shardwise.errors import ShardwiseError
 from shardwise.shards import ShardPlan, log_tail, pid_alive
 
 
@@ -25,10 +26,23 @@ class ShardState:
 
 
 @dataclass
+class Billing:
+    """What the SLURM jobs that finished a run's shards were billed (elapsed x allocated GPUs, or
+    cores for a CPU stage, from sacct) and what its shards computed (their compute time x GPUs, or x
+    torch threads)."""
+
+    unit: str  # "GPU-h" | "core-h"
+    jobs: int
+    billed: float
+    used: float
+
+
+@dataclass
 class RunStatus:
     plan: ShardPlan
     shards: list[ShardState] = field(default_factory=list)
     older_runs: int = 0
+    billing: Billing | None = None
 
     def count(self, state: str) -> int:
         return sum(s.state == state for s in self.shards)
@@ -55,6 +69,46 @@ def slurm_states(job_ids: set[str]) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return parse_sacct(out)
+
+
+def parse_sacct_usage(text: str) -> dict[str, tuple[float, int, int]]:
+    """`sacct -X -n -P -o JobIDRaw,ElapsedRaw,AllocTRES` -> {job id: (elapsed s, cpus, GPUs)}."""
+    usage = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        tres = dict(kv.split("=", 1) for kv in parts[2].split(",") if "=" in kv)
+        usage[parts[0]] = (float(parts[1]), int(tres.get("cpu", 0) or 0), int(tres.get("gres/gpu", 0) or 0))
+    return usage
+
+
+def slurm_usage(job_ids: set[str]) -> dict[str, tuple[float, int, int]]:
+    """Elapsed seconds and allocated cpus and GPUs of ended or running SLURM jobs, from sacct."""
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,ElapsedRaw,AllocTRES", "-j", ",".join(sorted(job_ids))]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return parse_sacct_usage(out)
+
+
+def billing(run: RunStatus, usage: dict[str, tuple[float, int, int]]) -> Billing | None:
+    """Billed vs used of the SLURM jobs that finished `run`'s done shards (None: none known)."""
+    done = [s.record for s in run.shards if s.state == "done" and s.record and s.record.get("slurm_job_id")]
+    jobs = {str(r["slurm_job_id"]) for r in done} & set(usage)
+    if not jobs:
+        return None
+    gpus = run.plan.spec.gpus_per_shard
+    billed = sum(usage[j][0] * (usage[j][2] if gpus else usage[j][1]) for j in jobs) / 3600
+    used = 0.0
+    for r in done:
+        if str(r["slurm_job_id"]) in jobs:
+            per = gpus or int((r.get("stats") or {}).get("torch_threads") or 1)
+            used += (r["end"] - r["start"]) * per / 3600
+    return Billing("GPU-h" if gpus else "core-h", len(jobs), billed, used)
 
 
 # SLURM job states in which the job's workers still live (or will): anything else ended the job.
@@ -260,6 +314,16 @@ def _throughput(run: RunStatus) -> list[str]:
     return lines
 
 
+def _billing(run: RunStatus) -> list[str]:
+    b = run.billing
+    if b is None or b.billed <= 0:
+        return []
+    return [
+        f"  billed: {b.billed:,.2f} {b.unit} in {b.jobs} SLURM job(s) (elapsed x allocated); the shards "
+        f"computed {b.used:,.2f} {b.unit} of it ({100 * b.used / b.billed:.0f} %)"
+    ]
+
+
 def render(runs: list[RunStatus], tail: int = 8) -> str:
     if not runs:
         return "no shard stores found (nothing has run yet?)\n"
@@ -270,6 +334,7 @@ def render(runs: list[RunStatus], tail: int = 8) -> str:
         older = f"  [{run.older_runs} older run(s) kept]" if run.older_runs else ""
         lines.append(f"{plan.name}: {plan.spec.n_shards} shards ({counts}), run {plan.fingerprint}{older}")
         lines.extend(_throughput(run))
+        lines.extend(_billing(run))
         for shard in run.shards:
             if shard.state in ("running", "failed"):
                 lines.append(f"  shard {shard.index}: {shard.state}: {shard.detail}")
@@ -277,3 +342,107 @@ def render(runs: list[RunStatus], tail: int = 8) -> str:
                     lines.append(f"    --- last lines of {shard.log} ---")
                     lines.extend("    " + ln for ln in log_tail(shard.log, tail).splitlines())
     return "\n".join(lines) + "\n"
+
+
+def expected_stages(cfg: Config) -> dict[str, ShardSpec]:
+    """Every sharded stage output a config asks for, by its name in the shard stores
+    (`<stage>/<key>`, ShardPlan.name), with its shard layout."""
+    gen, tl, pr, an = cfg.generate, cfg.teacher_logits, cfg.probes, cfg.analysis
+    names: dict[str, ShardSpec] = {f"generate/{run}": gen.shards for run in gen.runs}
+    names.update({f"teacher_logits/{teacher}": tl.shards for teacher in tl.teachers})
+    for probe_set in cfg.probe_sets():
+        names.update({f"activations/{probe_set}/{model}": pr.shards for model in pr.probed()})
+    names.update({f"score_fluency/{run}": an.fluency.shards for run in an.runs})
+    return names
+
+
+@dataclass
+class Report:
+    """`shardwise status`: the newest run of each stage output found, and the config's stages that
+    have not started (when a config is given)."""
+
+    results: Path
+    runs: list[RunStatus]
+    not_started: dict[str, ShardSpec]
+
+    @property
+    def n_failed(self) -> int:
+        return sum(run.count("failed") for run in self.runs)
+
+    @property
+    def exit_code(self) -> int:
+        """0: no shard failed (all done, or still running / pending); 2: a shard failed."""
+        return 2 if self.n_failed else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        stages = []
+        for run in self.runs:
+            counts = {s: run.count(s) for s in ("done", "running", "failed", "pending")}
+            state = next((s for s in ("failed", "running", "pending") if counts[s]), "done")
+            stages.append(
+                {
+                    "name": run.plan.name,
+                    "state": state,
+                    "n_shards": run.plan.spec.n_shards,
+                    "counts": counts,
+                    "run": run.plan.fingerprint,
+                    "older_runs": run.older_runs,
+                    "billing": None if run.billing is None else vars(run.billing),
+                    "shards": [
+                        {"index": s.index, "state": s.state, "detail": s.detail, "log": str(s.log or "")}
+                        for s in run.shards
+                        if s.state in ("running", "failed")
+                    ],
+                }
+            )
+        for name, spec in self.not_started.items():
+            counts = {"done": 0, "running": 0, "failed": 0, "pending": spec.n_shards}
+            stages.append(
+                {
+                    "name": name,
+                    "state": "pending",
+                    "n_shards": spec.n_shards,
+                    "counts": counts,
+                    "run": None,
+                    "older_runs": 0,
+                    "billing": None,
+                    "shards": [],
+                }
+            )
+        return {"results": str(self.results), "failed_shards": self.n_failed, "stages": stages}
+
+
+def report(results: str | Path = "results", cfg: Config | None = None) -> Report:
+    """The status of `results` (and, given the config, of its stages not started yet). A results
+    path that does not exist, or holds no shard store while no config says what to expect, is an
+    error (a mistyped --results)."""
+    results = Path(results)
+    if not results.is_dir():
+        raise ShardwiseError(f"{results}: no such directory (no shardwise run there; --results?)")
+    runs = collect(results)
+    if not runs and cfg is None:
+        raise ShardwiseError(
+            f"{results}: holds no shardwise run (no shard store under it; --results? nothing ran yet?)"
+        )
+    ids = {
+        str(s.record["slurm_job_id"])
+        for run in runs
+        for s in run.shards
+        if s.record and s.record.get("slurm_job_id")
+    }
+    usage = slurm_usage(ids)
+    for run in runs:
+        run.billing = billing(run, usage)
+    found = {run.plan.name for run in runs}
+    expected = expected_stages(cfg) if cfg is not None else {}
+    return Report(results, runs, {n: spec for n, spec in expected.items() if n not in found})
+
+
+def render_report(rep: Report, tail: int = 8) -> str:
+    text = render(rep.runs, tail=tail) if rep.runs else ""
+    for name, spec in rep.not_started.items():
+        n = spec.n_shards
+        text += f"{name}: {n} shards (0 done, 0 running, 0 failed, {n} pending), not started\n"
+    if rep.n_failed:
+        text += f"{rep.n_failed} shard(s) failed: see above; rerun the workflow to retry them\n"
+    return text

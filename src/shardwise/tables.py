@@ -94,6 +94,15 @@ def _ensure_ids(df: pd.DataFrame, id_col: str, path: Path, what: str) -> pd.Data
     if ids.isna().any():
         row = int(df.index[ids.isna()][0])
         raise InputError(f"{what} file {path}: missing {id_col} in row {row}")
+    # ids of two kinds (1 and "p2") pass here but fail when a stage writes them (pyarrow
+    # ArrowTypeError, after generation): refused now, in one line
+    kinds = ids.map(lambda v: "number" if isinstance(_plain(v), (int, float)) else type(_plain(v)).__name__)
+    if kinds.nunique() > 1:
+        first, other = kinds.iloc[0], kinds[kinds != kinds.iloc[0]].index[0]
+        raise InputError(
+            f"{what} file {path}: {id_col} mixes kinds: row 0 has {first} {_plain(ids.iloc[0])!r}, row "
+            f"{other} has {kinds[other]} {_plain(ids[other])!r} (give every row the same kind)"
+        )
     dup = ids.duplicated(keep=False)
     if dup.any():
         first = _plain(ids[dup].iloc[0])

@@ -11,9 +11,9 @@ rule score_fluency:
         "benchmarks/score_fluency/{run}/job-{job}.tsv"
     conda:
         ENV
-    threads: AN.fluency.shards.shards_per_job
+    threads: CLUSTER.threads("score_fluency")
     resources:
-        gpu=AN.fluency.shards.gpus_per_job,
+        **CLUSTER.resources("score_fluency"),
     params:
         settings=as_param(settings.score_fluency(CFG)),
         shards=job_shards(AN.fluency.shards),
@@ -38,6 +38,8 @@ rule merge_fluency:
     retries: 0
     conda:
         ENV
+    resources:
+        **CLUSTER.resources("merge_fluency"),
     params:
         settings=as_param(settings.score_fluency(CFG)),
         code=code("fluency"),
@@ -58,7 +60,7 @@ rule score_toxicity:
     conda:
         ENV
     resources:
-        gpu=toxicity_gpus(),
+        **CLUSTER.resources("score_toxicity"),
     params:
         settings=as_param(settings.score_toxicity(CFG)),
         code=code("toxicity"),
@@ -87,9 +89,11 @@ rule analyse:
         "benchmarks/analyse/analyse.tsv"
     conda:
         ENV
-    # the bootstrap's resamples run in threads (the results do not depend on how many); on SLURM a
-    # rome 1/8 node (16 cores, 28 GiB); locally capped at --cores
-    threads: 16
+    # 16: the bootstrap's resamples run in threads (the results do not depend on how many); on
+    # Snellius the rome 1/8 node it is billed for (16 cores, 28 GiB); locally capped at --cores
+    threads: CLUSTER.threads("analyse")
+    resources:
+        **CLUSTER.resources("analyse"),
     params:
         runs=list(AN.runs),
         settings=as_param(settings.analyse(CFG)),
@@ -132,7 +136,13 @@ rule report:
         # the report's tables as pasted: formatted cells (3 significant digits, CIs in brackets)
         tables=expand(
             "results/analysis/tables/{table}.{ext}",
-            table=["settings", "summary", "differences", "correlations", "summary_by_prompt_toxicity"],
+            table=[
+                "settings",
+                "summary",
+                "differences",
+                "correlations",
+                "summary_by_prompt_toxicity",
+            ],
             ext=["csv", "tex"],
         ),
         html="results/analysis/report.html",
@@ -143,6 +153,8 @@ rule report:
         "benchmarks/report/report.tsv"
     conda:
         ENV
+    resources:
+        **CLUSTER.resources("report"),
     params:
         runs=list(AN.runs),
         settings=as_param(settings.report(CFG)),

@@ -19,6 +19,7 @@ envvars:
 
 from shardwise import settings
 from shardwise.checks import check_inputs
+from shardwise.cluster import Cluster, account_problem, table_from
 from shardwise.config import TOXICITY_PROBE_DATA
 from shardwise.errors import ShardwiseError
 from shardwise.fingerprint import code_version
@@ -34,7 +35,43 @@ AN = CFG.analysis
 ENV = "../../envs/shardwise.yaml"
 
 
+def _raw_resources(resources):
+    """{name: the value as written} of a Snakemake resource map (profile values are unevaluated)."""
+    return {name: getattr(res, "raw", res) for name, res in (resources or {}).items()}
+
+
+# A SLURM profile of ours names its partition table (default resource shardwise_partitions): then
+# every job is placed on a partition from its own resources, and checked against it below.
+_DEFAULTS = _raw_resources(workflow.resource_settings.default_resources)
+try:
+    CLUSTER = Cluster(
+        CFG,
+        table_from(_DEFAULTS),
+        _DEFAULTS,
+        {
+            name: _raw_resources(res)
+            for name, res in workflow.resource_settings.overwrite_resources.items()
+        },
+    )
+except ShardwiseError as exc:
+    if workflow.is_main_process:
+        fail(str(exc))
+    # inside a job its resources are settled; the srun line falls back to the job's threads
+    CLUSTER = Cluster(CFG, None)
+
+
 if workflow.is_main_process:
+    # A job whose failure recurs (bad input, config or model, wrong data types) is not retried.
+    from shardwise.retries import install as no_blind_retries
+
+    no_blind_retries(since=workflow.start_time.timestamp() - 60)  # clocks of other nodes
+    # What no partition can run fails here, one line per rule, before anything is submitted (also
+    # in a dry run): sbatch would refuse it, and the profile would retry the refusal.
+    _impossible = CLUSTER.problems()
+    for _line in _impossible:
+        print(f"shardwise: error: {_line}", file=sys.stderr)
+    if _impossible:
+        raise SystemExit(1)
     # The input checks run once, before any job (also in a dry run), and fail in one line; the
     # re-parse inside each job does not repeat them.
     try:
@@ -143,12 +180,6 @@ def toxicity_inputs(wildcards):
     return inputs
 
 
-def toxicity_gpus():
-    """Neural scorers get a GPU where the config has GPUs (the fluency shards use them)."""
-    neural = AN.toxicity.scorer != "profanity-check"
-    return 1 if neural and AN.fluency.shards.gpus_per_shard else 0
-
-
 def analysis_outputs():
     if not AN.runs:
         return []
@@ -160,3 +191,11 @@ def analysis_outputs():
         "results/analysis/report.html",
         "results/analysis/run_info.json",
     ]
+
+
+onstart:
+    # a real run on SLURM bills an account: the profile names it (a dry run needs none)
+    if CLUSTER.table is not None and (
+        _problem := account_problem(_DEFAULTS, "the SLURM profile")
+    ):
+        fail(_problem)

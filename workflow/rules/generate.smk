@@ -11,9 +11,9 @@ rule generate:
         "benchmarks/generate/{run}/job-{job}.tsv"
     conda:
         ENV
-    threads: GEN.shards.shards_per_job
+    threads: CLUSTER.threads("generate")
     resources:
-        gpu=GEN.shards.gpus_per_job,
+        **CLUSTER.resources("generate"),
     params:
         settings=lambda wc: as_param(settings.generate(CFG, wc.run)),
         shards=job_shards(GEN.shards),
@@ -38,6 +38,8 @@ rule merge_generations:
     retries: 0
     conda:
         ENV
+    resources:
+        **CLUSTER.resources("merge_generations"),
     params:
         settings=lambda wc: as_param(settings.generate(CFG, wc.run)),
         code=code("generate"),

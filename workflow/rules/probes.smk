@@ -11,9 +11,12 @@ rule toxicity_probe_data:
         "benchmarks/toxicity_probe_data/toxicity_probe_data.tsv"
     # it fails only on its input (e.g. one class only), which a retry does not change
     retries: 0
-    localrule: True
     conda:
         ENV
+    # a cluster job, not one on the login node: it holds every analysed generation in memory
+    # (docs/scale.md: ~3.4 GB at the example's size)
+    resources:
+        **CLUSTER.resources("toxicity_probe_data"),
     params:
         settings=as_param(settings.toxicity_probe_data(CFG)),
         code=code("probes"),
@@ -34,9 +37,9 @@ rule activations:
         "benchmarks/activations/{probe_set}/{model}/job-{job}.tsv"
     conda:
         ENV
-    threads: PROBES.shards.shards_per_job
+    threads: CLUSTER.threads("activations")
     resources:
-        gpu=PROBES.shards.gpus_per_job,
+        **CLUSTER.resources("activations"),
     params:
         settings=lambda wc: as_param(settings.activations(CFG, wc.probe_set, wc.model)),
         shards=job_shards(PROBES.shards),
@@ -63,6 +66,8 @@ rule merge_activations:
     retries: 0
     conda:
         ENV
+    resources:
+        **CLUSTER.resources("merge_activations"),
     params:
         settings=lambda wc: as_param(settings.activations(CFG, wc.probe_set, wc.model)),
         code=code("activations"),
@@ -104,7 +109,7 @@ rule train_probes:
     conda:
         ENV
     resources:
-        gpu=1 if PROBES.shards.gpus_per_shard else 0,
+        **CLUSTER.resources("train_probes"),
     params:
         settings=lambda wc: as_param(settings.train_probes(CFG, wc.probe_set)),
         code=code("probes"),

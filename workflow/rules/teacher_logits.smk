@@ -11,9 +11,9 @@ rule compute_teacher_logits:
         "benchmarks/teacher_logits/{teacher}/job-{job}.tsv"
     conda:
         ENV
-    threads: TL.shards.shards_per_job
+    threads: CLUSTER.threads("compute_teacher_logits")
     resources:
-        gpu=TL.shards.gpus_per_job,
+        **CLUSTER.resources("compute_teacher_logits"),
     params:
         settings=lambda wc: as_param(settings.teacher_logits(CFG, wc.teacher)),
         shards=job_shards(TL.shards),
@@ -41,6 +41,8 @@ rule merge_teacher_logits:
     retries: 0
     conda:
         ENV
+    resources:
+        **CLUSTER.resources("merge_teacher_logits"),
     params:
         settings=lambda wc: as_param(settings.teacher_logits(CFG, wc.teacher)),
         code=code("teacher_logits"),
