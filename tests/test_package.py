@@ -17,7 +17,8 @@ from shardwise.fingerprint import import_closure, imports_of
 # Each module imports only modules of lower layers (read from the source, function-level
 # imports included). A new module gets a row here.
 LAYERS = [
-    {"shardwise", "errors", "atomic", "environment", "batching", "clock"},  # leaves: no shardwise import
+    # leaves: no shardwise import
+    {"shardwise", "errors", "atomic", "environment", "batching", "clock", "intervals"},
     {"config", "fingerprint", "tables", "logits", "profile"},  # typed config, hashes, table loaders
     {"settings", "models", "shards"},  # per-stage settings, model loading, the shard mechanism
     {  # the stages: none imports another

@@ -72,6 +72,9 @@ def check_inputs(cfg: Config) -> dict[str, int]:
     for weights in [run.model for run in gen.runs.values()] + list(tl.teachers.values()):
         check_source(cfg.models[weights])
     if gen.runs:
+        from shardwise.generate import check_engines
+
+        check_engines(cfg)  # engine vllm: one line when vllm cannot be imported
         counts["prompts"] = n = len(load_prompts(gen.prompts))
         _check_shards("generate", gen.shards, n, "prompts", f"in {gen.prompts}", align=gen.shards.chunk_size)
     if tl.teachers:
