@@ -383,3 +383,41 @@ def test_vllm_shards_give_the_same_texts_for_any_n_shards(tmp_path, vllm_model, 
     from shardwise.tables import load_prompts
 
     pd.testing.assert_frame_equal(one, _table(engine, load_prompts(prompts), sampling))
+
+
+# --------------------------------------------------------------------------- through Snakemake
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@without_vllm
+def test_snakemake_with_engine_vllm_and_a_new_n_shards_gives_the_same_texts(vllm_model, tmp_path):
+    """The normal rules (prepare_model, generate, merge_generations) with `engine: vllm`: every
+    (prompt_id, sample_id) once with the usual columns; n_shards 2 -> 3 reruns and gives the same
+    texts (float32)."""
+    from conftest import copy_workflow
+
+    from shardwise.generate import COLUMNS
+
+    wf = copy_workflow(tmp_path / "wf")
+    write_prompts(wf.path("config/prompts.jsonl"), 20)
+    cfg = raw_config(
+        str(vllm_model.parent / "src"),
+        prompts="config/prompts.jsonl",
+        engine="vllm",
+        vllm={"cpu_kv_cache_gib": 1},
+        shards={"n_shards": 2, "shards_per_job": 2, "chunk_size": 4},
+    )
+    cfg["generate"]["models"] = {"tiny": {}}
+    wf.write_config(cfg)
+    wf.run("generations", timeout=900)
+    first = pd.read_parquet(wf.path("results/generations/tiny.parquet"))
+    assert list(first.columns) == [*COLUMNS, "extra"]
+    assert len(first) == 40 and not first.duplicated(["prompt_id", "sample_id"]).any()
+    info = json.loads(wf.path("results/generations/tiny.run_info.json").read_text())
+    assert "vllm" in json.dumps(info)
+    cfg["generate"]["shards"]["n_shards"] = 3
+    wf.write_config(cfg)
+    wf.run("generations", timeout=900)
+    again = pd.read_parquet(wf.path("results/generations/tiny.parquet"))
+    pd.testing.assert_frame_equal(again, first)

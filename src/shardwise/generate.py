@@ -140,8 +140,10 @@ def generate_table(
     batch_size: int,
     device: str = "cpu",
     progress: Any = None,
+    cache_implementation: str | None = None,
 ) -> pd.DataFrame:
     """Sample `sampling.samples_per_prompt` continuations of each prompt; rows in prompt order.
+    (`cache_implementation`, e.g. "static", is passed to generate: bench/generation.py compares it.)
 
     Only the config decides the sampling: transformers fills every field a generate() call leaves
     unset from model.generation_config (a model may ship repetition_penalty, no_repeat_ngram_size,
@@ -157,7 +159,9 @@ def generate_table(
         pad_token_id=shipped.pad_token_id,
     )
     try:
-        return _generate_table(model, tokenizer, prompts, sampling, batch_size, device, progress)
+        return _generate_table(
+            model, tokenizer, prompts, sampling, batch_size, device, progress, cache_implementation
+        )
     finally:
         model.generation_config = shipped
 
@@ -170,6 +174,7 @@ def _generate_table(
     batch_size: int,
     device: str,
     progress: Any,
+    cache_implementation: str | None = None,
 ) -> pd.DataFrame:
     import torch
     from transformers import GenerationConfig
@@ -188,6 +193,7 @@ def _generate_table(
         max_new_tokens=sampling.max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=eos_ids,
+        **({"cache_implementation": cache_implementation} if cache_implementation else {}),
     )
     results: dict[tuple[int, int], dict[str, Any]] = {}
     for b in range(0, len(rows), batch_size):
