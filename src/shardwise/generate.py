@@ -279,7 +279,7 @@ def check_engines(cfg: Config) -> None:
 
         raise InputError(
             f"generate.models ({', '.join(runs)}): engine vllm, but vllm cannot be imported here ({why}); "
-            "install it as README's 'vLLM' section says, or set engine: hf"
+            "install it (README, 'Install vLLM on the CPU'; the CUDA vllm on GPU nodes) or set engine: hf"
         )
 
 
@@ -300,7 +300,8 @@ def generation_eos_ids(model_dir: str | Path, tokenizer: Any) -> list[int]:
 def vllm_sampling_params(sampling: Sampling, seed: int, eos_ids: list[int]) -> Any:
     """One request's SamplingParams, every field that changes the draw set from the config: no
     penalties, no min_p, top_k 0 = off, EOS = the model's EOS ids (as the hf engine), suppressed
-    before min_new_tokens; token ids only (the texts are decoded here, jointly with the prompt)."""
+    before min_new_tokens (with the tokenizer's EOS, which vLLM always adds to that set); token ids
+    only (the texts are decoded here, jointly with the prompt)."""
     from vllm import SamplingParams
 
     return SamplingParams(
@@ -424,9 +425,9 @@ def _compute_shard_vllm(
     from shardwise.models import resolve_dtype
 
     a = ctx.args
-    if ctx.n_gpus > 0:
-        ctx.device  # noqa: B018  (refuses a GPU shard without CUDA, as the hf engine does)
-    llm = vllm_engine(a["model_dir"], a["dtype"], ctx.n_gpus, a["engine"], a.get("vllm", {}), ctx.threads)
+    # ctx.device refuses a GPU shard without CUDA, as the hf engine does; SHARDWISE_FORCE_CPU=1 -> cpu
+    n_gpus = 0 if ctx.device == "cpu" else ctx.n_gpus
+    llm = vllm_engine(a["model_dir"], a["dtype"], n_gpus, a["engine"], a.get("vllm", {}), ctx.threads)
     tokenizer = AutoTokenizer.from_pretrained(a["model_dir"])
     eos_ids = generation_eos_ids(a["model_dir"], tokenizer)
     total = sum(len(c) for c in chunks) * sampling.samples_per_prompt
@@ -436,7 +437,7 @@ def _compute_shard_vllm(
             table = vllm_table(llm, tokenizer, prompts.iloc[chunk.start : chunk.stop], sampling, eos_ids, bar)
             ctx.commit(chunk, table)
             new_tokens += int(table["n_new_tokens"].sum())
-    dtype = resolve_dtype(a["dtype"], "cpu" if ctx.n_gpus == 0 else "cuda")
+    dtype = resolve_dtype(a["dtype"], "cpu" if n_gpus == 0 else "cuda")
     ctx.record_speed(
         SimpleNamespace(dtype=dtype),
         items=total,
