@@ -369,6 +369,7 @@ def _run_generation(
     return pd.read_parquet(tmp / "tiny.parquet")
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 @without_vllm
 def test_vllm_shards_give_the_same_texts_for_any_n_shards(tmp_path, vllm_model, engine):
@@ -412,6 +413,7 @@ def _plan_and_args(tmp: str, model_dir: str, prompts: str, n_shards: int, shards
     return plan, worker_args(cfg, "tiny", model_dir), cfg
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 @without_vllm
 def test_a_vllm_worker_killed_mid_shard_resumes_to_the_same_texts(tmp_path, vllm_model, engine):
