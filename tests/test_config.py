@@ -134,6 +134,7 @@ MIRRORS: list[tuple[str, str, dict[str, str], set[str], set[str]]] = [
     ("ModelSpec", "properties/models/*", {}, {"name"}, set()),
     ("GenerateConfig", "properties/generate", {"models": "runs"}, set(), {"sampling"}),
     ("Sampling", "definitions/sampling", {}, set(), set()),
+    ("VllmConfig", "properties/generate/properties/vllm", {}, set(), set()),
     ("TeacherLogitsConfig", "properties/teacher_logits", {}, set(), set()),
     ("ProbesConfig", "properties/probes", {}, set(), set()),
     ("AnalysisConfig", "properties/analysis", {}, set(), set()),

@@ -10,6 +10,7 @@ reads it.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,6 +96,13 @@ MATRIX: dict[str, tuple[Any, dict[str, int]]] = {
     "generate.sampling.seed": (9, plus(GEN_ALL, ANALYSIS)),
     # dtype auto: not float32, so the batch size can change bf16 texts (README, schema)
     "generate.batch_size": (4, plus(GEN_ALL, ANALYSIS)),
+    # the vLLM engine's settings: both runs here are hf, which they do not touch
+    "generate.vllm.max_model_len": (64, NOTHING),
+    "generate.vllm.gpu_memory_utilization": (0.5, NOTHING),
+    "generate.vllm.cpu_kv_cache_gib": (1, NOTHING),
+    "generate.vllm.tensor_parallel_size": (1, NOTHING),
+    "generate.vllm.max_num_seqs": (8, NOTHING),
+    "generate.vllm.enforce_eager": (True, NOTHING),
     "generate.shards.n_shards": (3, plus(GEN_ALL, ANALYSIS, generate=6)),
     # regrouping jobs: each job reruns (its finished shards are reused) and Snakemake reruns
     # what reads the merged tables, by their file times
@@ -152,6 +160,15 @@ MATRIX: dict[str, tuple[Any, dict[str, int]]] = {
     "analysis.toxicity.threshold": (0.3, ANALYSIS),
 }
 
+# engine vllm: the dry run checks that vllm imports (README "Engines: hf or vllm")
+ENGINE_KEYS = {
+    "generate.engine": ("vllm", plus(GEN_ALL, ANALYSIS)),
+    "generate.models.a.engine": ("vllm", plus(GEN_A, ANALYSIS)),
+    "generate.models.b.engine": ("vllm", plus(GEN_B, ANALYSIS)),
+}
+if importlib.util.find_spec("vllm") is not None:
+    MATRIX.update(ENGINE_KEYS)
+
 # Keys of the schema that no single-value change can show here, and why.
 NOT_IN_MATRIX = {
     f"models.{model}.{key}": why
@@ -163,6 +180,10 @@ NOT_IN_MATRIX = {
         "file": "source package only",
     }.items()
 }
+if importlib.util.find_spec("vllm") is None:
+    NOT_IN_MATRIX.update(
+        {key: "engine vllm needs vllm installed (tests/test_vllm.py)" for key in ENGINE_KEYS}
+    )
 
 # module edited -> jobs rerun: exactly the stages whose module imports it, directly or not.
 MODULES = {

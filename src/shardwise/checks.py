@@ -153,6 +153,9 @@ def check_inputs(cfg: Config) -> dict[str, int]:
     for weights in [run.model for run in gen.runs.values()] + list(tl.teachers.values()):
         check_source(cfg.models[weights])
     if gen.runs:
+        from shardwise.generate import check_engines
+
+        check_engines(cfg)  # engine vllm: one line when vllm cannot be imported
         prompts = load_prompts(gen.prompts)
         counts["prompts"] = n = len(prompts)
         check_prompt_lengths(cfg, prompts["prompt_id"].tolist(), prompts["prompt"].tolist())

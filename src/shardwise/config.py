@@ -148,11 +148,32 @@ class Sampling:
 
 @dataclass(frozen=True)
 class GenerateRun:
-    """One generation output: weights `model` sampled with `sampling`."""
+    """One generation output: weights `model` sampled with `sampling` by `engine` (hf or vllm)."""
 
     name: str
     model: str
     sampling: Sampling
+    engine: str = "hf"
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """generate.vllm: the vLLM engine's settings (runs with engine vllm only)."""
+
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: int = 4
+    tensor_parallel_size: int | None = None
+    max_num_seqs: int = 256
+    enforce_eager: bool | None = None
+
+    def tensor_parallel(self, gpus_per_shard: int) -> int:
+        """GPUs the model is split over: the configured size, else gpus_per_shard (1 on the CPU)."""
+        return self.tensor_parallel_size or max(1, gpus_per_shard)
+
+    def eager(self, gpus_per_shard: int) -> bool:
+        """No CUDA graphs / compilation: as configured, else on the CPU only."""
+        return gpus_per_shard == 0 if self.enforce_eager is None else self.enforce_eager
 
 
 @dataclass(frozen=True)
@@ -161,6 +182,8 @@ class GenerateConfig:
     runs: dict[str, GenerateRun]
     batch_size: int
     shards: ShardSpec
+    engine: str = "hf"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass(frozen=True)
@@ -313,13 +336,25 @@ def load_config(raw: Mapping[str, Any], source: str = "config", base_dir: Path |
     for run_name, overrides in gen["models"].items():
         weights = _weights(models, "generate.models", run_name, overrides, source)
         sampling = Sampling(**{k: overrides.get(k, v) for k, v in shared.items()})
-        runs[run_name] = GenerateRun(name=run_name, model=weights, sampling=sampling)
+        engine = overrides.get("engine", gen["engine"])
+        runs[run_name] = GenerateRun(name=run_name, model=weights, sampling=sampling, engine=engine)
 
+    shards = ShardSpec(**gen["shards"])
+    vllm = VllmConfig(**gen["vllm"])
+    if any(run.engine == "vllm" for run in runs.values()):
+        tp, gpus = vllm.tensor_parallel(shards.gpus_per_shard), shards.gpus_per_shard
+        if tp > max(1, gpus):
+            raise ConfigError(
+                f"{source}: generate.vllm.tensor_parallel_size: {tp} is more than the GPUs of a shard "
+                f"(generate.shards.gpus_per_shard: {gpus}{'; the CPU runs one' if gpus == 0 else ''})"
+            )
     generate = GenerateConfig(
         prompts=local(gen["prompts"]),
         runs=runs,
         batch_size=gen["batch_size"],
-        shards=ShardSpec(**gen["shards"]),
+        shards=shards,
+        engine=gen["engine"],
+        vllm=vllm,
     )
 
     tl = resolved["teacher_logits"]

