@@ -64,7 +64,8 @@ if workflow.is_main_process:
     # A job whose failure recurs (bad input, config or model, wrong data types) is not retried.
     from shardwise.retries import install as no_blind_retries
 
-    no_blind_retries(since=workflow.start_time.timestamp() - 60)  # clocks of other nodes
+    # a minute early: the clocks of other nodes
+    no_blind_retries(since=workflow.start_time.timestamp() - 60)
     # What no partition can run fails here, one line per rule, before anything is submitted (also
     # in a dry run): sbatch would refuse it, and the profile would retry the refusal.
     _impossible = CLUSTER.problems()
