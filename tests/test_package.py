@@ -19,7 +19,7 @@ from shardwise.fingerprint import import_closure, imports_of
 LAYERS = [
     {"shardwise", "errors", "atomic", "environment", "batching", "clock", "intervals"},  # leaves
     {"config", "fingerprint", "tables", "logits", "profile"},  # typed config, hashes, table loaders
-    {"settings", "models", "shards"},  # per-stage settings, model loading, the shard mechanism
+    {"settings", "models", "shards", "cluster"},  # per-stage settings, models, shards, partitions
     {  # the stages: none imports another
         "prepare_model",
         "generate",
@@ -33,7 +33,7 @@ LAYERS = [
         "status",
     },
     {"checks", "smk"},  # input checks, the Snakemake adapter
-    {"cli"},
+    {"cli", "retries"},  # the command line; the retry policy of the Snakemake head
 ]
 
 

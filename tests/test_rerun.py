@@ -158,6 +158,7 @@ MATRIX: dict[str, tuple[Any, dict[str, int]]] = {
     "analysis.toxicity.variant": ("unbiased", NOTHING),  # detoxify only
     "analysis.toxicity.batch_size": (8, NOTHING),
     "analysis.toxicity.threshold": (0.3, ANALYSIS),
+    "analysis.toxicity.prompt_toxicity_column": ("toxicity_of_prompt", ANALYSIS),
 }
 
 # engine vllm: the dry run checks that vllm imports (README "Engines: hf or vllm")
