@@ -59,16 +59,20 @@ def parse_sacct(text: str) -> dict[str, str]:
     return states
 
 
+def _sacct(job_ids: set[str], fields: str) -> str:
+    """`sacct -X -n -P -o <fields>` of the jobs: "" without job ids, without sacct, or on its failure."""
+    if not job_ids or shutil.which("sacct") is None:
+        return ""
+    cmd = ["sacct", "-X", "-n", "-P", "-o", fields, "-j", ",".join(sorted(job_ids))]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def slurm_states(job_ids: set[str]) -> dict[str, str]:
     """SLURM job id -> state (RUNNING, TIMEOUT, CANCELLED by ...), from sacct when it is there."""
-    if not job_ids or shutil.which("sacct") is None:
-        return {}
-    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,State", "-j", ",".join(sorted(job_ids))]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return parse_sacct(out)
+    return parse_sacct(_sacct(job_ids, "JobIDRaw,State"))
 
 
 def parse_sacct_usage(text: str) -> dict[str, tuple[float, int, int]]:
@@ -85,14 +89,7 @@ def parse_sacct_usage(text: str) -> dict[str, tuple[float, int, int]]:
 
 def slurm_usage(job_ids: set[str]) -> dict[str, tuple[float, int, int]]:
     """Elapsed seconds and allocated cpus and GPUs of ended or running SLURM jobs, from sacct."""
-    if not job_ids or shutil.which("sacct") is None:
-        return {}
-    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,ElapsedRaw,AllocTRES", "-j", ",".join(sorted(job_ids))]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return parse_sacct_usage(out)
+    return parse_sacct_usage(_sacct(job_ids, "JobIDRaw,ElapsedRaw,AllocTRES"))
 
 
 def billing(run: RunStatus, usage: dict[str, tuple[float, int, int]]) -> Billing | None:
