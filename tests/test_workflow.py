@@ -213,15 +213,33 @@ def test_lost_or_damaged_shards_heal_by_running_the_same_command(workflow_copy, 
     assert (store / "0002-of-0003.parquet.bad").is_file()  # kept for inspection
 
 
-def test_editing_the_generation_code_outdates_the_generations(workflow_copy, tiny_model_src):
+def test_code_identity_reruns_the_stage_whose_code_changed_and_nothing_for_plumbing(
+    workflow_copy, tiny_model_src
+):
+    """A comment, a docstring or an unrelated edit to the plumbing (config, settings, status, the shard
+    mechanism) reruns nothing; a change to the sampler reruns the generation (tests/test_identity.py
+    checks every stage's identity without Snakemake)."""
     wf = workflow_copy
     setup(wf, tiny_model_src)
     wf.run()
-    assert "Nothing to be done" in wf.run("-n").stdout + wf.run("-n").stderr
-    with open(wf.path("src/shardwise/generate.py"), "a") as fh:
-        fh.write("\n# an edit to the generation code\n")
-    counts = job_counts(wf.run("-n").stdout)
+    pkg = wf.path("src/shardwise")
+    plumbing = [pkg / f"{m}.py" for m in ("config", "settings", "status")]
+    plumbing += sorted((pkg / "shards").glob("*.py")) if (pkg / "shards").is_dir() else [pkg / "shards.py"]
+    for path in [*plumbing, pkg / "generate.py"]:
+        path.write_text(path.read_text() + "\n# an edit to the comments\n")
+    for path in plumbing:
+        path.write_text(path.read_text() + "\n\ndef _unrelated() -> int:\n    return 1\n")
+    dry = wf.run("-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    sampler = pkg / "generate.py"
+    old = "logits = scores.float() / self.s.temperature"
+    sampler.write_text(
+        sampler.read_text().replace(old, "logits = scores.float() / max(self.s.temperature, 1e-6)")
+    )
+    dry = wf.run("-n")
+    counts = job_counts(dry.stdout)
     assert counts["generate"] == 2 and counts["merge_generations"] == 1
+    assert "Params have changed since last execution" in dry.stdout + dry.stderr
 
 
 def test_run_info_records_the_resolved_config(workflow_copy, tiny_model_src):

@@ -39,13 +39,18 @@ from shardwise import __version__, settings
 from shardwise.batching import batches, right_padded
 from shardwise.config import Config, load_config
 from shardwise.errors import InputError, ShardError
-from shardwise.fingerprint import code_version, sha256_file
+from shardwise.fingerprint import sha256_file, stage_identity
 from shardwise.models import load_shard_model, read_record, revision
 from shardwise.shards import ShardContext, ShardPlan, run_job
 from shardwise.shards import merge as merge_shards
 from shardwise.tables import load_labelled
 
 log = logging.getLogger(__name__)
+
+# The stage's code identity (shardwise.fingerprint.stage_identity): bump VERSION when a change is meant
+# to change results; LIBRARIES are the distributions whose installed versions compute them.
+VERSION = 1
+LIBRARIES = ("torch", "transformers")
 
 STAGE = "activations"
 
@@ -214,7 +219,7 @@ def make_plan(
         "model": record["identity"],
         "layers": layers,
         "data_sha256": sha256_file(pr.data),
-        "code": code_version(__name__),
+        "code": stage_identity("activations"),
     }
     plan = ShardPlan(
         stage=STAGE,

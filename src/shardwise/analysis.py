@@ -88,6 +88,11 @@ from shardwise.intervals import (
 
 log = logging.getLogger(__name__)
 
+# The stage's code identity (shardwise.fingerprint.stage_identity): bump VERSION when a change is meant
+# to change results; LIBRARIES are the distributions whose installed versions compute them.
+VERSION = 1
+LIBRARIES = ("numpy", "scipy", "pandas")
+
 
 def max_toxicity(scores: pd.DataFrame) -> pd.Series:
     return scores.groupby("prompt_id", sort=False)["toxicity"].max()

@@ -41,13 +41,18 @@ from shardwise import settings
 from shardwise.batching import batches
 from shardwise.config import Config, load_config
 from shardwise.errors import ModelError
-from shardwise.fingerprint import code_version, sha256_file
+from shardwise.fingerprint import sha256_file, stage_identity
 from shardwise.models import load_shard_model, read_record
 from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job
 from shardwise.shards import merge as merge_shards
 from shardwise.tables import count_generations, load_generations
 
 log = logging.getLogger(__name__)
+
+# The stage's code identity (shardwise.fingerprint.stage_identity): bump VERSION when a change is meant
+# to change results; LIBRARIES are the distributions whose installed versions compute them.
+VERSION = 1
+LIBRARIES = ("torch", "transformers")
 
 STAGE = "score_fluency"
 CODEC = ParquetCodec()
@@ -188,7 +193,7 @@ def make_plan(
         **settings.score_fluency(cfg),
         "model": read_record(model_dir)["identity"],
         "generations_sha256": sha256_file(generations),
-        "code": code_version(__name__),
+        "code": stage_identity("fluency"),
     }
     return ShardPlan(
         stage=STAGE,

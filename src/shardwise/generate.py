@@ -43,13 +43,18 @@ import pandas as pd
 
 from shardwise import settings
 from shardwise.config import Config, Sampling, load_config
-from shardwise.fingerprint import code_version, sha256_file
+from shardwise.fingerprint import sha256_file, stage_identity
 from shardwise.models import load_shard_model, read_record
 from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job
 from shardwise.shards import merge as merge_shards
 from shardwise.tables import load_prompts
 
 log = logging.getLogger(__name__)
+
+# The stage's code identity (shardwise.fingerprint.stage_identity): bump VERSION when a change is meant
+# to change results; LIBRARIES are the distributions whose installed versions compute them.
+VERSION = 1
+LIBRARIES = ("torch", "transformers")  # and, for engine vllm, vLLM: settings.generate
 
 STAGE = "generate"
 CODEC = ParquetCodec()
@@ -470,7 +475,7 @@ def make_plan(
         **settings.generate(cfg, run_name),
         "model": read_record(model_dir)["identity"],
         "prompts_sha256": sha256_file(cfg.generate.prompts),
-        "code": code_version(__name__),
+        "code": stage_identity("generate"),
     }
     return ShardPlan(
         stage=STAGE,

@@ -10,6 +10,11 @@ from shardwise.models import prepare_model
 
 log = logging.getLogger(__name__)
 
+# The stage's code identity (shardwise.fingerprint.stage_identity): bump VERSION when a change is meant
+# to change results; LIBRARIES are the distributions whose installed versions compute them.
+VERSION = 1
+LIBRARIES = ("torch", "transformers", "gguf")
+
 
 def job(smk: Any) -> None:
     cfg = load_config(smk.config)

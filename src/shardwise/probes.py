@@ -46,6 +46,11 @@ from shardwise.tables import load_labelled
 
 log = logging.getLogger(__name__)
 
+# The stage's code identity (shardwise.fingerprint.stage_identity): bump VERSION when a change is meant
+# to change results; LIBRARIES are the distributions whose installed versions compute them.
+VERSION = 1
+LIBRARIES = ("torch", "numpy")
+
 SPLITS = ("train", "val", "test")
 # how each probe's optimisation ended (Fit.status, metrics.csv `status`; fit() says when each applies)
 CONVERGED, EARLY_STOP, STEP_LIMIT, STALLED = 1, 2, 3, 4

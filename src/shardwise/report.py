@@ -33,6 +33,11 @@ import pandas as pd
 
 from shardwise.atomic import atomic_path, atomic_write_text
 
+# The stage's code identity (shardwise.fingerprint.stage_identity): bump VERSION when a change is meant
+# to change results; LIBRARIES are the distributions whose installed versions compute them.
+VERSION = 1
+LIBRARIES = ("matplotlib",)
+
 
 def _plt() -> Any:
     import matplotlib

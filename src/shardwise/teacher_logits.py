@@ -31,7 +31,7 @@ from shardwise import __version__, settings
 from shardwise.batching import batches, right_padded
 from shardwise.config import Config, load_config
 from shardwise.errors import ShardError
-from shardwise.fingerprint import code_version, sha256_file, stable_hash
+from shardwise.fingerprint import sha256_file, stable_hash, stage_identity
 from shardwise.logits import check_attrs, concat_files, topk_dtype, write_file
 from shardwise.models import load_shard_model, read_record, revision
 from shardwise.shards import ShardContext, ShardPlan, run_job
@@ -39,6 +39,11 @@ from shardwise.shards import merge as merge_shards
 from shardwise.tables import count_generations, load_texts
 
 log = logging.getLogger(__name__)
+
+# The stage's code identity (shardwise.fingerprint.stage_identity): bump VERSION when a change is meant
+# to change results; LIBRARIES are the distributions whose installed versions compute them.
+VERSION = 1
+LIBRARIES = ("torch", "transformers")
 
 STAGE = "teacher_logits"
 LOGITS_BYTES = 512 * 1024**2  # fp32 logits of one LM-head slice (rows x vocab x 4 bytes)
@@ -115,7 +120,7 @@ def make_plan(
         "model": record["identity"],
         "tokenizer_sha256": tok_hash,
         "corpus_sha256": sha256_file(corpus),
-        "code": code_version(__name__),
+        "code": stage_identity("teacher_logits"),
     }
     plan = ShardPlan(
         stage=STAGE,

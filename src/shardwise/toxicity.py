@@ -24,6 +24,11 @@ from shardwise.tables import load_generations
 
 log = logging.getLogger(__name__)
 
+# The stage's code identity (shardwise.fingerprint.stage_identity): bump VERSION when a change is meant
+# to change results; LIBRARIES are the distributions whose installed versions compute them.
+VERSION = 1
+LIBRARIES = ("alt-profanity-check", "scikit-learn", "torch", "transformers", "detoxify")
+
 PROFANITY_BATCH = 100_000  # texts per profanity-check call
 
 

@@ -96,8 +96,8 @@ wildcard_constraints:
 
 
 def code(stage):
-    """The `code` param of a rule - the stage module's source and every shardwise module it imports."""
-    return code_version(f"shardwise.{stage}")
+    """The `code` param of a stage's rules: its code identity (shardwise.fingerprint.stage_identity)."""
+    return code_version(stage)
 
 
 def model_dir(name):
