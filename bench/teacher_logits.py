@@ -101,8 +101,10 @@ def main() -> None:
     from shardwise.batching import batches, right_padded
     from shardwise.config import ModelSpec, load_config
     from shardwise.models import load_model, prepare_model
+    from shardwise.sharded import Request
+    from shardwise.sharded import work as stage_work
     from shardwise.shards import ShardContext
-    from shardwise.teacher_logits import compute_shard, make_plan, topk_forward
+    from shardwise.teacher_logits import STAGE, compute_shard, topk_forward
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -126,7 +128,10 @@ def main() -> None:
         },
     }
     cfg = load_config(raw)
-    plan, codec = make_plan(cfg, "bench", model_dir, corpus, results=tmp / "results", logs=tmp / "logs")
+    shards = stage_work(
+        STAGE, cfg, Request({"teacher": "bench"}, model_dir, corpus, tmp / "results", tmp / "logs")
+    )
+    plan, codec = shards.plan, shards.codec
 
     # bare forward over the same batches
     model, tok = load_model(model_dir, "cuda:0" if gpu else "cpu", a.dtype)
@@ -169,17 +174,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     # the shard writer (in this process, as a worker runs it)
-    args = {
-        "from_generations": False,
-        "corpus": str(corpus),
-        "model_dir": str(model_dir),
-        "dtype": a.dtype,
-        "k": a.k,
-        "max_length": 4096,
-        "batch_tokens": batch_tokens,
-        "vocab_size": codec.attrs["vocab_size"],
-    }
-    ctx = ShardContext(plan=plan, index=0, codec=codec, args=args, threads=torch.get_num_threads())
+    ctx = ShardContext(plan=plan, index=0, codec=codec, args=shards.args, threads=torch.get_num_threads())
     writer_runs = []
     for _ in range(3):  # the first one warms up; best of the other two, as for the other two rows
         for part in plan.parts_dir(0).glob("*"):

@@ -14,7 +14,6 @@ from conftest import make_tiny_model, tiny_config
 
 from shardwise.activations import ActivationsCodec, concat, storable
 from shardwise.config import ModelSpec, load_config
-from shardwise.shards import merge, run_job
 
 DEMO = Path(__file__).resolve().parents[1] / "config/demo/labelled.jsonl"
 LABELS = ["subject_plural", "has_number"]
@@ -37,16 +36,16 @@ def _config(model_src: Path, data: Path, n_shards: int) -> dict:
 
 
 def _compute(tmp: Path, model_dir: Path, raw: dict) -> Path:
-    from shardwise.activations import compute_shard, make_plan, worker_args
+    from shardwise import activations
+    from shardwise.sharded import Request, run_all
 
     cfg = load_config(raw)
-    plan, codec, layers = make_plan(cfg, "tiny", model_dir, results=tmp / "results", logs=tmp / "logs")
-    args = worker_args(cfg, "labelled", "tiny", model_dir, layers)
-    manifests = [tmp / "jobs" / f"job-{j:04d}.json" for j in range(plan.spec.n_jobs)]
-    for job, manifest in enumerate(manifests):
-        run_job(plan, job, compute_shard, codec, args, manifest, threads=1)
+    data = cfg.probe_sets()["labelled"].data
+    request = Request(
+        {"probe_set": "labelled", "model": "tiny"}, model_dir, data, tmp / "results", tmp / "logs"
+    )
     out = tmp / "tiny.h5"
-    merge(plan, manifests, out, codec)
+    run_all(activations.STAGE, cfg, request, out, threads=1)
     return out
 
 

@@ -130,7 +130,6 @@ def test_a_one_token_prompt_without_bos_is_nan_as_in_dexperts_and_counted(tmp_pa
 def test_the_scorer_runs_in_float32_unless_configured_and_summary_csv_records_it(tmp_path):
     from shardwise import analysis, fluency
     from shardwise.models import prepare_model
-    from shardwise.shards import merge, run_job
 
     model, tok = gpt2_like()
     src = tmp_path / "gpt2-like"
@@ -154,13 +153,11 @@ def test_the_scorer_runs_in_float32_unless_configured_and_summary_csv_records_it
     prepare_model(ModelSpec(name="tiny", source="local", path=str(src)), prepared)
     gen = tmp_path / "tiny.parquet"
     _table().to_parquet(gen)
-    plan = fluency.make_plan(cfg, "tiny", prepared, gen, results=tmp_path / "results")
-    args = fluency.worker_args(cfg, prepared, gen)
-    manifests = [tmp_path / "jobs" / f"job-{j}.json" for j in range(plan.spec.n_jobs)]
-    for job, manifest in enumerate(manifests):
-        run_job(plan, job, fluency.compute_shard, fluency.CODEC, args, manifest, threads=1)
+    from shardwise.sharded import Request, run_all
+
     scored = tmp_path / "flu.parquet"
-    merge(plan, manifests, scored, fluency.CODEC)
+    request = Request({"run": "tiny"}, prepared, gen, tmp_path / "results", tmp_path / "logs")
+    run_all(fluency.STAGE, cfg, request, scored, threads=1)
     flu = pd.read_parquet(scored)
     assert (flu["dtype"] == "float32").all() and scorer_dtype(scored) == "float32"
     assert flu.n_prompt_tokens.tolist() == [1, *[len(tok.encode("The weather"))] * 2]

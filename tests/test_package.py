@@ -20,6 +20,7 @@ LAYERS = [
     {"shardwise", "errors", "atomic", "environment", "batching", "clock", "intervals"},  # leaves
     {"config", "fingerprint", "tables", "logits", "profile"},  # typed config, hashes, table loaders
     {"settings", "models", "shards", "cluster"},  # per-stage settings, models, shards, partitions
+    {"sharded"},  # one sharded stage, declared once: the generic job and merge
     {  # the stages: none imports another
         "prepare_model",
         "generate",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import job_counts, tiny_config, write_prompts
 
-from shardwise.activations import make_plan, pooled_states, resolve_layers
+from shardwise.activations import pooled_states, resolve_layers
 from shardwise.config import load_config
 from shardwise.errors import InputError
 from shardwise.models import load_model
@@ -37,7 +37,6 @@ from shardwise.probes import (
     toxicity_probe_data,
     toxicity_table,
 )
-from shardwise.shards import merge, run_job
 
 LABELS = ["subject_plural", "main_negated", "has_number", "past_tense"]
 DEMO = Path(__file__).resolve().parents[1] / "config/demo/labelled.jsonl"
@@ -66,17 +65,17 @@ def probes_config(model_src: Path, data: Path, **probes) -> dict:
 
 def compute(tmp: Path, model_dir: Path, raw_cfg: dict, name: str = "tiny") -> tuple[Path, object]:
     """The activations stage without Snakemake: every job, then the verified merge."""
-    from shardwise.activations import compute_shard, worker_args
+    from shardwise import activations
+    from shardwise.sharded import Request, run_all
 
     cfg = load_config(raw_cfg)
-    plan, codec, layers = make_plan(cfg, name, model_dir, results=tmp / "results", logs=tmp / "logs")
-    args = worker_args(cfg, "labelled", name, model_dir, layers)
-    manifests = [tmp / "jobs" / f"job-{j:04d}.json" for j in range(plan.spec.n_jobs)]
-    for job, manifest in enumerate(manifests):
-        run_job(plan, job, compute_shard, codec, args, manifest, threads=2)
+    data = cfg.probe_sets()["labelled"].data
+    request = Request(
+        {"probe_set": "labelled", "model": name}, model_dir, data, tmp / "results", tmp / "logs"
+    )
     out = tmp / f"{name}.h5"
-    merge(plan, manifests, out, codec)
-    return out, plan
+    work, _ = run_all(activations.STAGE, cfg, request, out, threads=2)
+    return out, work.plan
 
 
 def test_random_weights_baseline_is_seeded_and_the_same_in_every_shard(tmp_path, tiny_model_src, tiny_model):

@@ -32,8 +32,9 @@ from shardwise.logits import (
     topk_dtype,
 )
 from shardwise.models import load_model, prepare_model
-from shardwise.shards import merge, run_job
-from shardwise.teacher_logits import make_plan, worker_args
+from shardwise.sharded import Request, run_all
+from shardwise.shards import merge
+from shardwise.teacher_logits import STAGE
 
 K = 16
 
@@ -72,22 +73,14 @@ def teacher_config(model_src: Path, corpus_path: Path, **teacher) -> dict:
 def compute(tmp: Path, model_dir: Path, raw_cfg: dict, teacher: str = "tiny") -> tuple[Path, object, object]:
     """The stage without Snakemake: every job of the plan, then the verified merge."""
     cfg = load_config(raw_cfg)
-    corpus = cfg.teacher_logits.corpus
-    plan, codec = make_plan(cfg, teacher, model_dir, corpus, results=tmp / "results", logs=tmp / "logs")
-    args = worker_args(cfg, teacher, model_dir, corpus, codec)
-    manifests = []
-    for job in range(plan.spec.n_jobs):
-        manifests.append(tmp / "jobs" / f"job-{job:04d}.json")
-        run_job(plan, job, _compute(), codec, args, manifests[-1], threads=2)
     out = tmp / f"{teacher}.h5"
-    merge(plan, manifests, out, codec)
-    return out, plan, codec, manifests
+    work, manifests = run_all(STAGE, cfg, request(cfg, tmp, model_dir, teacher), out, threads=2)
+    return out, work.plan, work.codec, manifests
 
 
-def _compute():
-    from shardwise.teacher_logits import compute_shard
-
-    return compute_shard
+def request(cfg, tmp: Path, model_dir: Path, teacher: str = "tiny") -> Request:
+    corpus = cfg.teacher_logits.corpus
+    return Request({"teacher": teacher}, model_dir, corpus, tmp / "results", tmp / "logs")
 
 
 @pytest.fixture(scope="module")

@@ -345,8 +345,8 @@ def test_first_token_frequencies_match_the_configured_filtered_softmax(
 def _run_generation(
     tmp: Path, model_dir: Path, prompts: Path, n_shards: int, shards_per_job: int
 ) -> pd.DataFrame:
-    from shardwise.generate import CODEC, compute_shard, make_plan, worker_args
-    from shardwise.shards import merge, run_job
+    from shardwise import generate
+    from shardwise.sharded import Request, run_all
 
     raw = raw_config(
         "/unused",
@@ -357,12 +357,9 @@ def _run_generation(
     )
     raw["generate"]["models"] = {"tiny": {"engine": "vllm"}}
     cfg = load_config(raw)
-    plan = make_plan(cfg, "tiny", model_dir, results=tmp / "results", logs=tmp / "logs")
-    args = worker_args(cfg, "tiny", model_dir)
-    manifests = [tmp / "jobs" / f"job-{j:04d}.json" for j in range(plan.spec.n_jobs)]
-    for job, manifest in enumerate(manifests):
-        run_job(plan, job, compute_shard, CODEC, args, manifest, threads=2)
-    merge(plan, manifests, tmp / "tiny.parquet", CODEC)
+    request = Request({"run": "tiny"}, model_dir, prompts, tmp / "results", tmp / "logs")
+    work, _ = run_all(generate.STAGE, cfg, request, tmp / "tiny.parquet", threads=2)
+    plan = work.plan
     record = plan.read_record(0)
     assert record["stats"]["engine"] == "vllm" and record["stats"]["dtype"] == "float32"
     assert plan.identity["engine"]["version"] == settings.vllm_version()
@@ -389,16 +386,17 @@ def test_vllm_shards_give_the_same_texts_for_any_n_shards(tmp_path, vllm_model, 
 RUN_JOB = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_vllm import _plan_and_args
-from shardwise.generate import CODEC, compute_shard
+from test_vllm import _work
+from shardwise.generate import compute_shard
 from shardwise.shards import run_job
-plan, args, cfg = _plan_and_args({tmp!r}, {model!r}, {prompts!r}, 1, 1, 2)
-run_job(plan, 0, compute_shard, CODEC, args, {tmp!r} + "/job-0000.json", threads=2)
+w, cfg = _work({tmp!r}, {model!r}, {prompts!r}, 1, 1, 2)
+run_job(w.plan, 0, compute_shard, w.codec, w.args, {tmp!r} + "/job-0000.json", threads=2)
 """
 
 
-def _plan_and_args(tmp: str, model_dir: str, prompts: str, n_shards: int, shards_per_job: int, chunk: int):
-    from shardwise.generate import make_plan, worker_args
+def _work(tmp: str, model_dir: str, prompts: str, n_shards: int, shards_per_job: int, chunk: int):
+    from shardwise import generate
+    from shardwise.sharded import Request, work
 
     raw = raw_config(
         "/unused",
@@ -409,8 +407,10 @@ def _plan_and_args(tmp: str, model_dir: str, prompts: str, n_shards: int, shards
     )
     raw["generate"]["models"] = {"tiny": {"engine": "vllm"}}
     cfg = load_config(raw)
-    plan = make_plan(cfg, "tiny", model_dir, results=Path(tmp) / "results", logs=Path(tmp) / "logs")
-    return plan, worker_args(cfg, "tiny", model_dir), cfg
+    request = Request(
+        {"run": "tiny"}, Path(model_dir), Path(prompts), Path(tmp) / "results", Path(tmp) / "logs"
+    )
+    return work(generate.STAGE, cfg, request), cfg
 
 
 @pytest.mark.slow
@@ -423,12 +423,13 @@ def test_a_vllm_worker_killed_mid_shard_resumes_to_the_same_texts(tmp_path, vllm
     import signal
     import time
 
-    from shardwise.generate import CODEC, compute_shard
+    from shardwise.generate import compute_shard
     from shardwise.shards import merge, run_job
     from shardwise.tables import load_prompts
 
     prompts = write_prompts(tmp_path / "prompts.jsonl", 40)
-    plan, args, cfg = _plan_and_args(str(tmp_path), str(vllm_model), str(prompts), 1, 1, 2)
+    w, cfg = _work(str(tmp_path), str(vllm_model), str(prompts), 1, 1, 2)
+    plan = w.plan
     code = RUN_JOB.format(
         tests=str(REPO / "tests"), tmp=str(tmp_path), model=str(vllm_model), prompts=str(prompts)
     )
@@ -453,9 +454,9 @@ def test_a_vllm_worker_killed_mid_shard_resumes_to_the_same_texts(tmp_path, vllm
     committed = len(list(plan.parts_dir(0).glob("*.parquet")))
     assert 1 <= committed < 20
     manifest = tmp_path / "job-0000.json"
-    run_job(plan, 0, compute_shard, CODEC, args, manifest, threads=2)
+    run_job(plan, 0, compute_shard, w.codec, w.args, manifest, threads=2)
     assert f"resuming: {committed} of 20 chunks already committed" in plan.log_path(0).read_text()
-    merge(plan, [manifest], tmp_path / "tiny.parquet", CODEC)
+    merge(plan, [manifest], tmp_path / "tiny.parquet", w.codec)
     got = pd.read_parquet(tmp_path / "tiny.parquet")
     sampling = cfg.generate.runs["tiny"].sampling
     pd.testing.assert_frame_equal(got, _table(engine, load_prompts(prompts), sampling))

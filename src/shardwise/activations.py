@@ -35,14 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from shardwise import __version__, settings
+from shardwise import __version__, settings, sharded
 from shardwise.batching import batches, right_padded
-from shardwise.config import Config, load_config
+from shardwise.config import Config
 from shardwise.errors import InputError, ShardError
-from shardwise.fingerprint import sha256_file, stage_identity
 from shardwise.models import load_shard_model, read_record, revision
-from shardwise.shards import ShardContext, ShardPlan, run_job
-from shardwise.shards import merge as merge_shards
+from shardwise.sharded import Prepared, Request, ShardedStage
+from shardwise.shards import ShardContext
 from shardwise.tables import load_labelled
 
 log = logging.getLogger(__name__)
@@ -51,8 +50,6 @@ log = logging.getLogger(__name__)
 # to change results; LIBRARIES are the distributions whose installed versions compute them.
 VERSION = 1
 LIBRARIES = ("torch", "transformers")
-
-STAGE = "activations"
 
 
 class _Stop(Exception):
@@ -198,40 +195,29 @@ def pooled_states(
     return torch.stack([pooled[i] for i in layers])
 
 
-def make_plan(
-    cfg: Config,
-    name: str,
-    model_dir: str | Path,
-    probe_set: str = "labelled",
-    n_items: int | None = None,
-    results: str | Path = "results",
-    logs: str | Path = "logs",
-) -> tuple[ShardPlan, ActivationsCodec, list[int]]:
-    """The shard plan of model `name` over one probe set's table (Config.probe_sets)."""
+@dataclass(frozen=True)
+class ActivationsArgs:
+    """An activations worker's arguments: where things are, the resolved layers, the batching budget."""
+
+    data: str
+    labels: tuple[str, ...]
+    model_dir: str
+    dtype: str
+    random_weights_seed: int | None
+    layers: list[int]
+    pooling: str
+    max_length: int
+    batch_tokens: int
+
+
+def prepare(cfg: Config, request: Request) -> Prepared[ActivationsArgs]:
+    """The shards of model `model` over probe set `probe_set`'s table (Config.probe_sets)."""
+    probe_set, name = request.wildcards["probe_set"], request.wildcards["model"]
     pr = cfg.probe_sets()[probe_set]
-    if n_items is None:
-        n_items = len(load_labelled(pr.data, pr.labels))
-    layers = resolve_layers(pr.layers, n_blocks(model_dir))
-    record = read_record(model_dir)
+    layers = resolve_layers(pr.layers, n_blocks(request.model_dir))
+    record = read_record(request.model_dir)
     _, redrawn = pr.weights_of(name)
-    identity = {
-        **settings.activations(cfg, probe_set, name),
-        "model": record["identity"],
-        "layers": layers,
-        "data_sha256": sha256_file(pr.data),
-        "code": stage_identity("activations"),
-    }
-    plan = ShardPlan(
-        stage=STAGE,
-        key=f"{probe_set}/{name}",
-        n_items=n_items,
-        spec=pr.shards,
-        identity=identity,
-        root=Path(results) / STAGE / probe_set / name,
-        log_dir=Path(logs) / STAGE / probe_set / name,
-        ext=ActivationsCodec.ext,
-        align=pr.shards.chunk_size,
-    )
+    wanted = settings.activations(cfg, probe_set, name)
     attrs = {
         "model": name,
         "revision": f"random weights (seed {pr.seed}), architecture of {revision(record)}"
@@ -239,23 +225,41 @@ def make_plan(
         else revision(record),
         "pooling": pr.pooling,
         "max_length": pr.max_length,
-        "fingerprint": plan.fingerprint,
         "version": __version__,
     }
-    return plan, ActivationsCodec(attrs=attrs), layers
+    args = ActivationsArgs(
+        data=str(request.items),
+        labels=tuple(pr.labels),
+        model_dir=str(request.model_dir),
+        dtype=wanted["dtype"],
+        random_weights_seed=wanted["random_weights_seed"],
+        layers=layers,
+        pooling=pr.pooling,
+        max_length=pr.max_length,
+        batch_tokens=pr.batch_tokens,
+    )
+    return Prepared(
+        settings=wanted,
+        n_items=len(load_labelled(request.items, pr.labels)),
+        spec=pr.shards,
+        args=args,
+        codec=lambda plan: ActivationsCodec(attrs={**attrs, "fingerprint": plan.fingerprint}),
+        identity={"layers": layers},
+        align=pr.shards.chunk_size,
+    )
 
 
 def compute_shard(ctx: ShardContext) -> None:
     """Worker body: pooled activations of the shard's pending chunks, each committed in order."""
     import torch
 
-    a = ctx.args
+    a: ActivationsArgs = ctx.args
     chunks = ctx.pending_chunks()
     if not chunks:
         return
-    table = load_labelled(a["data"], a["labels"])
+    table = load_labelled(a.data, list(a.labels))
     model, tokenizer, device = load_shard_model(
-        a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus, random_seed=a["random_weights_seed"]
+        a.model_dir, a.dtype, ctx.device, ctx.n_gpus, random_seed=a.random_weights_seed
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts, ids_col = table["text"].tolist(), table["id"].to_numpy()
@@ -265,12 +269,12 @@ def compute_shard(ctx: ShardContext) -> None:
             enc = tokenizer(
                 texts[chunk.start : chunk.stop],
                 truncation=True,
-                max_length=a["max_length"],
+                max_length=a.max_length,
                 return_special_tokens_mask=True,
             )
             lengths = [len(e) for e in enc["input_ids"]]
-            out = np.zeros((len(a["layers"]), len(chunk), 0), dtype=np.float16)
-            for batch in batches(lengths, a["batch_tokens"]):
+            out = np.zeros((len(a.layers), len(chunk), 0), dtype=np.float16)
+            for batch in batches(lengths, a.batch_tokens):
                 ids, mask = right_padded([enc["input_ids"][j] for j in batch], pad)
                 special, _ = right_padded([enc["special_tokens_mask"][j] for j in batch], 1)
                 content = 1 - special  # real tokens that are not BOS/EOS/... (pads are special here)
@@ -279,14 +283,14 @@ def compute_shard(ctx: ShardContext) -> None:
                     raise ShardError(f"{ctx.plan.name}: item {chunk.start + j} has no content tokens")
                 with torch.inference_mode():
                     states = pooled_states(
-                        model, ids.to(device), mask.to(device), content, a["layers"], a["pooling"]
+                        model, ids.to(device), mask.to(device), content, a.layers, a.pooling
                     )
                 if not torch.isfinite(states).all():
                     bad = batch[int((~torch.isfinite(states)).any(0).any(1).nonzero()[0])]
                     raise ShardError(f"{ctx.plan.name}: item {chunk.start + bad} has non-finite activations")
                 stored = storable(states.cpu().numpy())
                 if stored.dtype != np.float16:
-                    _warn_range(ctx.plan.name, a["layers"], stored, [chunk.start + j for j in batch])
+                    _warn_range(ctx.plan.name, a.layers, stored, [chunk.start + j for j in batch])
                 if out.shape[2] == 0:
                     out = np.zeros((stored.shape[0], len(chunk), stored.shape[2]), dtype=np.float16)
                 if out.dtype != stored.dtype:
@@ -296,7 +300,7 @@ def compute_shard(ctx: ShardContext) -> None:
                 bar.update(len(batch))
             ctx.commit(
                 chunk,
-                {"activations": out, "item_ids": ids_col[chunk.start : chunk.stop], "layers": a["layers"]},
+                {"activations": out, "item_ids": ids_col[chunk.start : chunk.stop], "layers": a.layers},
             )
     ctx.record_speed(model, items=items, tokens=n_tokens)
 
@@ -317,35 +321,22 @@ def _warn_range(name: str, layers: Sequence[int], stored: np.ndarray, items: Seq
     )
 
 
-def worker_args(
-    cfg: Config, probe_set: str, model: str, model_dir: str | Path, layers: list[int]
-) -> dict[str, Any]:
-    """A shard worker's args: the stage's settings plus where things are, the resolved layers and
-    the batching budget."""
-    pr = cfg.probe_sets()[probe_set]
-    return {
-        **settings.activations(cfg, probe_set, model),
-        "data": str(pr.data),
-        "labels": list(pr.labels),
-        "model_dir": str(model_dir),
-        "layers": layers,
-        "batch_tokens": pr.batch_tokens,
-    }
-
-
-def _plan_for(smk: Any) -> tuple[Config, ShardPlan, ActivationsCodec, list[int]]:
-    cfg = load_config(smk.config)
-    return (cfg, *make_plan(cfg, smk.wildcards.model, smk.input.model, smk.wildcards.probe_set))
+STAGE: ShardedStage[ActivationsArgs] = ShardedStage(
+    name="activations",
+    outputs="activations",
+    key=("probe_set", "model"),
+    items="data",
+    ext=ActivationsCodec.ext,
+    prepare=prepare,
+    compute=compute_shard,
+)
 
 
 def job(smk: Any) -> None:
     """Snakemake rule `activations`: run one job's shards and write its manifest."""
-    cfg, plan, codec, layers = _plan_for(smk)
-    args = worker_args(cfg, smk.wildcards.probe_set, smk.wildcards.model, smk.input.model, layers)
-    run_job(plan, int(smk.wildcards.job), compute_shard, codec, args, smk.output[0], threads=smk.threads)
+    sharded.job(STAGE, smk)
 
 
 def merge(smk: Any) -> None:
     """Snakemake rule `merge_activations`: one verified file per model."""
-    _, plan, codec, _ = _plan_for(smk)
-    merge_shards(plan, smk.input.manifests, smk.output[0], codec)
+    sharded.merge(STAGE, smk)

@@ -68,6 +68,7 @@ PLUMBING = frozenset(
         "profile",
         "retries",
         "settings",
+        "sharded",
         "smk",
         "status",
     )

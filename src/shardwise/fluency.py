@@ -31,20 +31,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from shardwise import settings
+from shardwise import settings, sharded
 from shardwise.batching import batches
-from shardwise.config import Config, load_config
+from shardwise.config import Config
 from shardwise.errors import ModelError
-from shardwise.fingerprint import sha256_file, stage_identity
-from shardwise.models import load_shard_model, read_record
-from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job
-from shardwise.shards import merge as merge_shards
+from shardwise.models import load_shard_model
+from shardwise.sharded import Prepared, Request, ShardedStage
+from shardwise.shards import ParquetCodec, ShardContext
 from shardwise.tables import count_generations, load_generations
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,6 @@ log = logging.getLogger(__name__)
 VERSION = 1
 LIBRARIES = ("torch", "transformers")
 
-STAGE = "score_fluency"
 CODEC = ParquetCodec()
 
 
@@ -185,69 +183,73 @@ def dtype_name(model: Any) -> str:
 # --------------------------------------------------------------------------- shard plumbing
 
 
-def make_plan(
-    cfg: Config, run: str, model_dir: str | Path, generations: str | Path, results: str | Path = "results"
-) -> ShardPlan:
+@dataclass(frozen=True)
+class FluencyArgs:
+    """A perplexity worker's arguments."""
+
+    generations: str
+    model_dir: str
+    dtype: str
+    batch_tokens: int
+    scorer: str
+
+
+def prepare(cfg: Config, request: Request) -> Prepared[FluencyArgs]:
+    """A run's perplexity shards (rows of its merged generations, in order)."""
     an = cfg.analysis
-    identity = {
-        **settings.score_fluency(cfg),
-        "model": read_record(model_dir)["identity"],
-        "generations_sha256": sha256_file(generations),
-        "code": stage_identity("fluency"),
-    }
-    return ShardPlan(
-        stage=STAGE,
-        key=run,
-        n_items=count_generations(generations),
+    wanted = settings.score_fluency(cfg)
+    args = FluencyArgs(
+        generations=str(request.items),
+        model_dir=str(request.model_dir),
+        dtype=wanted["dtype"],
+        batch_tokens=an.fluency.batch_tokens,
+        scorer=str(an.fluency.model),
+    )
+    return Prepared(
+        settings=wanted,
+        n_items=count_generations(request.items),
         spec=an.fluency.shards,
-        identity=identity,
-        root=Path(results) / "analysis" / "fluency" / run,
-        log_dir=Path("logs") / STAGE / run,
-        ext=CODEC.ext,
+        args=args,
+        codec=lambda _plan: CODEC,
     )
 
 
 def compute_shard(ctx: ShardContext) -> None:
-
-    a = ctx.args
+    """Worker body: the perplexities of the shard's pending chunks, each committed as it completes."""
+    a: FluencyArgs = ctx.args
     chunks = ctx.pending_chunks()
     if not chunks:
         return
-    table = load_generations(a["generations"])
-    model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
-    pad = pad_id_of(tokenizer, a["scorer"])
+    table = load_generations(a.generations)
+    model, tokenizer, device = load_shard_model(a.model_dir, a.dtype, ctx.device, ctx.n_gpus)
+    pad = pad_id_of(tokenizer, a.scorer)
     items, tokens = sum(len(c) for c in chunks), 0
     with ctx.progress(items, unit="seq") as bar:
         for chunk in chunks:
             part = table.iloc[chunk.start : chunk.stop]
-            scores = score_table(model, tokenizer, part, a["batch_tokens"], pad, device, bar)
+            scores = score_table(model, tokenizer, part, a.batch_tokens, pad, device, bar)
             ctx.commit(chunk, scores.assign(dtype=dtype_name(model)))
             tokens += int(scores["n_tokens"].sum())
     ctx.record_speed(model, items=items, tokens=tokens)
 
 
-def worker_args(cfg: Config, model_dir: str | Path, generations: str | Path) -> dict[str, Any]:
-    """A shard worker's args: the stage's settings plus where things are and the batching budget."""
-    an = cfg.analysis
-    return {
-        **settings.score_fluency(cfg),
-        "generations": str(generations),
-        "model_dir": str(model_dir),
-        "batch_tokens": an.fluency.batch_tokens,
-        "scorer": an.fluency.model,
-    }
+STAGE: ShardedStage[FluencyArgs] = ShardedStage(
+    name="score_fluency",
+    code="fluency",
+    outputs="analysis/fluency",
+    key=("run",),
+    items="generations",
+    ext=CODEC.ext,
+    prepare=prepare,
+    compute=compute_shard,
+)
 
 
 def job(smk: Any) -> None:
-    """Snakemake rule `score_fluency`."""
-    cfg = load_config(smk.config)
-    plan = make_plan(cfg, smk.wildcards.run, smk.input.model, smk.input.generations)
-    args = worker_args(cfg, smk.input.model, smk.input.generations)
-    run_job(plan, int(smk.wildcards.job), compute_shard, CODEC, args, smk.output[0], threads=smk.threads)
+    """Snakemake rule `score_fluency`: run one job's shards and write its manifest."""
+    sharded.job(STAGE, smk)
 
 
 def merge(smk: Any) -> None:
     """Snakemake rule `merge_fluency`: verified per-generation scores of one run."""
-    cfg = load_config(smk.config)
-    plan = make_plan(cfg, smk.wildcards.run, smk.input.model, smk.input.generations)
-    merge_shards(plan, smk.input.manifests, smk.output[0], CODEC)
+    sharded.merge(STAGE, smk)

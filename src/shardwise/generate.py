@@ -16,7 +16,7 @@ of a token boundary (0 of 48 SmolLM2 continuations changed between batch sizes 1
 bfloat16 they do not stay that small (32 of 48 changed), so texts depend on the batch size there.
 Shards therefore cut at multiples of `chunk_size` and batches form inside chunks, so `n_shards` and
 `shards_per_job` never change which rows share a batch; in bf16/fp16 the batch size is part of the
-fingerprint (:func:`make_plan`); on the CPU the torch thread count changes bf16 sums too, and is
+fingerprint (:func:`prepare`); on the CPU the torch thread count changes bf16 sums too, and is
 recorded with the dtype and batch size in each shard's stats.
 
 Engines (``engine`` per run): ``hf`` is the above. ``vllm`` (:func:`vllm_table`) sends one vLLM
@@ -35,18 +35,18 @@ import functools
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from shardwise import settings
-from shardwise.config import Config, Sampling, load_config
-from shardwise.fingerprint import sha256_file, stage_identity
-from shardwise.models import load_shard_model, read_record
-from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job
-from shardwise.shards import merge as merge_shards
+from shardwise import settings, sharded
+from shardwise.config import Config, Sampling
+from shardwise.models import load_shard_model
+from shardwise.sharded import Prepared, Request, ShardedStage
+from shardwise.shards import ParquetCodec, ShardContext
 from shardwise.tables import load_prompts
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 VERSION = 1
 LIBRARIES = ("torch", "transformers")  # and, for engine vllm, vLLM: settings.generate
 
-STAGE = "generate"
 CODEC = ParquetCodec()
 COLUMNS = [
     "prompt_id",
@@ -419,7 +418,7 @@ def vllm_table(
 
 
 def _compute_shard_vllm(
-    ctx: ShardContext, chunks: list[range], prompts: pd.DataFrame, sampling: Sampling
+    ctx: ShardContext, chunks: list[range], prompts: pd.DataFrame, a: GenerateArgs
 ) -> None:
     """The vLLM worker body: one engine per shard worker, one generate call per chunk, each
     committed before the next (a killed worker resumes from its last committed chunk)."""
@@ -429,12 +428,13 @@ def _compute_shard_vllm(
 
     from shardwise.models import resolve_dtype
 
-    a = ctx.args
+    assert a.engine is not None
+    sampling = a.sampling
     # ctx.device refuses a GPU shard without CUDA, as the hf engine does; SHARDWISE_FORCE_CPU=1 -> cpu
     n_gpus = 0 if ctx.device == "cpu" else ctx.n_gpus
-    llm = vllm_engine(a["model_dir"], a["dtype"], n_gpus, a["engine"], a.get("vllm", {}), ctx.threads)
-    tokenizer = AutoTokenizer.from_pretrained(a["model_dir"])
-    eos_ids = generation_eos_ids(a["model_dir"], tokenizer)
+    llm = vllm_engine(a.model_dir, a.dtype, n_gpus, a.engine, a.vllm or {}, ctx.threads)
+    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
+    eos_ids = generation_eos_ids(a.model_dir, tokenizer)
     total = sum(len(c) for c in chunks) * sampling.samples_per_prompt
     new_tokens = 0
     with ctx.progress(total, unit="seq") as bar:
@@ -442,108 +442,108 @@ def _compute_shard_vllm(
             table = vllm_table(llm, tokenizer, prompts.iloc[chunk.start : chunk.stop], sampling, eos_ids, bar)
             ctx.commit(chunk, table)
             new_tokens += int(table["n_new_tokens"].sum())
-    dtype = resolve_dtype(a["dtype"], "cpu" if n_gpus == 0 else "cuda")
+    dtype = resolve_dtype(a.dtype, "cpu" if n_gpus == 0 else "cuda")
     ctx.record_speed(
         SimpleNamespace(dtype=dtype),
         items=total,
         tokens=new_tokens,
         engine="vllm",
-        vllm_version=a["engine"]["version"],
-        tensor_parallel_size=a["engine"]["tensor_parallel_size"],
+        vllm_version=a.engine["version"],
+        tensor_parallel_size=a.engine["tensor_parallel_size"],
     )
 
 
-# --------------------------------------------------------------------------- shard plumbing
+# --------------------------------------------------------------------------- the stage
 
 
-def make_plan(
-    cfg: Config,
-    run_name: str,
-    model_dir: str | Path,
-    n_items: int | None = None,
-    results: str | Path = "results",
-    logs: str | Path = "logs",
-) -> ShardPlan:
-    """The run's shards. They cut at multiples of `chunk_size` and batches form inside chunks, so
+@dataclass(frozen=True)
+class GenerateArgs:
+    """A generation worker's arguments: the run's settings, where things are, the batch size (and,
+    for vLLM, the engine's settings and its memory and scheduler layout)."""
+
+    prompts: str
+    model_dir: str
+    dtype: str
+    sampling: Sampling
+    batch_size: int
+    engine: dict[str, Any] | None = None  # settings.generate's "engine" entry (engine vllm)
+    vllm: dict[str, Any] | None = None  # gpu_memory_utilization, cpu_kv_cache_gib, max_num_seqs
+
+
+def prepare(cfg: Config, request: Request) -> Prepared[GenerateArgs]:
+    """A run's shards. They cut at multiples of `chunk_size` and batches form inside chunks, so
     every prompt is generated in the same batch whatever `n_shards` or `shards_per_job` is. The
     model's dtype is part of the identity, and so is `batch_size` unless the dtype is float32: in
     bfloat16 or float16 the batch changes the texts, so a new batch size starts a new store (the old
     one is kept, and reused if the old batch size comes back)."""
-    if n_items is None:
-        n_items = len(load_prompts(cfg.generate.prompts))
-    identity = {
-        **settings.generate(cfg, run_name),
-        "model": read_record(model_dir)["identity"],
-        "prompts_sha256": sha256_file(cfg.generate.prompts),
-        "code": stage_identity("generate"),
-    }
-    return ShardPlan(
-        stage=STAGE,
-        key=run_name,
-        n_items=n_items,
-        spec=cfg.generate.shards,
-        identity=identity,
-        root=Path(results) / "generations" / run_name,
-        log_dir=Path(logs) / STAGE / run_name,
-        ext=CODEC.ext,
-        align=cfg.generate.shards.chunk_size,
+    run = request.wildcards["run"]
+    gen = cfg.generate
+    wanted = settings.generate(cfg, run)
+    layout = None
+    if gen.runs[run].engine == "vllm":
+        v = gen.vllm
+        layout = {
+            "gpu_memory_utilization": v.gpu_memory_utilization,
+            "cpu_kv_cache_gib": v.cpu_kv_cache_gib,
+            "max_num_seqs": v.max_num_seqs,
+        }
+    args = GenerateArgs(
+        prompts=str(request.items),
+        model_dir=str(request.model_dir),
+        dtype=wanted["dtype"],
+        sampling=gen.runs[run].sampling,
+        batch_size=gen.batch_size,
+        engine=wanted.get("engine"),
+        vllm=layout,
+    )
+    return Prepared(
+        settings=wanted,
+        n_items=len(load_prompts(request.items)),
+        spec=gen.shards,
+        args=args,
+        codec=lambda _plan: CODEC,
+        align=gen.shards.chunk_size,
     )
 
 
 def compute_shard(ctx: ShardContext) -> None:
     """Worker body: generate the shard's pending chunks and commit each one."""
-
-    a = ctx.args
+    a: GenerateArgs = ctx.args
     chunks = ctx.pending_chunks()
     if not chunks:
         return
-    prompts = load_prompts(a["prompts"])
-    sampling = Sampling(**a["sampling"])
-    if a.get("engine", {}).get("name") == "vllm":
-        _compute_shard_vllm(ctx, chunks, prompts, sampling)
+    prompts = load_prompts(a.prompts)
+    if a.engine is not None and a.engine.get("name") == "vllm":
+        _compute_shard_vllm(ctx, chunks, prompts, a)
         return
-    model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
-    total = sum(len(c) for c in chunks) * sampling.samples_per_prompt
+    model, tokenizer, device = load_shard_model(a.model_dir, a.dtype, ctx.device, ctx.n_gpus)
+    total = sum(len(c) for c in chunks) * a.sampling.samples_per_prompt
     new_tokens = 0
     with ctx.progress(total, unit="seq") as bar:
         for chunk in chunks:
             part = prompts.iloc[chunk.start : chunk.stop]
-            table = generate_table(model, tokenizer, part, sampling, a["batch_size"], device, progress=bar)
+            table = generate_table(model, tokenizer, part, a.sampling, a.batch_size, device, progress=bar)
             ctx.commit(chunk, table)
             new_tokens += int(table["n_new_tokens"].sum())
-    ctx.record_speed(model, items=total, tokens=new_tokens, batch_size=a["batch_size"])
+    ctx.record_speed(model, items=total, tokens=new_tokens, batch_size=a.batch_size)
 
 
-def worker_args(cfg: Config, run: str, model_dir: str | Path) -> dict[str, Any]:
-    """A shard worker's args: the run's settings plus where things are and the batch size (and, for
-    vLLM, its memory and scheduler settings, which lay the work out)."""
-    out = {
-        **settings.generate(cfg, run),
-        "prompts": str(cfg.generate.prompts),
-        "model_dir": str(model_dir),
-        "batch_size": cfg.generate.batch_size,
-    }
-    if cfg.generate.runs[run].engine == "vllm":
-        v = cfg.generate.vllm
-        out["vllm"] = {
-            "gpu_memory_utilization": v.gpu_memory_utilization,
-            "cpu_kv_cache_gib": v.cpu_kv_cache_gib,
-            "max_num_seqs": v.max_num_seqs,
-        }
-    return out
+STAGE: ShardedStage[GenerateArgs] = ShardedStage(
+    name="generate",
+    outputs="generations",
+    key=("run",),
+    items="prompts",
+    ext=CODEC.ext,
+    prepare=prepare,
+    compute=compute_shard,
+)
 
 
 def job(smk: Any) -> None:
     """Snakemake rule `generate`: run one job's shards and write its manifest."""
-    cfg = load_config(smk.config)
-    plan = make_plan(cfg, smk.wildcards.run, smk.input.model)
-    args = worker_args(cfg, smk.wildcards.run, smk.input.model)
-    run_job(plan, int(smk.wildcards.job), compute_shard, CODEC, args, smk.output[0], threads=smk.threads)
+    sharded.job(STAGE, smk)
 
 
 def merge(smk: Any) -> None:
     """Snakemake rule `merge_generations`: verify all shards and write the run's table."""
-
-    cfg = load_config(smk.config)
-    plan = make_plan(cfg, smk.wildcards.run, smk.input.model)
-    merge_shards(plan, smk.input.manifests, smk.output[0], CODEC)
+    sharded.merge(STAGE, smk)

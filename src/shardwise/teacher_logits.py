@@ -27,15 +27,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shardwise import __version__, settings
+from shardwise import __version__, settings, sharded
 from shardwise.batching import batches, right_padded
-from shardwise.config import Config, load_config
+from shardwise.config import Config
 from shardwise.errors import ShardError
-from shardwise.fingerprint import sha256_file, stable_hash, stage_identity
+from shardwise.fingerprint import sha256_file, stable_hash
 from shardwise.logits import check_attrs, concat_files, topk_dtype, write_file
 from shardwise.models import load_shard_model, read_record, revision
-from shardwise.shards import ShardContext, ShardPlan, run_job
-from shardwise.shards import merge as merge_shards
+from shardwise.sharded import Prepared, Request, ShardedStage
+from shardwise.shards import ShardContext
 from shardwise.tables import count_generations, load_texts
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 VERSION = 1
 LIBRARIES = ("torch", "transformers")
 
-STAGE = "teacher_logits"
 LOGITS_BYTES = 512 * 1024**2  # fp32 logits of one LM-head slice (rows x vocab x 4 bytes)
 QUEUE_DEPTH = 4  # batches in flight between the forward loop and the writer thread
 FP16_MIN = float(np.finfo(np.float16).min)
@@ -99,53 +98,61 @@ def vocab_size(model_dir: str | Path) -> int:
     return int(AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size)
 
 
-def make_plan(
-    cfg: Config,
-    teacher: str,
-    model_dir: str | Path,
-    corpus: str | Path,
-    n_items: int | None = None,
-    results: str | Path = "results",
-    logs: str | Path = "logs",
-) -> tuple[ShardPlan, H5Codec]:
-    """The teacher's shard plan and the codec that stamps every file with the layout attrs."""
+@dataclass(frozen=True)
+class TeacherArgs:
+    """A teacher-logits worker's arguments."""
+
+    corpus: str
+    from_generations: bool
+    model_dir: str
+    dtype: str
+    k: int
+    max_length: int
+    batch_tokens: int
+    vocab_size: int
+
+
+def prepare(cfg: Config, request: Request) -> Prepared[TeacherArgs]:
+    """A teacher's shards, and the codec that stamps every file with the layout attrs."""
     tl = cfg.teacher_logits
-    if n_items is None:  # a generation run's rows from its footer (2.5M texts would be read)
-        generations = tl.corpus is None
-        n_items = count_generations(corpus) if generations else len(load_corpus(corpus, generations))
+    teacher = request.wildcards["teacher"]
+    model_dir, corpus = request.model_dir, request.items
+    generations = tl.corpus is None
+    # a generation run's rows from its footer (2.5M texts would be read)
+    n_items = count_generations(corpus) if generations else len(load_corpus(corpus, generations))
     record = read_record(model_dir)
     tok_hash = tokenizer_sha256(model_dir)
-    identity = {
-        **settings.teacher_logits(cfg, teacher),
-        "model": record["identity"],
-        "tokenizer_sha256": tok_hash,
-        "corpus_sha256": sha256_file(corpus),
-        "code": stage_identity("teacher_logits"),
-    }
-    plan = ShardPlan(
-        stage=STAGE,
-        key=teacher,
-        n_items=n_items,
-        spec=tl.shards,
-        identity=identity,
-        root=Path(results) / STAGE / teacher,
-        log_dir=Path(logs) / STAGE / teacher,
-        ext=H5Codec.ext,
-        align=tl.shards.chunk_size,
-    )
-    spec = cfg.models[tl.teachers[teacher]]
+    wanted = settings.teacher_logits(cfg, teacher)
+    vocab = vocab_size(model_dir)
     attrs = {
         "teacher": teacher,
-        "model": spec.describe(),
+        "model": cfg.models[tl.teachers[teacher]].describe(),
         "revision": revision(record),
         "tokenizer_sha256": tok_hash,
         "k": tl.k,
-        "vocab_size": vocab_size(model_dir),
+        "vocab_size": vocab,
         "max_length": tl.max_length,
-        "fingerprint": plan.fingerprint,
         "version": __version__,
     }
-    return plan, H5Codec(attrs=attrs)
+    args = TeacherArgs(
+        corpus=str(corpus),
+        from_generations=generations,
+        model_dir=str(model_dir),
+        dtype=wanted["dtype"],
+        k=tl.k,
+        max_length=tl.max_length,
+        batch_tokens=tl.batch_tokens,
+        vocab_size=vocab,
+    )
+    return Prepared(
+        settings=wanted,
+        n_items=n_items,
+        spec=tl.shards,
+        args=args,
+        codec=lambda plan: H5Codec(attrs={**attrs, "fingerprint": plan.fingerprint}),
+        identity={"tokenizer_sha256": tok_hash},
+        align=tl.shards.chunk_size,
+    )
 
 
 # --------------------------------------------------------------------------- the computation
@@ -265,18 +272,16 @@ def compute_shard(ctx: ShardContext) -> None:
     """Worker body: top-k log-probs of the shard's pending chunks, each committed as it completes."""
     import torch
 
-    a = ctx.args
+    a: TeacherArgs = ctx.args
     chunks = ctx.pending_chunks()
     if not chunks:
         return
-    corpus = load_corpus(a["corpus"], a["from_generations"])
-    model, tokenizer, device = load_shard_model(a["model_dir"], a["dtype"], ctx.device, ctx.n_gpus)
+    corpus = load_corpus(a.corpus, a.from_generations)
+    model, tokenizer, device = load_shard_model(a.model_dir, a.dtype, ctx.device, ctx.n_gpus)
     vocab = model.get_output_embeddings().weight.shape[0]
-    if vocab != a["vocab_size"]:
-        raise ShardError(
-            f"{ctx.plan.name}: the LM head has {vocab} outputs, config.json says {a['vocab_size']}"
-        )
-    k, pad = a["k"], tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if vocab != a.vocab_size:
+        raise ShardError(f"{ctx.plan.name}: the LM head has {vocab} outputs, config.json says {a.vocab_size}")
+    k, pad = a.k, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     cuda = device.startswith("cuda")
     writer = ChunkWriter(ctx, topk_dtype(vocab))
     writer.start()
@@ -286,17 +291,15 @@ def compute_shard(ctx: ShardContext) -> None:
     try:
         with ctx.progress(items) as bar:
             for chunk in chunks:
-                encoded = tokenizer(
-                    texts[chunk.start : chunk.stop], truncation=True, max_length=a["max_length"]
-                )
+                encoded = tokenizer(texts[chunk.start : chunk.stop], truncation=True, max_length=a.max_length)
                 enc = encoded["input_ids"]
-                truncated += sum(len(e) == a["max_length"] for e in enc)
+                truncated += sum(len(e) == a.max_length for e in enc)
                 lengths = [len(e) for e in enc]
                 if min(lengths) == 0:
                     j = lengths.index(0)
                     raise ShardError(f"{ctx.plan.name}: item {chunk.start + j} tokenises to no tokens")
                 writer.put(("chunk", chunk, corpus["id"].to_numpy()[chunk.start : chunk.stop]))
-                for batch in batches(lengths, a["batch_tokens"]):
+                for batch in batches(lengths, a.batch_tokens):
                     ids, mask = right_padded([enc[j] for j in batch], pad)
                     real = mask.flatten().nonzero().squeeze(1)
                     with torch.inference_mode():
@@ -320,34 +323,24 @@ def compute_shard(ctx: ShardContext) -> None:
     )
 
 
-# --------------------------------------------------------------------------- Snakemake entries
+# --------------------------------------------------------------------------- the stage
 
-
-def _plan_for(smk: Any) -> tuple[Config, ShardPlan, H5Codec]:
-    cfg = load_config(smk.config)
-    plan, codec = make_plan(cfg, smk.wildcards.teacher, smk.input.model, smk.input.corpus)
-    return cfg, plan, codec
-
-
-def worker_args(cfg: Config, teacher: str, model_dir: str | Path, corpus: str | Path, codec: H5Codec) -> dict:
-    """A shard worker's args: the stage's settings plus where things are and how to batch."""
-    return {
-        **settings.teacher_logits(cfg, teacher),
-        "corpus": str(corpus),
-        "model_dir": str(model_dir),
-        "batch_tokens": cfg.teacher_logits.batch_tokens,
-        "vocab_size": codec.attrs["vocab_size"],
-    }
+STAGE: ShardedStage[TeacherArgs] = ShardedStage(
+    name="teacher_logits",
+    outputs="teacher_logits",
+    key=("teacher",),
+    items="corpus",
+    ext=H5Codec.ext,
+    prepare=prepare,
+    compute=compute_shard,
+)
 
 
 def job(smk: Any) -> None:
     """Snakemake rule `compute_teacher_logits`: run one job's shards and write its manifest."""
-    cfg, plan, codec = _plan_for(smk)
-    args = worker_args(cfg, smk.wildcards.teacher, smk.input.model, smk.input.corpus, codec)
-    run_job(plan, int(smk.wildcards.job), compute_shard, codec, args, smk.output[0], threads=smk.threads)
+    sharded.job(STAGE, smk)
 
 
 def merge(smk: Any) -> None:
     """Snakemake rule `merge_teacher_logits`: one verified file per teacher."""
-    _, plan, codec = _plan_for(smk)
-    merge_shards(plan, smk.input.manifests, smk.output[0], codec)
+    sharded.merge(STAGE, smk)
