@@ -26,6 +26,7 @@ rule merge_generations:
     """Verify every shard of a generation run: results/generations/<run>.parquet and its run info."""
     input:
         manifests=manifests(rules.generate.output[0], GEN.shards, "run"),
+        prompts=GEN.prompts,
         model=generation_model_dir,
     output:
         table="results/generations/{run}.parquet",
