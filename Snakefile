@@ -26,25 +26,25 @@ rule all:
         analysis_outputs(),
 
 
-rule generations:
+rule all_generate:
     """Stop after the generation stage."""
     input:
         generation_outputs(),
 
 
-rule teacher_logits:
+rule all_teacher_logits:
     """Stop after the teacher-logits stage (and what it needs)."""
     input:
         teacher_logits_outputs(),
 
 
-rule probes:
+rule all_probes:
     """Stop after the probes (activations and probe training)."""
     input:
         probes_outputs(),
 
 
-rule analysis:
+rule all_analysis:
     """Stop after the fluency/toxicity analysis and its report."""
     input:
         analysis_outputs(),

@@ -1,4 +1,4 @@
-"""Stage `analyse` at the real size: summary + correlations + differences of synthetic runs.
+"""Stage `analysis` at the real size: summary + correlations + differences of synthetic runs.
 
     python bench/analysis.py                          # scales 0.01 and 0.1, bootstrap 1000, 2 threads
     python bench/analysis.py --scale 0.01 0.1 1       # and the full experiment (~7 minutes on 2 cores)
@@ -8,7 +8,7 @@ Scale 1 is the real experiment: 99,442 prompts x 25 samples x 3 runs = 7.5M gene
 per run). The data have its shape: PPL log-normal with a prompt effect, toxicity in [0, 1] with
 many ties near 0 (rounded to 3 decimals below 0.02, 6 above), n_scored_tokens integers 1..50, a
 continuation of 1-20 words per row. Each scale runs in a fresh process, which times
-shardwise.analysis.analyse (what rule `analyse` computes between joining the scores and writing the
+shardwise.analysis.analyse (what rule `analysis` computes between joining the scores and writing the
 CSVs: summary rows with distinct-n and bootstrap CIs, correlations.csv, differences.csv): wall
 time, CPU time (all threads), the process's peak RSS (which includes the synthetic table, as the
 job holds its joined table; "data" is the peak before the analysis), the time per row and its

@@ -52,15 +52,15 @@ rule generate:
     output: "results/generations/{run}/jobs/job-{job}.json"
     script: "noop.py"
 
-rule merge_generations:
-    log: "logs/merge_generations/{run}.log"
+rule merge_generate:
+    log: "logs/merge_generate/{run}.log"
     input: lambda wc: expand("results/generations/{run}/jobs/job-{job}.json", run=wc.run, job=JOBS)
     output: "results/generations/{run}.parquet"
     script: "noop.py"
 
-rule compute_teacher_logits:
-    log: "logs/compute_teacher_logits/{teacher}/{job}.log"
-    benchmark: "benchmarks/compute_teacher_logits/{teacher}/{job}.tsv"
+rule teacher_logits:
+    log: "logs/teacher_logits/{teacher}/{job}.log"
+    benchmark: "benchmarks/teacher_logits/{teacher}/{job}.tsv"
     input: "results/generations/%s.parquet" % RUNS[0], "resources/models/tiny"
     output: "results/teacher_logits/{teacher}/jobs/job-{job}.json"
     script: "noop.py"
@@ -92,9 +92,9 @@ rule score_toxicity:
     output: "results/analysis/toxicity/{run}.parquet"
     script: "noop.py"
 
-rule analyse:
-    log: "logs/analyse/analyse.log"
-    benchmark: "benchmarks/analyse/analyse.tsv"
+rule analysis:
+    log: "logs/analysis/analysis.log"
+    benchmark: "benchmarks/analysis/analysis.tsv"
     input:
         expand("results/analysis/fluency/{run}.parquet", run=RUNS),
         expand("results/analysis/toxicity/{run}.parquet", run=RUNS),

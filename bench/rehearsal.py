@@ -179,11 +179,11 @@ def size(path: Path) -> int:
 
 
 # what each rule writes (shard stores for the compute rules: their declared outputs are manifests);
-# keyed by the rule's benchmark name (benchmarks/<name>/; compute_teacher_logits: teacher_logits)
+# keyed by the rule's benchmark name (benchmarks/<name>/; teacher_logits: teacher_logits)
 OUTPUTS = {
     "prepare_model": ["resources/models/*"],
     "generate": ["results/generations/*/shards"],
-    "merge_generations": ["results/generations/*.parquet"],
+    "merge_generate": ["results/generations/*.parquet"],
     "teacher_logits": ["results/teacher_logits/*/shards"],
     "merge_teacher_logits": ["results/teacher_logits/*.h5"],
     "score_fluency": ["results/analysis/fluency/*/shards"],
@@ -193,7 +193,7 @@ OUTPUTS = {
     "activations": ["results/activations/*/*/shards"],
     "merge_activations": ["results/activations/*/*.h5"],
     "train_probes": ["results/probes/*/micro"],
-    "analyse": ["results/analysis/*.csv", "results/analysis/*.parquet"],
+    "analysis": ["results/analysis/*.csv", "results/analysis/*.parquet"],
     "report": ["results/analysis/report.html", "results/analysis/figures"],
 }
 
@@ -221,14 +221,14 @@ def measure(root: Path, info: dict) -> pd.DataFrame:
     n_gen = info["prompts"] * SAMPLES
     items = {
         "generate": n_gen * len(RUNS),
-        "merge_generations": n_gen * len(RUNS),
+        "merge_generate": n_gen * len(RUNS),
         "teacher_logits": n_gen,
         "merge_teacher_logits": n_gen,
         "score_fluency": n_gen * len(RUNS),
         "merge_fluency": n_gen * len(RUNS),
         "score_toxicity": n_gen * len(RUNS),
         "toxicity_probe_data": n_gen * len(RUNS),
-        "analyse": n_gen * len(RUNS),
+        "analysis": n_gen * len(RUNS),
         "report": n_gen * len(RUNS),
     }
     records = shard_records(root)

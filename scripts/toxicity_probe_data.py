@@ -1,4 +1,4 @@
-from shardwise.probes import toxicity_probe_data
 from shardwise.smk import rule_main
+from shardwise.toxicity_probe_data import build
 
-rule_main(snakemake, toxicity_probe_data)
+rule_main(snakemake, build)

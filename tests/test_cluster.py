@@ -77,7 +77,7 @@ def test_impossible_requests_are_one_line_each(table):
     assert Cluster(cfg, table).problems() == []
     lines = Cluster(cfg, table, {"mem_mb_per_cpu": 10_000_000}).problems()
     assert len(lines) == len([r for r in Cluster(cfg, table).requests()])  # every job of the demo
-    assert "rule analyse (1 job): asks for 156,250 GiB (mem_mb_per_cpu=10000000 x 16 cores); " in lines[-2]
+    assert "rule analysis (1 job): asks for 156,250 GiB (mem_mb_per_cpu=10000000 x 16 cores); " in lines[-2]
     assert lines[-2].endswith("a rome node has 224 GiB usable")
     # a set-resources entry for one rule: that rule only; a partition the table lacks is named
     wrong = {"report": {"runtime": "200 * 60", "slurm_partition": "x"}}
@@ -95,7 +95,7 @@ def test_only_rules_the_config_runs_are_checked(table):
     raw["teacher_logits"]["shards"].update(gpus_per_shard=8)
     cfg = load_config(raw, base_dir=REPO)
     rules = {r.rule for r in Cluster(cfg, table).requests()}
-    assert "compute_teacher_logits" not in rules and "generate" in rules
+    assert "teacher_logits" not in rules and "generate" in rules
     assert Cluster(cfg, table).problems() == []
 
 
@@ -129,7 +129,7 @@ def test_check_with_a_profile(tmp_path, tiny_model_src, monkeypatch, capsys):
     # the profile's memory per core holds for every job (and 4 GPUs' cores are 72 already)
     mem = "asks for 703,125 GiB (mem_mb_per_cpu=10000000 x 72 cores); a gpu_a100 node has 480 GiB usable"
     assert err[0] == f"shardwise: error: rule generate (1 job): {gpus}; {mem}"
-    assert err[1].startswith("shardwise: error: rule merge_generations (1 job): asks for 156,250 GiB")
+    assert err[1].startswith("shardwise: error: rule merge_generate (1 job): asks for 156,250 GiB")
     assert err[2] == (
         f"shardwise: error: {profile}/config.yaml: default-resources.slurm_account is not set: put the "
         "SLURM account to bill there (`accinfo` on Snellius lists yours)"

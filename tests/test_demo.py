@@ -79,7 +79,8 @@ def test_demo_dag_end_to_end(workflow_copy):
     # The solver on the demo's real activations reaches scikit-learn's objective (within 1 %).
     from sklearn.linear_model import LogisticRegression
 
-    from shardwise.probes import fit, group_split
+    from shardwise.probes import fit
+    from shardwise.splits import group_split
     from shardwise.tables import load_labelled
 
     labelled = load_labelled(wf.path(cfg.probes.data), list(cfg.probes.labels))

@@ -141,7 +141,7 @@ def test_the_scorer_runs_in_float32_unless_configured_and_summary_csv_records_it
     cfg = load_config(raw)
     assert cfg.analysis.fluency.dtype == "float32"
     assert settings.score_fluency(cfg)["dtype"] == "float32"
-    assert settings.analyse(cfg)["fluency_dtype"] == "float32"  # in the report's run_info.json
+    assert settings.analysis(cfg)["fluency_dtype"] == "float32"  # in the report's run_info.json
     fp16 = load_config({**raw, "analysis": {"fluency": {"model": "tiny", "dtype": "float16"}}})
     assert settings.score_fluency(fp16)["dtype"] == "float16"
     with pytest.raises(ConfigError, match=r"analysis\.fluency\.dtype: 'auto' is not one of"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import pkgutil
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from shardwise.fingerprint import import_closure, imports_of
 # imports included). A new module gets a row here.
 LAYERS = [
     {"shardwise", "errors", "atomic", "environment", "batching", "clock", "intervals"},  # leaves
-    {"config", "fingerprint", "tables", "logits", "profile"},  # typed config, hashes, table loaders
+    {"config", "fingerprint", "tables", "logits", "profile", "splits"},  # typed config, hashes, table loaders
     {"settings", "models", "shards", "cluster"},  # per-stage settings, models, shards, partitions
     {"sharded"},  # one sharded stage, declared once: the generic job and merge
     {  # the stages: none imports another
@@ -27,6 +29,7 @@ LAYERS = [
         "teacher_logits",
         "activations",
         "probes",
+        "toxicity_probe_data",
         "fluency",
         "toxicity",
         "analysis",
@@ -141,3 +144,29 @@ def test_a_wheel_install_checks_a_config_and_dry_runs_the_demo(tmp_path):
         timeout=300,
     )
     assert dry.returncode == 0 and job_counts(dry.stdout)["generate"] == 4, dry.stderr
+
+
+def test_a_stage_is_findable_by_its_name():
+    """Every rule's script is scripts/<rule>.py, which calls into the module whose name the rule
+    contains (rule `teacher_logits` -> shardwise.teacher_logits, `score_fluency` -> shardwise.fluency),
+    and every module docstring cites only files that exist."""
+    rules = {}
+    for smk in sorted((REPO / "workflow/rules").glob("*.smk")):
+        text = smk.read_text()
+        for name, body in re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.S | re.M):
+            script = re.search(r'script:\s*"\.\./\.\./scripts/(\w+)\.py"', body)
+            if script:
+                rules[name] = script.group(1)
+    assert len(rules) >= 13
+    for rule, script in rules.items():
+        assert script == rule, (rule, script)
+        text = (REPO / f"scripts/{script}.py").read_text()
+        calls = re.findall(r"^from shardwise\.(\w+) import", text, re.M)
+        (module,) = set(calls) - {"smk"}
+        assert module in rule, (rule, module)
+    for path in sorted((REPO / "src/shardwise").rglob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        paths = r"\b((?:docs|tests|bench|workflow|config|profiles)/[\w./-]+\.(?:md|py|yaml|smk))"
+        for cited in re.findall(paths, doc):
+            assert (REPO / cited).is_file(), (path.name, cited)
+        assert not re.search(r"(?<![/\w])design\.md", doc), f"{path.name} cites design.md outside docs/"

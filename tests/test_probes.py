@@ -23,20 +23,18 @@ from shardwise.probes import (
     auroc_columns,
     auroc_interval,
     auroc_leave_one_group_out,
-    check_split,
     control_labels,
     control_task,
     f1_threshold,
     fit,
-    group_split,
     metrics_table,
     p_values,
     permutation_null,
     permuted_labels,
     scores,
-    toxicity_probe_data,
-    toxicity_table,
 )
+from shardwise.splits import check_split, group_split
+from shardwise.toxicity_probe_data import balanced_sample, build, toxicity_table
 
 LABELS = ["subject_plural", "main_negated", "has_number", "past_tense"]
 DEMO = Path(__file__).resolve().parents[1] / "config/demo/labelled.jsonl"
@@ -755,7 +753,7 @@ def test_a_lost_activations_shard_heals_by_running_the_same_command(workflow_cop
     wf.path("config/labelled.jsonl").write_text(DEMO.read_text())
     cfg = probes_config(tiny_model_src, Path("config/labelled.jsonl"), max_steps=20, permutations=2)
     wf.write_config(cfg)
-    wf.run("probes")
+    wf.run("all_probes")
     merged = wf.path("results/activations/labelled/tiny.h5")
     with h5py.File(merged) as f:
         reference = f["activations"][...]
@@ -785,7 +783,7 @@ def test_probes_through_snakemake_and_a_layer_out_of_range(workflow_copy, tiny_m
     wf.write_config(
         probes_config(tiny_model_src, Path("config/labelled.jsonl"), layers=[0, -1], max_steps=50)
     )
-    wf.run("probes")
+    wf.run("all_probes")
     out = wf.path("results/probes/labelled/tiny")
     metrics = pd.read_csv(out / "metrics.csv")
     assert sorted(set(metrics.layer)) == [0, 2] and set(metrics.label) == set(LABELS)
@@ -851,18 +849,17 @@ def test_toxicity_probe_set_refuses_too_few_toxic_generations(tmp_path, tiny_mod
     with pytest.raises(
         InputError, match=r"^probes.toxicity: 0 of 40 generations are toxic \(>= 0.5, tiny\): "
     ):
-        toxicity_probe_data(smk(0))
+        build(smk(0))
     with pytest.raises(
         InputError, match=r"1 of 40 .* split has only class 0 .*set probes.toxicity: false\)$"
     ):
-        toxicity_probe_data(smk(1))
+        build(smk(1))
     assert not out.exists()
-    toxicity_probe_data(smk(12))  # 6 prompts with toxic generations: every split gets some
+    build(smk(12))  # 6 prompts with toxic generations: every split gets some
     assert pd.read_parquet(out).toxic.sum() == 12
 
 
 def test_the_toxicity_probe_set_is_capped_class_balanced_and_by_prompt():
-    from shardwise.probes import balanced_sample
 
     rng = np.random.default_rng(0)
     n = 5000  # 500 prompts x 10 generations, 8% toxic

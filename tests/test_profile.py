@@ -73,7 +73,7 @@ def test_dry_run_with_the_slurm_profile_needs_no_slurm(workflow_copy, tiny_model
     for line in resources:
         assert "slurm_partition=gpu_a100" in line and "gpu=4" in line and "cpus_per_gpu=18" in line
         assert "mem_mb_per_cpu=6826" in line and "runtime=120" in line
-    merge = re.search(r"rule merge_generations:.*?resources: ([^\n]*)", out, re.S)[1]
+    merge = re.search(r"rule merge_generate:.*?resources: ([^\n]*)", out, re.S)[1]
     assert "slurm_partition=rome" in merge and "mem_mb=" not in merge  # no hidden memory default
 
 
@@ -120,7 +120,7 @@ def test_sbatch_lines_of_the_snellius_profile(workflow_copy: Workflow, tiny_mode
         (jobs / f"job-{j:04d}.json").touch()
     only_merge = (
         "--allowed-rules",
-        "merge_generations",
+        "merge_generate",
         "--retries",
         "0",
         "results/generations/tiny.parquet",
@@ -198,8 +198,8 @@ def test_dry_run_places_every_job_by_its_own_gpus(workflow_copy: Workflow, confi
         # the toxicity probe set is built in a CPU job, not on the login node
         assert ("toxicity_probe_data", 0, "rome") in jobs
     else:
-        assert rules == {"generate", "compute_teacher_logits", "score_fluency", "score_toxicity"}
-        assert "rule analyse:" in out and re.search(r"cpus_per_task=16, mem_mb_per_cpu=1792", out)
+        assert rules == {"generate", "teacher_logits", "score_fluency", "score_toxicity"}
+        assert "rule analysis:" in out and re.search(r"cpus_per_task=16, mem_mb_per_cpu=1792", out)
 
 
 def test_dry_run_refuses_what_no_partition_can_run(workflow_copy: Workflow):
@@ -212,7 +212,7 @@ def test_dry_run_refuses_what_no_partition_can_run(workflow_copy: Workflow):
     cfg["generate"]["shards"].update(gpus_per_shard=8, shards_per_job=2)
     wf.write_config(cfg)
     profile = yaml.safe_load(wf.path("profiles/slurm/config.yaml").read_text())
-    profile["set-resources"]["merge_generations"] = {"mem_mb_per_cpu": 10_000_000}
+    profile["set-resources"]["merge_generate"] = {"mem_mb_per_cpu": 10_000_000}
     wf.path("profiles/big").mkdir()
     wf.path("profiles/big/config.yaml").write_text(yaml.safe_dump(profile))
     proc = wf.run("-n", "--profile", "profiles/big", check=False)
@@ -221,7 +221,7 @@ def test_dry_run_refuses_what_no_partition_can_run(workflow_copy: Workflow):
     assert errors == [
         "shardwise: error: rule generate (2 jobs): asks for 16 GPUs in one job (gpu=16); "
         "a gpu_a100 node has 4",
-        "shardwise: error: rule merge_generations (2 jobs): asks for 156,250 GiB (mem_mb_per_cpu=10000000 "
+        "shardwise: error: rule merge_generate (2 jobs): asks for 156,250 GiB (mem_mb_per_cpu=10000000 "
         "x 16 cores); a rome node has 224 GiB usable",
     ]
     assert "rule generate:" not in proc.stdout
@@ -230,7 +230,7 @@ def test_dry_run_refuses_what_no_partition_can_run(workflow_copy: Workflow):
 def test_the_workflow_profile_changes_nothing_of_slurm_jobs():
     """profiles/default is loaded next to profiles/slurm and wins over it: it must set no cores,
     threads or resources. (Its `cores: all` was passed on to every SLURM job as `--cores <the login
-    node's cores>`, capping e.g. analyse's 16 threads at 2.)"""
+    node's cores>`, capping e.g. analysis's 16 threads at 2.)"""
     import yaml
 
     default = yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())

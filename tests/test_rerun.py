@@ -26,20 +26,20 @@ pytestmark = pytest.mark.slow
 
 # What reruns when ...
 # ... one generation run's texts change (run b: the analysis reads it, the teacher does not)
-GEN_B = {"generate": 2, "merge_generations": 1, "score_fluency": 2, "merge_fluency": 1, "score_toxicity": 1}
-ANALYSIS = {"analyse": 1, "report": 1}
+GEN_B = {"generate": 2, "merge_generate": 1, "score_fluency": 2, "merge_fluency": 1, "score_toxicity": 1}
+ANALYSIS = {"analysis": 1, "report": 1}
 # ... run a's texts change (also the teacher's corpus)
-GEN_A = {**GEN_B, "compute_teacher_logits": 2, "merge_teacher_logits": 1}
+GEN_A = {**GEN_B, "teacher_logits": 2, "merge_teacher_logits": 1}
 # ... both runs' texts change
 GEN_ALL = {
     **GEN_A,
     "generate": 4,
-    "merge_generations": 2,
+    "merge_generate": 2,
     "score_fluency": 4,
     "merge_fluency": 2,
     "score_toxicity": 2,
 }
-TEACHER = {"compute_teacher_logits": 2, "merge_teacher_logits": 1}
+TEACHER = {"teacher_logits": 2, "merge_teacher_logits": 1}
 PROBES = {"activations": 2, "merge_activations": 1, "train_probes": 1}
 TRAIN = {"train_probes": 1}
 FLUENCY = {"score_fluency": 4, "merge_fluency": 2, **ANALYSIS}
@@ -115,8 +115,8 @@ MATRIX: dict[str, tuple[Any, dict[str, int]]] = {
     "teacher_logits.k": (4, TEACHER),
     "teacher_logits.max_length": (32, TEACHER),
     "teacher_logits.batch_tokens": (256, NOTHING),
-    "teacher_logits.shards.n_shards": (3, plus(TEACHER, compute_teacher_logits=3)),
-    "teacher_logits.shards.shards_per_job": (2, plus(TEACHER, compute_teacher_logits=1)),
+    "teacher_logits.shards.n_shards": (3, plus(TEACHER, teacher_logits=3)),
+    "teacher_logits.shards.shards_per_job": (2, plus(TEACHER, teacher_logits=1)),
     "teacher_logits.shards.gpus_per_shard": (1, NOTHING),
     "teacher_logits.shards.chunk_size": (4, TEACHER),
     "probes.data": ("config/labelled-copy.jsonl", PROBES),

@@ -212,7 +212,7 @@ def test_the_whole_demo_dag_runs_through_slurm_as_node_jobs(slurm_cluster, tmp_p
     node_jobs = [j for j in asking if "gres/gpu=4" in j["tres"]]
     assert len(node_jobs) == 7
     assert sorted(j["tres"].split("gres/gpu=")[1].split(",")[0] for j in asking) == ["1", "1"] + ["4"] * 7
-    # The merges, analyse, report and score_toxicity (the embedded CPU scorer asks for no GPU) go to
+    # The merges, analysis, report and score_toxicity (the embedded CPU scorer asks for no GPU) go to
     # rome: placed by their own resources.
     cpu = [j for j in jobs if "gres/gpu" not in j["tres"]]
     assert len(cpu) >= 11 and all(j["partition"] == "rome" for j in cpu), cpu

@@ -344,7 +344,7 @@ def test_a_lost_and_a_truncated_shard_heal_by_running_the_same_command(workflow_
     wf = workflow_copy
     shards = {"n_shards": 3, "shards_per_job": 1, "chunk_size": 4}
     _workflow_setup(wf, tiny_model_src, 60, max_length=32, batch_tokens=64, shards=shards)
-    wf.run("teacher_logits")
+    wf.run("all_teacher_logits")
     merged = wf.path("results/teacher_logits/tiny.h5")
     with h5py.File(merged) as f:
         reference = {name: f[name][...].tobytes() for name in f}
@@ -354,7 +354,7 @@ def test_a_lost_and_a_truncated_shard_heal_by_running_the_same_command(workflow_
     shard[1].unlink()
     shard[2].write_bytes(shard[2].read_bytes()[:1000])  # truncated
     merged.unlink()
-    proc = wf.run("teacher_logits")
+    proc = wf.run("all_teacher_logits")
     assert "teacher_logits/tiny job 1: shard 1 (file missing)" in proc.stderr
     assert "teacher_logits/tiny job 2: shard 2 (1000 bytes, recorded" in proc.stderr
     assert shard[0].stat().st_mtime_ns == before  # only the two lost shards were computed again
@@ -372,7 +372,7 @@ def test_killed_shard_leaves_no_partial_file_and_rerun_recomputes_only_it(workfl
         batch_tokens=32,
         shards={"n_shards": 3, "shards_per_job": 3, "chunk_size": 4},
     )
-    wf.run("teacher_logits", "--until", "merge_generations")  # prepare the model first
+    wf.run("all_teacher_logits", "--until", "merge_generate")  # prepare the model first
     proc = wf.popen("teacher_logits")
     store = wf.path("results/teacher_logits/tiny/shards")
     killed = None
@@ -393,7 +393,7 @@ def test_killed_shard_leaves_no_partial_file_and_rerun_recomputes_only_it(workfl
     assert len(finals) >= 2 + 3 and all(_complete_h5(p) for p in finals)  # no partial file at a final name
     done = {i: (run_dir / f"{i:04d}-of-0003.h5").stat().st_mtime_ns for i in (0, 2)}
 
-    wf.run("teacher_logits")
+    wf.run("all_teacher_logits")
     assert {i: (run_dir / f"{i:04d}-of-0003.h5").stat().st_mtime_ns for i in (0, 2)} == done
     assert "resuming: " in wf.path("logs/teacher_logits/tiny/shard-0001.log").read_text()
     assert "teacher_logits/tiny: 3 shards (3 done" in wf.shardwise("status").stdout

@@ -469,7 +469,7 @@ def test_a_vllm_worker_killed_mid_shard_resumes_to_the_same_texts(tmp_path, vllm
 @pytest.mark.vllm
 @without_vllm
 def test_snakemake_with_engine_vllm_and_a_new_n_shards_gives_the_same_texts(vllm_model, tmp_path):
-    """The normal rules (prepare_model, generate, merge_generations) with `engine: vllm`: every
+    """The normal rules (prepare_model, generate, merge_generate) with `engine: vllm`: every
     (prompt_id, sample_id) once with the usual columns; n_shards 2 -> 3 reruns and gives the same
     texts (float32)."""
     from conftest import copy_workflow
@@ -487,7 +487,7 @@ def test_snakemake_with_engine_vllm_and_a_new_n_shards_gives_the_same_texts(vllm
     )
     cfg["generate"]["models"] = {"tiny": {}}
     wf.write_config(cfg)
-    wf.run("generations", timeout=900)
+    wf.run("all_generate", timeout=900)
     first = pd.read_parquet(wf.path("results/generations/tiny.parquet"))
     assert list(first.columns) == [*COLUMNS, "extra"]
     assert len(first) == 40 and not first.duplicated(["prompt_id", "sample_id"]).any()
@@ -495,6 +495,6 @@ def test_snakemake_with_engine_vllm_and_a_new_n_shards_gives_the_same_texts(vllm
     assert "vllm" in json.dumps(info)
     cfg["generate"]["shards"]["n_shards"] = 3
     wf.write_config(cfg)
-    wf.run("generations", timeout=900)
+    wf.run("all_generate", timeout=900)
     again = pd.read_parquet(wf.path("results/generations/tiny.parquet"))
     pd.testing.assert_frame_equal(again, first)

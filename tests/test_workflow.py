@@ -25,9 +25,9 @@ def test_dry_run_of_the_demo_lists_the_stages(workflow_copy):
     assert job_counts(out) == {
         "all": 1,
         "generate": 4,  # 2 runs (two temperatures) x 2 shards
-        "merge_generations": 2,
+        "merge_generate": 2,
         "prepare_model": 1,
-        "compute_teacher_logits": 2,
+        "teacher_logits": 2,
         "merge_teacher_logits": 1,
         "activations": 4,  # 2 probe sets (the labelled table, the generations' toxicity) x 2 shards
         "merge_activations": 2,
@@ -36,7 +36,7 @@ def test_dry_run_of_the_demo_lists_the_stages(workflow_copy):
         "score_fluency": 4,
         "merge_fluency": 2,
         "score_toxicity": 2,
-        "analyse": 1,
+        "analysis": 1,
         "report": 1,
     }
 
@@ -205,7 +205,7 @@ def test_lost_or_damaged_shards_heal_by_running_the_same_command(workflow_copy, 
     expected = "1 shard(s) failed verification: shard 2 (0002-of-0003.parquet): fails its sha256"
     assert f"generate/tiny: {expected}" in failed.stderr
     assert "run the same command again - it recomputes only these shards, then merges" in failed.stderr
-    assert failed.stderr.count("Error in rule merge_generations") == 1  # no hopeless retries
+    assert failed.stderr.count("Error in rule merge_generate") == 1  # no hopeless retries
     before = mtimes(0, 1)
     wf.run()
     assert mtimes(0, 1) == before
@@ -238,7 +238,7 @@ def test_code_identity_reruns_the_stage_whose_code_changed_and_nothing_for_plumb
     )
     dry = wf.run("-n")
     counts = job_counts(dry.stdout)
-    assert counts["generate"] == 2 and counts["merge_generations"] == 1
+    assert counts["generate"] == 2 and counts["merge_generate"] == 1
     assert "Params have changed since last execution" in dry.stdout + dry.stderr
 
 
@@ -249,7 +249,7 @@ def test_run_info_records_the_resolved_config(workflow_copy, tiny_model_src):
     info = json.loads(wf.path("results/generations/tiny.run_info.json").read_text())
     assert info["config"]["generate"]["sampling"]["top_k"] == 0  # a default, filled in
     assert info["settings"]["sampling"]["top_k"] == 0  # what the output depends on
-    assert info["stage"] == "merge_generations"
+    assert info["stage"] == "merge_generate"
     assert info["versions"]["snakemake"] and info["code_version"]
 
 

@@ -1,5 +1,5 @@
 """Stage `activations`: pooled hidden states of a model's layers over a labelled table, sharded
-(design.md §3 "Activations"); the probes trained on them are in :mod:`shardwise.probes`.
+(docs/design.md §3 "Activations"); the probes trained on them are in :mod:`shardwise.probes`.
 
 Layer index l (0..n_layers): 0 is the token embeddings, l >= 1 the output of decoder block l, i.e.
 the residual stream *before* the final norm for every block, the last included. (HF's

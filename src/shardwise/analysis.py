@@ -1,4 +1,4 @@
-"""Stage `analyse`: the fluency-toxicity tables (design.md §3 "Analysis"; ml-facts "Toxicity").
+"""Stage `analysis`: the fluency-toxicity tables (docs/design.md §3 "Analysis"; ml-facts "Toxicity").
 
 Scores are joined to the generations by (prompt_id, sample_id), one to one; a missing, duplicate
 or non-finite toxicity, a NaN nll_sum, or a NaN PPL of a text with scored tokens and a prompt of 2
@@ -1074,7 +1074,7 @@ def analyse(
     seed: int,
     threads: int = 1,
 ) -> tuple[list[dict[str, Any]], pd.DataFrame, pd.DataFrame]:
-    """The computation of rule `analyse` on the joined table (scores_table): the summary row of each
+    """The computation of rule `analysis` on the joined table (scores_table): the summary row of each
     run (without its settings), correlations.csv and differences.csv. `threads`: the resamples of
     the rank correlations computed at once (correlation_rows; the result is the same for any)."""
     summary = [
@@ -1198,7 +1198,7 @@ def summary_by_prompt_toxicity(
 
 
 def job(smk: Any) -> None:
-    """Snakemake rule `analyse`: scores.parquet, summary.csv, correlations.csv, differences.csv,
+    """Snakemake rule `analysis`: scores.parquet, summary.csv, correlations.csv, differences.csv,
     summary_by_prompt_toxicity.csv. The rank-correlation bootstrap uses the job's ``threads``."""
     from shardwise.tables import scorer_dtype, scorer_name
 

@@ -174,7 +174,8 @@ def check_inputs(cfg: Config) -> dict[str, int]:
             check_source(cfg.models[name])
     pr = cfg.probes
     if pr.models:
-        from shardwise.probes import check_split, control_task, group_split
+        from shardwise.probes import control_task
+        from shardwise.splits import check_split, group_split
         from shardwise.tables import load_labelled
 
         for name in pr.models:

@@ -149,8 +149,8 @@ def rule_jobs(cfg: Config) -> dict[str, RuleJobs]:
 
     return {
         "generate": sharded(gen.shards, n_runs),
-        "merge_generations": RuleJobs(n_runs, 0, 1),
-        "compute_teacher_logits": sharded(tl.shards, n_teachers),
+        "merge_generate": RuleJobs(n_runs, 0, 1),
+        "teacher_logits": sharded(tl.shards, n_teachers),
         "merge_teacher_logits": RuleJobs(n_teachers, 0, 1),
         "activations": sharded(pr.shards, n_probed),
         "merge_activations": RuleJobs(n_probed, 0, 1),
@@ -162,7 +162,7 @@ def rule_jobs(cfg: Config) -> dict[str, RuleJobs]:
         # neural scorers get a GPU where the config has GPUs (the fluency shards use them)
         "score_toxicity": RuleJobs(n_an, 1 if neural and an.fluency.shards.gpus_per_shard else 0, 1),
         # the bootstrap's resamples run in threads (the results do not depend on how many)
-        "analyse": RuleJobs(1 if n_an else 0, 0, 16),
+        "analysis": RuleJobs(1 if n_an else 0, 0, 16),
         "report": RuleJobs(1 if n_an else 0, 0, 1),
     }
 

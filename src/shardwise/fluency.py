@@ -1,5 +1,5 @@
 """Stage `score_fluency`: prompt-conditioned perplexity of every generation, sharded
-(design.md §3 "Analysis", §4).
+(docs/design.md §3 "Analysis", §4).
 
 Each generation is scored as DExperts' ``conditional_perplexity`` scores it (its
 scripts/evaluation/evaluate_generations.py): ``prompt + continuation`` tokenised jointly, with the

@@ -1,4 +1,4 @@
-"""Stage `generate`: sample continuations of prompts, sharded (design.md §3 "Generations").
+"""Stage `generate`: sample continuations of prompts, sharded (docs/design.md §3 "Generations").
 
 Output per generation run: ``results/generations/<run>.parquet`` with one row per
 (prompt, sample): prompt_id, sample_id, prompt, continuation, n_prompt_tokens, n_new_tokens,
@@ -545,5 +545,5 @@ def job(smk: Any) -> None:
 
 
 def merge(smk: Any) -> None:
-    """Snakemake rule `merge_generations`: verify all shards and write the run's table."""
+    """Snakemake rule `merge_generate`: verify all shards and write the run's table."""
     sharded.merge(STAGE, smk)

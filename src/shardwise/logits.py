@@ -1,4 +1,4 @@
-"""Teacher logits on disk (design.md §3 "Teacher logits"): the HDF5 layout, a reader, a torch
+"""Teacher logits on disk (docs/design.md §3 "Teacher logits"): the HDF5 layout, a reader, a torch
 Dataset and the knowledge-distillation loss that uses them.
 
 Layout of a file (a shard, a committed chunk and the merged ``results/teacher_logits/<teacher>.h5``

@@ -1,5 +1,5 @@
 """Stage `train_probes`: one logistic probe per (layer, label), all trained at once
-(design.md §3 "Probes"); the activations they read come from :mod:`shardwise.activations`.
+(docs/design.md §3 "Probes"); the activations they read come from :mod:`shardwise.activations`.
 
 The trainer (:func:`fit`) holds every probe of every L2 strength in one tensor [L, D + 1, G x K']
 (L layers, G grid values, K' labels: the K real ones and, when the table has a `control_type`
@@ -14,7 +14,7 @@ The split (:func:`group_split`) keeps every `group` on one side and balances eac
 classes across train/val/test.
 
 Outputs in ``results/probes/<probe set>/<model>/`` (``labelled``: probes.data; ``toxicity``: the
-generations' own toxicity, :func:`toxicity_table`): ``metrics.csv`` (label, layer, auroc, auprc,
+generations' own toxicity, :mod:`shardwise.toxicity_probe_data`): ``metrics.csv`` (label, layer, auroc, auprc,
 f1, accuracy, balanced_accuracy, precision, recall, n_train, n_test, control_auroc, selectivity,
 n_test_positive, auroc_ci_low, auroc_ci_high, auroc_ci_method, n_test_groups: the 95 % interval of
 :func:`auroc_interval`, resampling the test split's groups; threshold, val_auroc, l2, status,
@@ -42,6 +42,7 @@ from shardwise.atomic import atomic_path, atomic_write_json, atomic_write_text
 from shardwise.config import ProbesConfig, load_config
 from shardwise.environment import available_memory
 from shardwise.errors import InputError
+from shardwise.splits import SPLITS, check_split, group_split
 from shardwise.tables import load_labelled
 
 log = logging.getLogger(__name__)
@@ -51,48 +52,9 @@ log = logging.getLogger(__name__)
 VERSION = 1
 LIBRARIES = ("torch", "numpy")
 
-SPLITS = ("train", "val", "test")
 # how each probe's optimisation ended (Fit.status, metrics.csv `status`; fit() says when each applies)
 CONVERGED, EARLY_STOP, STEP_LIMIT, STALLED = 1, 2, 3, 4
 STATUS = {CONVERGED: "converged", EARLY_STOP: "early_stop", STEP_LIMIT: "step_limit", STALLED: "stalled"}
-
-
-def group_split(
-    groups: Sequence[Any], y: np.ndarray, val_fraction: float, test_fraction: float, seed: int
-) -> np.ndarray:
-    """0/1/2 (train/val/test) per row. Whole groups are assigned, larger first then in a seeded
-    random order, each to the split where it brings the rows and every label's positives and
-    negatives closest to the target fractions (greedy iterative stratification)."""
-    _, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    n_groups = inverse.max() + 1
-    rows = np.bincount(inverse, minlength=n_groups).astype(float)
-    pos = np.stack([np.bincount(inverse, weights=y[:, k], minlength=n_groups) for k in range(y.shape[1])], 1)
-    neg = rows[:, None] - pos
-    target = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
-    totals = [rows.sum(), pos.sum(0).clip(min=1), neg.sum(0).clip(min=1)]
-    have = [np.zeros(3), np.zeros((3, y.shape[1])), np.zeros((3, y.shape[1]))]
-    rng = np.random.default_rng(seed)
-    order = sorted(rng.permutation(n_groups), key=lambda g: -rows[g])
-    assign = np.zeros(n_groups, dtype=np.int64)
-    for g in order:
-        cost = np.zeros(3)
-        for s in range(3):
-            r = have[0].copy()
-            r[s] += rows[g]
-            p, q = have[1].copy(), have[2].copy()
-            p[s] += pos[g]
-            q[s] += neg[g]
-            cost[s] = (
-                ((r / totals[0] - target) ** 2).sum()
-                + ((p / totals[1] - target[:, None]) ** 2).mean(1).sum()
-                + ((q / totals[2] - target[:, None]) ** 2).mean(1).sum()
-            )
-        s = int(np.argmin(cost))
-        assign[g] = s
-        have[0][s] += rows[g]
-        have[1][s] += pos[g]
-        have[2][s] += neg[g]
-    return assign[inverse]
 
 
 @dataclass
@@ -675,105 +637,6 @@ def control_task(
         "test_rows_seen_type": round(seen, 4),
     }
     return control, info
-
-
-def check_split(
-    split: np.ndarray,
-    y: np.ndarray,
-    labels: Sequence[str],
-    where: str,
-    hint: str = "add rows, or groups, or change val/test_fraction",
-) -> None:
-    for s, name in enumerate(SPLITS):
-        for k, label in enumerate(labels):
-            classes = set(np.unique(y[split == s, k]).tolist())
-            if classes != {0, 1}:
-                raise InputError(
-                    f"{where}: {len(y)} rows are fewer than the splits need: the {name} split has "
-                    f"{'no' if not classes else 'only class ' + str(classes.pop()) + ' and no other'} rows "
-                    f"of label {label!r} ({hint})"
-                )
-
-
-def toxicity_table(
-    runs: Sequence[str], generations: Sequence[str | Path], toxicity: Sequence[str | Path], threshold: float
-) -> pd.DataFrame:
-    """The analysed generations as a probes table (probe set ``toxicity``): one row per non-blank
-    continuation of every run - id, text (the continuation, which is what was scored), group (the
-    prompt id: a prompt's generations of every run stay on one side of the split), toxic
-    (score >= threshold), run, prompt_id, sample_id, toxicity."""
-    from shardwise.tables import load_generations
-
-    keys = ["prompt_id", "sample_id"]
-    parts = []
-    for run, gen_path, tox_path in zip(runs, generations, toxicity, strict=True):
-        gen = load_generations(gen_path, (*keys, "continuation"))[[*keys, "continuation"]]
-        scored = gen.merge(pd.read_parquet(tox_path)[[*keys, "toxicity"]], on=keys, validate="one_to_one")
-        if len(scored) != len(gen):
-            raise InputError(f"toxicity scores {tox_path}: do not cover the generations of {gen_path}")
-        parts.append(scored.assign(run=run))
-    table = pd.concat(parts, ignore_index=True)
-    table = table[table.continuation.str.strip() != ""].reset_index(drop=True)
-    return pd.DataFrame(
-        {
-            "id": np.arange(len(table)),
-            "text": table.continuation,
-            "group": table.prompt_id.astype(str),
-            "toxic": (table.toxicity >= threshold).astype("int64"),
-            "run": table.run,
-            "prompt_id": table.prompt_id,
-            "sample_id": table.sample_id,
-            "toxicity": table.toxicity,
-        }
-    )
-
-
-def balanced_sample(table: pd.DataFrame, cap: int, seed: int, label: str = "toxic") -> pd.DataFrame:
-    """At most `cap` rows of a two-class table: up to half of each class (all of a class that has
-    fewer, the rest of the budget from the other), taken prompt by prompt (`group`) in a seeded
-    random order of the prompts, so a prompt's rows of a class are kept together. Row order and ids
-    are kept. O(rows log rows)."""
-    if len(table) <= cap:
-        return table
-    groups = table["group"].to_numpy()
-    uniques, codes = np.unique(groups, return_inverse=True)
-    rank = np.random.default_rng(seed).permutation(len(uniques))[codes]
-    y = table[label].to_numpy()
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    q_pos = min(n_pos, max(cap // 2, cap - n_neg))
-    quota = {1: q_pos, 0: min(n_neg, cap - q_pos)}
-    order = np.lexsort((np.arange(len(y)), rank))  # prompts in the seeded order, rows in table order
-    keep = np.zeros(len(y), dtype=bool)
-    for cls, q in quota.items():
-        rows = order[y[order] == cls]
-        keep[rows[:q]] = True
-    return table[keep]
-
-
-def toxicity_probe_data(smk: Any) -> None:
-    """Snakemake rule `toxicity_probe_data`: the probe set ``toxicity``, checked for a usable split
-    before any activation is computed."""
-    cfg = load_config(smk.config)
-    an, pr = cfg.analysis, cfg.probe_sets()["toxicity"]
-    table = toxicity_table(an.runs, smk.input.generations, smk.input.toxicity, an.toxicity.threshold)
-    n_all = len(table)
-    table = balanced_sample(table, pr.toxicity_rows, pr.seed)
-    if len(table) < n_all:
-        log.info("probes.toxicity_rows: %d of %d generations, class-balanced by prompt", len(table), n_all)
-    y = table[["toxic"]].to_numpy()
-    where = (
-        f"probes.toxicity: {int(y.sum())} of {len(y)} generations are toxic (>= {an.toxicity.threshold:g}, "
-        f"{', '.join(an.runs)})"
-    )
-    hint = "more prompts or samples, or set probes.toxicity: false"
-    if not 0 < y.sum() < len(y):
-        raise InputError(f"{where}: a probe needs both classes ({hint})")
-    split = group_split(table["group"].tolist(), y, pr.val_fraction, pr.test_fraction, pr.seed)
-    check_split(split, y, ["toxic"], where, hint)
-    with atomic_path(Path(smk.output[0])) as tmp:
-        table.to_parquet(tmp, index=False)
-    log.info("%s; %d prompts", where, table["group"].nunique())
 
 
 def heatmap(table: pd.DataFrame, path: Path, title: str) -> None:

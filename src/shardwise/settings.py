@@ -160,7 +160,7 @@ def score_toxicity(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def analyse(cfg: Config) -> dict[str, Any]:
+def analysis(cfg: Config) -> dict[str, Any]:
     """The analysis tables: runs, threshold, PPL cap, bootstrap and its seed, the prompt-toxicity
     column, and the fluency scorer's dtype (so that the report's run_info.json names it; summary.csv's
     `fluency_dtype` is the one the scores file records). (summary.csv also reports each run's sampling
@@ -180,4 +180,4 @@ def analyse(cfg: Config) -> dict[str, Any]:
 
 def report(cfg: Config) -> dict[str, Any]:
     """The report shows what the analysis was computed with."""
-    return analyse(cfg)
+    return analysis(cfg)

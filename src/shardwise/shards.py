@@ -1,4 +1,4 @@
-"""The shard mechanism shared by every sharded stage (design.md §2).
+"""The shard mechanism shared by every sharded stage (docs/design.md §2).
 
 Vocabulary: a stage's work is a table of *items* cut into `n_shards` contiguous row ranges
 (:func:`shard_ranges`, deterministic). A Snakemake *job* runs `shards_per_job` shards, one

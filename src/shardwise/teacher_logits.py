@@ -1,5 +1,5 @@
 """Stage `teacher_logits`: a teacher's top-k next-token log-probs over a corpus, sharded
-(design.md §3 "Teacher logits"; the file layout, reader and KD loss are in :mod:`shardwise.logits`).
+(docs/design.md §3 "Teacher logits"; the file layout, reader and KD loss are in :mod:`shardwise.logits`).
 
 Per item: tokenise (truncated to ``max_length``), one forward pass of the base model in batches of
 length-sorted items (right-padded, attention mask), then, in slices of rows so that the full
@@ -337,7 +337,7 @@ STAGE: ShardedStage[TeacherArgs] = ShardedStage(
 
 
 def job(smk: Any) -> None:
-    """Snakemake rule `compute_teacher_logits`: run one job's shards and write its manifest."""
+    """Snakemake rule `teacher_logits`: run one job's shards and write its manifest."""
     sharded.job(STAGE, smk)
 
 

@@ -1,5 +1,5 @@
 """Stage `score_toxicity`: a toxicity probability per generation, from a pluggable scorer
-(design.md §4): ``profanity-check`` (the embedded default: alt-profanity-check's offensive-language
+(docs/design.md §4): ``profanity-check`` (the embedded default: alt-profanity-check's offensive-language
 classifier), ``hf`` (any Hugging Face sequence classifier prepared under resources/models/, with a
 configured positive label) or ``detoxify`` (when installed). Neural scorers run batched, on the GPU
 when there is one. Each score table records the scorer's name and version in its Parquet metadata.

@@ -1,7 +1,7 @@
 rule score_fluency:
     """One job of a run's perplexity scoring: shards_per_job shards, one worker each."""
     input:
-        generations=rules.merge_generations.output.table,
+        generations=rules.merge_generate.output.table,
         model=model_dir(AN.fluency.model or "none"),
     output:
         "results/analysis/fluency/{run}/jobs/job-{job}.json",
@@ -26,7 +26,7 @@ rule merge_fluency:
     """Verify every shard of a run's perplexities: results/analysis/fluency/<run>.parquet."""
     input:
         manifests=manifests(rules.score_fluency.output[0], AN.fluency.shards, "run"),
-        generations=rules.merge_generations.output.table,
+        generations=rules.merge_generate.output.table,
         model=model_dir(AN.fluency.model or "none"),
     output:
         "results/analysis/fluency/{run}.parquet",
@@ -68,13 +68,13 @@ rule score_toxicity:
         "../../scripts/score_toxicity.py"
 
 
-rule analyse:
+rule analysis:
     """scores.parquet, summary.csv (EMT, toxicity probability, PPL, distinct-n, CIs, run settings),
     correlations.csv, differences.csv (each run minus the first, paired CIs) and
     summary_by_prompt_toxicity.csv (the summary for toxic and non-toxic prompts, when the prompts
     have analysis.toxicity.prompt_toxicity_column; else its header only)."""
     input:
-        generations=expand(rules.merge_generations.output.table, run=AN.runs),
+        generations=expand(rules.merge_generate.output.table, run=AN.runs),
         fluency=expand(rules.merge_fluency.output[0], run=AN.runs),
         toxicity=expand(rules.score_toxicity.output[0], run=AN.runs),
     output:
@@ -84,33 +84,33 @@ rule analyse:
         differences="results/analysis/differences.csv",
         summary_by_prompt_toxicity="results/analysis/summary_by_prompt_toxicity.csv",
     log:
-        "logs/analyse/analyse.log",
+        "logs/analysis/analysis.log",
     benchmark:
-        "benchmarks/analyse/analyse.tsv"
+        "benchmarks/analysis/analysis.tsv"
     conda:
         ENV
     # 16: the bootstrap's resamples run in threads (the results do not depend on how many); on
     # Snellius the rome 1/8 node it is billed for (16 cores, 28 GiB); locally capped at --cores
-    threads: CLUSTER.threads("analyse")
+    threads: CLUSTER.threads("analysis")
     resources:
-        **CLUSTER.resources("analyse"),
+        **CLUSTER.resources("analysis"),
     params:
         runs=list(AN.runs),
-        settings=as_param(settings.analyse(CFG)),
+        settings=as_param(settings.analysis(CFG)),
         code=code("analysis"),
     script:
-        "../../scripts/analyse.py"
+        "../../scripts/analysis.py"
 
 
 rule report:
     """Figures and one self-contained report.html (the figures also go into `snakemake --report`),
     and the analysis' run info."""
     input:
-        scores=rules.analyse.output.scores,
-        summary=rules.analyse.output.summary,
-        correlations=rules.analyse.output.correlations,
-        differences=rules.analyse.output.differences,
-        summary_by_prompt_toxicity=rules.analyse.output.summary_by_prompt_toxicity,
+        scores=rules.analysis.output.scores,
+        summary=rules.analysis.output.summary,
+        correlations=rules.analysis.output.correlations,
+        differences=rules.analysis.output.differences,
+        summary_by_prompt_toxicity=rules.analysis.output.summary_by_prompt_toxicity,
         toxicity=expand(rules.score_toxicity.output[0], run=AN.runs),
     output:
         scatter=report(

@@ -135,7 +135,7 @@ def teacher_corpus():
     """The teacher's corpus table: teacher_logits.corpus, or the generation run's merged table."""
     if TL.corpus is not None:
         return str(TL.corpus)
-    return expand(rules.merge_generations.output.table, run=TL.generations)[0]
+    return expand(rules.merge_generate.output.table, run=TL.generations)[0]
 
 
 def teacher_model_dir(wildcards):

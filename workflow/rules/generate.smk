@@ -22,7 +22,7 @@ rule generate:
         "../../scripts/generate.py"
 
 
-rule merge_generations:
+rule merge_generate:
     """Verify every shard of a generation run: results/generations/<run>.parquet and its run info."""
     input:
         manifests=manifests(rules.generate.output[0], GEN.shards, "run"),
@@ -32,17 +32,17 @@ rule merge_generations:
         table="results/generations/{run}.parquet",
         run_info="results/generations/{run}.run_info.json",
     log:
-        "logs/merge_generations/{run}.log",
+        "logs/merge_generate/{run}.log",
     benchmark:
-        "benchmarks/merge_generations/{run}.tsv"
+        "benchmarks/merge_generate/{run}.tsv"
     # a failed verification already removed what it could not verify: retrying it is hopeless
     retries: 0
     conda:
         ENV
     resources:
-        **CLUSTER.resources("merge_generations"),
+        **CLUSTER.resources("merge_generate"),
     params:
         settings=lambda wc: as_param(settings.generate(CFG, wc.run)),
         code=code("generate"),
     script:
-        "../../scripts/merge_generations.py"
+        "../../scripts/merge_generate.py"

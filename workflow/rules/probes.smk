@@ -1,7 +1,7 @@
 rule toxicity_probe_data:
     """The probe set `toxicity`: the analysed generations' continuations, labelled toxic or not."""
     input:
-        generations=expand(rules.merge_generations.output.table, run=AN.runs),
+        generations=expand(rules.merge_generate.output.table, run=AN.runs),
         toxicity=expand("results/analysis/toxicity/{run}.parquet", run=AN.runs),
     output:
         str(TOXICITY_PROBE_DATA),
@@ -19,7 +19,7 @@ rule toxicity_probe_data:
         **CLUSTER.resources("toxicity_probe_data"),
     params:
         settings=as_param(settings.toxicity_probe_data(CFG)),
-        code=code("probes"),
+        code=code("toxicity_probe_data"),
     script:
         "../../scripts/toxicity_probe_data.py"
 

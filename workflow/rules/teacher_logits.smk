@@ -1,4 +1,4 @@
-rule compute_teacher_logits:
+rule teacher_logits:
     """One job of a teacher: shards_per_job shards of top-k log-probs, one submitit worker each."""
     input:
         corpus=teacher_corpus(),
@@ -11,9 +11,9 @@ rule compute_teacher_logits:
         "benchmarks/teacher_logits/{teacher}/job-{job}.tsv"
     conda:
         ENV
-    threads: CLUSTER.threads("compute_teacher_logits")
+    threads: CLUSTER.threads("teacher_logits")
     resources:
-        **CLUSTER.resources("compute_teacher_logits"),
+        **CLUSTER.resources("teacher_logits"),
     params:
         settings=lambda wc: as_param(settings.teacher_logits(CFG, wc.teacher)),
         shards=job_shards(TL.shards),
@@ -26,7 +26,7 @@ rule merge_teacher_logits:
     """Verify every shard of a teacher: results/teacher_logits/<teacher>.h5 and its run info."""
     input:
         manifests=manifests(
-            rules.compute_teacher_logits.output[0], TL.shards, "teacher"
+            rules.teacher_logits.output[0], TL.shards, "teacher"
         ),
         model=teacher_model_dir,
         corpus=teacher_corpus(),
