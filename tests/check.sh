@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command (README, CI): lint, format, Snakemake lint, a dry run of the demo,
-# then every test, the slow end-to-end demo run included. Run from the repository root.
+# The project's test command (README, CI): lint, format, a type check of src/, Snakemake lint, a dry
+# run of the demo, then every test, the slow end-to-end demo run included. Run from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,8 @@ step "ruff check"
 ruff check .
 step "ruff format --check"
 ruff format --check src scripts tests bench
+step "mypy"
+mypy
 step "snakefmt --check"
 snakefmt --check Snakefile workflow
 step "snakemake --lint"

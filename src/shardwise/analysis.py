@@ -133,6 +133,7 @@ def distinct_per_prompt(
         plain = not any("_" in text for text in texts)
         for n in ns:
             grams = (zip(*[t[i:] for i in range(n)], strict=False) for t in tokens)
+            unique: set[str] | set[tuple[str, ...]]
             if n == 1:
                 unique = set(chain(tokens))
             elif plain:
@@ -343,8 +344,8 @@ def prompt_cis(
             ci[f"distinct_{n}"] = bca(np.concatenate(dboots[n]), est, jk, expand=int(cnt))
     out: dict[str, float] = {}
     for name, (lo, hi) in ci.items():
-        j = METRICS.index(name) if name in METRICS else None
-        est = float(point[j]) if j is not None else _nanmean(dist[int(name.rsplit("_", 1)[1])])
+        col = METRICS.index(name) if name in METRICS else None
+        est = float(point[col]) if col is not None else _nanmean(dist[int(name.rsplit("_", 1)[1])])
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = _contain((lo, hi), est)
     for n in dist:  # distinct-n keys not set above when g == 0
         out.setdefault(f"distinct_{n}_ci_low", math.nan)
@@ -640,6 +641,8 @@ class _RankIndex:
         z each take more than one value in it."""
         w, cum, wcx, cv, wf = buf
         m = int(c @ self.k)  # M, the resample's number of rows
+        sxx: float
+        vx: bool | np.bool_
         np.take(c, self.codes, out=w)  # row weights, in x order
         np.cumsum(w, out=cum)  # weight of the rows up to and including this one
         if self.x_group is None:  # a row's doubled centred midrank: cum + (cum - w) - M
@@ -1168,31 +1171,32 @@ def summary_by_prompt_toxicity(
     gives no rows. The header is BY_PROMPT_TOXICITY_COLUMNS, then `columns` (the summary rows'
     keys, whose order it keeps), then any other key of the rows."""
     rows: list[dict[str, Any]] = []
-    for run in runs if prompt_toxicity is not None else ():
-        part = table[table["model"] == run]
-        known = prompt_toxicity[prompt_toxicity["model"] == run]
-        where = pd.Index(known["prompt_id"]).get_indexer(part["prompt_id"])
-        score = np.where(where >= 0, known["prompt_toxicity"].to_numpy(dtype=float)[where], np.nan)
-        group = np.where(
-            np.isnan(score), NO_PROMPT_TOXICITY, np.where(score >= PROMPT_TOXIC_AT, "toxic", "non-toxic")
-        )
-        names = [*PROMPT_GROUPS, *([NO_PROMPT_TOXICITY] if np.isnan(score).any() else [])]
-        for name in names:
-            sub = part[group == name]
-            summary = (
-                summary_row(run, sub, sub["continuation"], threshold, ppl_cap, n_boot, seed)
-                if len(sub)
-                else {"model": run, "n_prompts": 0, "n_generations": 0}
+    if prompt_toxicity is not None:
+        for run in runs:
+            part = table[table["model"] == run]
+            known = prompt_toxicity[prompt_toxicity["model"] == run]
+            where = pd.Index(known["prompt_id"]).get_indexer(part["prompt_id"])
+            score = np.where(where >= 0, known["prompt_toxicity"].to_numpy(dtype=float)[where], np.nan)
+            group = np.where(
+                np.isnan(score), NO_PROMPT_TOXICITY, np.where(score >= PROMPT_TOXIC_AT, "toxic", "non-toxic")
             )
-            rows.append(
-                {
-                    "model": run,
-                    "prompt_group": name,
-                    "prompt_toxicity_column": column,
-                    "prompt_toxic_at": f">= {PROMPT_TOXIC_AT:g}",
-                    **summary,
-                }
-            )
+            names = [*PROMPT_GROUPS, *([NO_PROMPT_TOXICITY] if np.isnan(score).any() else [])]
+            for name in names:
+                sub = part[group == name]
+                summary = (
+                    summary_row(run, sub, sub["continuation"], threshold, ppl_cap, n_boot, seed)
+                    if len(sub)
+                    else {"model": run, "n_prompts": 0, "n_generations": 0}
+                )
+                rows.append(
+                    {
+                        "model": run,
+                        "prompt_group": name,
+                        "prompt_toxicity_column": column,
+                        "prompt_toxic_at": f">= {PROMPT_TOXIC_AT:g}",
+                        **summary,
+                    }
+                )
     header = list(dict.fromkeys([*BY_PROMPT_TOXICITY_COLUMNS, *columns, *(k for r in rows for k in r)]))
     return pd.DataFrame(rows, columns=header)
 

@@ -32,9 +32,9 @@ def check_placeholders(node: Any, key: str = "") -> None:
     elif isinstance(node, list):
         for i, v in enumerate(node):
             check_placeholders(v, f"{key}[{i}]")
-    elif isinstance(node, str) and PLACEHOLDER.search(node):
+    elif isinstance(node, str) and (placeholder := PLACEHOLDER.search(node)):
         raise InputError(
-            f"{key}: {node!r} holds the placeholder {PLACEHOLDER.search(node).group()}; replace it "
+            f"{key}: {node!r} holds the placeholder {placeholder.group()}; replace it "
             "(the config's comments say with what)"
         )
 
@@ -164,6 +164,7 @@ def check_inputs(cfg: Config) -> dict[str, int]:
         if tl.corpus is not None:
             n, where = len(load_texts(tl.corpus)), f"in {tl.corpus}"
         else:
+            assert tl.generations is not None  # load_config requires it when corpus is unset
             n = counts["prompts"] * gen.runs[tl.generations].sampling.samples_per_prompt
             where = f"in generation run {tl.generations}"
         counts["corpus items"] = n

@@ -68,9 +68,14 @@ def _key_path(path: Sequence[Any]) -> str:
 
 
 def _one_line(error: jsonschema.ValidationError) -> str:
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed))
+    schema, instance = error.schema, error.instance
+    if (
+        error.validator == "additionalProperties"
+        and isinstance(schema, Mapping)
+        and isinstance(instance, Mapping)
+    ):
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(instance) - set(allowed))
         hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
         where = _key_path(error.absolute_path)
         keys = ", ".join(repr(k) for k in extra)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from shardwise.atomic import atomic_path, atomic_write_json, atomic_write_text
@@ -563,7 +564,7 @@ def metrics_table(
 
 
 def control_labels(
-    y: np.ndarray, types: Sequence[Any], seed: int, split: Any = None, tries: int = 1000
+    y: np.ndarray, types: npt.ArrayLike, seed: int, split: Any = None, tries: int = 1000
 ) -> np.ndarray:
     """The control task of Hewitt & Liang (2019): every control type gets one seeded random label
     per label column, drawn with that label's positive rate, and keeps it in train, val and test;
@@ -595,7 +596,7 @@ def control_labels(
 
 
 def control_task(
-    y: np.ndarray, types: Sequence[Any], split: np.ndarray, labels: Sequence[str], seed: int, where: str
+    y: np.ndarray, types: npt.ArrayLike, split: np.ndarray, labels: Sequence[str], seed: int, where: str
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The control labels [N, K] (:func:`control_labels`, conditional on both classes in every
     split) after checking that the control can be learned at all: some control types must occur
@@ -825,11 +826,13 @@ def run(
             del x
     probe, p, null = _join(fits), np.concatenate(probabilities), np.concatenate(nulls)
     metrics = metrics_table(p, y_all, split, layers, labels, controls, seed=pr.seed, groups=table["group"])
-    metrics["l2"] = [
-        float(probe.l2[layers.index(r.layer), labels.index(r.label)]) for r in metrics.itertuples()
+    cells = [  # each metrics row's (layer, label) position in the [layers, labels] arrays
+        (layers.index(layer), labels.index(label))
+        for layer, label in zip(metrics["layer"].tolist(), metrics["label"].tolist(), strict=True)
     ]
+    metrics["l2"] = [float(probe.l2[i, j]) for i, j in cells]
     names = probe.status_names()
-    metrics["status"] = [names[layers.index(r.layer), labels.index(r.label)] for r in metrics.itertuples()]
+    metrics["status"] = [names[i, j] for i, j in cells]
     log.info(
         "permutation null: %d shuffles x %d labels x %d layers trained in %.2f s",
         pr.permutations,
@@ -837,8 +840,7 @@ def run(
         len(layers),
         null_seconds,
     )
-    where = [(layers.index(r.layer), labels.index(r.label)) for r in metrics.itertuples()]
-    null_rows = np.stack([null[i, j] for i, j in where])  # [rows, P]
+    null_rows = np.stack([null[i, j] for i, j in cells])  # [rows, P]
     metrics["p_value"] = p_values(metrics["auroc"].to_numpy(), null_rows)
     metrics["null_auroc_mean"] = null_rows.mean(1)
     metrics["null_auroc_q95"] = np.quantile(null_rows, 0.95, axis=1)
@@ -869,7 +871,8 @@ def run(
         )
     best = {}
     for label, rows in metrics.groupby("label", sort=False):
-        top = rows.loc[rows.val_auroc.idxmax()]
+        # pandas-stubs types idxmax as Hashable, which no overload of .loc takes; it is a row label.
+        top = rows.loc[rows.val_auroc.idxmax()]  # type: ignore[call-overload]
         best[label] = {
             "best_layer": int(top.layer),
             "chosen_by": "validation AUROC",

@@ -24,7 +24,7 @@ import html
 import json
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +307,7 @@ def row_methods(table: pd.DataFrame) -> list[str]:
 
 
 def interval_methods(
-    table: pd.DataFrame, what: Sequence[str] | None = None, runs: Sequence[str] | None = None
+    table: pd.DataFrame, what: Iterable[str] | None = None, runs: Iterable[str] | None = None
 ) -> str:
     """The interval method(s) of a table's rows in one sentence: the most used method, then each
     other one with the rows that use it ("Kendall tau-b of a, b: <method>", `what` naming each row's
@@ -547,7 +547,7 @@ LATEX_ESCAPES = {
 }  # fmt: skip
 
 
-def latex_escape(text: str) -> str:
+def latex_escape(text: object) -> str:
     return "".join(LATEX_ESCAPES.get(c, c) for c in str(text))
 
 
@@ -691,7 +691,7 @@ def write_html(
         _p(f"Intervals: {interval_methods(summary)}."),
         _html_table(tables["summary"]),
     ]
-    if len(tables["differences"]):
+    if differences is not None and len(tables["differences"]):  # the table has rows only then
         sets = sorted(set(differences.prompt_sets.astype(str))) if "prompt_sets" in differences else []
         parts += [
             "<h2>Differences from the first run</h2>",
@@ -775,6 +775,7 @@ def job(smk: Any) -> None:
         f"correlation with toxicity ({correlation_cis(correlations)})",
     )
     an = cfg.analysis
+    assert an.fluency.model is not None  # the workflow asks for no report without one (analysis.runs empty)
     info = {
         "scorer": "; ".join(dict.fromkeys(scorer_name(t) for t in smk.input.toxicity)),
         "threshold": f">= {an.toxicity.threshold:g}",

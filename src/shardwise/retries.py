@@ -46,13 +46,14 @@ def install(since: float) -> bool:
     original = Job.__dict__.get("restart_times")
     if getattr(original, _INSTALLED, False):
         return True
-    if not isinstance(original, property):
+    getter = original.fget if isinstance(original, property) else None
+    if getter is None:
         print("shardwise: warning: no Job.restart_times in Snakemake; retries stay blind", file=sys.stderr)
         return False
     told: set[str] = set()
 
     def restart_times(self: Any) -> int:
-        times = original.fget(self)
+        times = getter(self)
         if not times:
             return times
         cause = recorded_cause(self, since)
