@@ -308,7 +308,7 @@ def compute_shard(ctx: ShardContext) -> None:
 def _warn_range(name: str, layers: Sequence[int], stored: np.ndarray, items: Sequence[int]) -> None:
     """One log line per batch with values beyond float16's range: which layers, the largest |value|."""
     big = np.abs(stored) > FLOAT16_MAX
-    where = [layers[i] for i in np.flatnonzero(big.any(axis=(1, 2)))]
+    where = [layers[int(i)] for i in np.flatnonzero(big.any(axis=(1, 2)))]
     log.warning(
         "%s: %d pooled value(s) beyond float16's range (largest |value| %.6g) in layer(s) %s, items "
         "%d-%d: stored in float32 (the merged file will be float32)",

@@ -91,7 +91,7 @@ def _source(module: str) -> Path:
 def imports_of(module: str) -> frozenset[str]:
     """The shardwise modules that `module`'s source imports, at the top or inside a function
     (read with `ast`, nothing is imported)."""
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(_source(module).read_bytes())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]

@@ -153,6 +153,7 @@ def score_toxicity(cfg: Config) -> dict[str, Any]:
     an = cfg.analysis
     out: dict[str, Any] = {"scorer": an.toxicity.scorer}
     if an.toxicity.scorer == "hf":
+        assert an.toxicity.model is not None  # load_config requires it for the hf scorer
         dtype = cfg.models[an.toxicity.model].dtype
         out.update(model=an.toxicity.model, label=an.toxicity.label, dtype=dtype)
     elif an.toxicity.scorer == "detoxify":

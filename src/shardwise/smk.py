@@ -95,7 +95,7 @@ def run_info(cfg: Config, stage: str, code: str, settings: Any = None) -> dict[s
     """What a run_info.json records besides the time: the settings the output depends on
     (shardwise.settings), the code version, package versions, and the whole resolved config of the
     run that wrote it (keys outside `settings` may have changed since without rerunning it)."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)

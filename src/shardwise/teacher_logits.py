@@ -257,7 +257,7 @@ class ChunkWriter(threading.Thread):
     def _commit(self, chunk: _Chunk) -> None:
         order = [chunk.parts[j] for j in range(len(chunk.rows))]
         lengths = np.array([len(p[0]) for p in order], dtype=np.int64)
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "item_ids": chunk.item_ids.astype(np.int64),
             "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             "token_ids": np.concatenate([p[0] for p in order]).astype(np.int32),
