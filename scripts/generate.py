@@ -1,4 +1,4 @@
-from shardwise.generate import job
+from shardwise.generate import STAGE
 from shardwise.smk import rule_main
 
-rule_main(snakemake, job)
+rule_main(snakemake, STAGE.job)

@@ -1,4 +1,4 @@
-from shardwise.activations import merge
+from shardwise.activations import STAGE
 from shardwise.smk import rule_main
 
-rule_main(snakemake, merge)
+rule_main(snakemake, STAGE.merge)

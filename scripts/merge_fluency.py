@@ -1,4 +1,4 @@
-from shardwise.fluency import merge
+from shardwise.fluency import STAGE
 from shardwise.smk import rule_main
 
-rule_main(snakemake, merge)
+rule_main(snakemake, STAGE.merge)

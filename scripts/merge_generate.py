@@ -1,4 +1,4 @@
-from shardwise.generate import merge
+from shardwise.generate import STAGE
 from shardwise.smk import rule_main
 
-rule_main(snakemake, merge)
+rule_main(snakemake, STAGE.merge)

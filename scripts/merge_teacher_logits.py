@@ -1,4 +1,4 @@
 from shardwise.smk import rule_main
-from shardwise.teacher_logits import merge
+from shardwise.teacher_logits import STAGE
 
-rule_main(snakemake, merge)
+rule_main(snakemake, STAGE.merge)

@@ -1,4 +1,4 @@
-from shardwise.fluency import job
+from shardwise.fluency import STAGE
 from shardwise.smk import rule_main
 
-rule_main(snakemake, job)
+rule_main(snakemake, STAGE.job)

@@ -1,4 +1,4 @@
 from shardwise.smk import rule_main
-from shardwise.teacher_logits import job
+from shardwise.teacher_logits import STAGE
 
-rule_main(snakemake, job)
+rule_main(snakemake, STAGE.job)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from shardwise import __version__, settings, sharded
+from shardwise import __version__, settings
 from shardwise.batching import batches, right_padded
 from shardwise.config import Config
 from shardwise.errors import InputError, ShardError
@@ -330,13 +330,3 @@ STAGE: ShardedStage[ActivationsArgs] = ShardedStage(
     prepare=prepare,
     compute=compute_shard,
 )
-
-
-def job(smk: Any) -> None:
-    """Snakemake rule `activations`: run one job's shards and write its manifest."""
-    sharded.job(STAGE, smk)
-
-
-def merge(smk: Any) -> None:
-    """Snakemake rule `merge_activations`: one verified file per model."""
-    sharded.merge(STAGE, smk)

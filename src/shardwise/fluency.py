@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shardwise import settings, sharded
+from shardwise import settings
 from shardwise.batching import batches
 from shardwise.config import Config
 from shardwise.errors import ModelError
@@ -243,13 +243,3 @@ STAGE: ShardedStage[FluencyArgs] = ShardedStage(
     prepare=prepare,
     compute=compute_shard,
 )
-
-
-def job(smk: Any) -> None:
-    """Snakemake rule `score_fluency`: run one job's shards and write its manifest."""
-    sharded.job(STAGE, smk)
-
-
-def merge(smk: Any) -> None:
-    """Snakemake rule `merge_fluency`: verified per-generation scores of one run."""
-    sharded.merge(STAGE, smk)

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shardwise import settings, sharded
+from shardwise import settings
 from shardwise.config import Config, Sampling
 from shardwise.models import load_shard_model
 from shardwise.sharded import Prepared, Request, ShardedStage
@@ -537,13 +537,3 @@ STAGE: ShardedStage[GenerateArgs] = ShardedStage(
     prepare=prepare,
     compute=compute_shard,
 )
-
-
-def job(smk: Any) -> None:
-    """Snakemake rule `generate`: run one job's shards and write its manifest."""
-    sharded.job(STAGE, smk)
-
-
-def merge(smk: Any) -> None:
-    """Snakemake rule `merge_generate`: verify all shards and write the run's table."""
-    sharded.merge(STAGE, smk)

@@ -82,6 +82,14 @@ class ShardedStage(Generic[A]):
     def key_of(self, wildcards: Mapping[str, str]) -> str:
         return "/".join(str(wildcards[name]) for name in self.key)
 
+    def job(self, smk: Any) -> None:
+        """The stage's job rule (scripts/<rule>.py calls it): :func:`job`."""
+        job(self, smk)
+
+    def merge(self, smk: Any) -> None:
+        """The stage's merge rule: :func:`merge`."""
+        merge(self, smk)
+
     def request(self, smk: Any) -> Request:
         """The request of a Snakemake job of this stage (its wildcards, `model` and items inputs)."""
         return Request(

@@ -10,7 +10,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from shardwise import __version__
 from shardwise.config import Config, load_config
 from shardwise.environment import redirect_output
 from shardwise.errors import ShardwiseError, recurs
+from shardwise.fingerprint import library_versions
 
 log = logging.getLogger("shardwise")
 
@@ -95,12 +95,7 @@ def run_info(cfg: Config, stage: str, code: str, settings: Any = None) -> dict[s
     """What a run_info.json records besides the time: the settings the output depends on
     (shardwise.settings), the code version, package versions, and the whole resolved config of the
     run that wrote it (keys outside `settings` may have changed since without rerunning it)."""
-    versions: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = library_versions(PACKAGES)
     return {
         "stage": stage,
         "shardwise": __version__,

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shardwise import __version__, settings, sharded
+from shardwise import __version__, settings
 from shardwise.batching import batches, right_padded
 from shardwise.config import Config
 from shardwise.errors import ShardError
@@ -334,13 +334,3 @@ STAGE: ShardedStage[TeacherArgs] = ShardedStage(
     prepare=prepare,
     compute=compute_shard,
 )
-
-
-def job(smk: Any) -> None:
-    """Snakemake rule `teacher_logits`: run one job's shards and write its manifest."""
-    sharded.job(STAGE, smk)
-
-
-def merge(smk: Any) -> None:
-    """Snakemake rule `merge_teacher_logits`: one verified file per teacher."""
-    sharded.merge(STAGE, smk)
