@@ -1,8 +1,10 @@
 """One sharded stage, declared once; one job and one merge for all of them (docs/design.md §2).
 
-Each sharded stage module (generate, teacher_logits, activations, fluency) declares a
-:class:`ShardedStage` named like the module, holding only what differs between stages:
+Each sharded stage module (generate, teacher_logits, activations, fluency) declares ``STAGE``, a
+:class:`ShardedStage` holding only what differs between stages:
 
+- ``name`` (the plans' stage and ``logs/<name>/``; the rule name, where it is not the module's) and
+  ``code`` (the module whose code identity it is, when not ``name``);
 - ``outputs``: where its outputs live, ``results/<outputs>/<key>``; ``key`` names the wildcards that
   make an output's key (a run, a teacher, a probe set and model) and ``items`` the rule input that holds
   the table its items come from;
@@ -13,8 +15,8 @@ Each sharded stage module (generate, teacher_logits, activations, fluency) decla
 
 :func:`work` adds what every stage shares to the shard identity (the model's identity, the item table's
 sha256, the stage's code identity, :func:`shardwise.fingerprint.stage_identity`) and builds the plan;
-:func:`job` and :func:`merge` are the Snakemake entries of every sharded stage, :func:`run` runs one
-job of a stage outside Snakemake (tests, benchmarks).
+:func:`job` and :func:`merge` are the Snakemake entries of every sharded stage (``STAGE.job``,
+``STAGE.merge`` in scripts/), :func:`run_all` runs one output outside Snakemake (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -139,14 +141,6 @@ def merge(stage: ShardedStage[Any], smk: Any) -> None:
     cfg = load_config(smk.config)
     w = work(stage, cfg, stage.request(smk))
     merge_shards(w.plan, smk.input.manifests, smk.output[0], w.codec)
-
-
-def run(
-    stage: ShardedStage[Any], cfg: Config, request: Request, job: int, manifest: str | Path, threads: int = 1
-) -> dict[str, Any]:
-    """One job of `stage` outside Snakemake (tests, benchmarks): :func:`job` without the rule."""
-    w = work(stage, cfg, request)
-    return run_job(w.plan, job, stage.compute, w.codec, w.args, manifest, threads=threads)
 
 
 def run_all(
