@@ -101,7 +101,7 @@ def main() -> None:
     from shardwise.batching import batches, right_padded
     from shardwise.config import ModelSpec, load_config
     from shardwise.models import load_model, prepare_model
-    from shardwise.shards import ShardContext
+    from shardwise.shards.worker import ShardContext
     from shardwise.teacher_logits import compute_shard, make_plan, topk_forward
 
     if a.threads:

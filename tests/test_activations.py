@@ -14,7 +14,8 @@ from conftest import make_tiny_model, tiny_config
 
 from shardwise.activations import ActivationsCodec, concat, storable
 from shardwise.config import ModelSpec, load_config
-from shardwise.shards import merge, run_job
+from shardwise.shards.runner import run_job
+from shardwise.shards.store import merge
 
 DEMO = Path(__file__).resolve().parents[1] / "config/demo/labelled.jsonl"
 LABELS = ["subject_plural", "has_number"]

@@ -130,7 +130,8 @@ def test_a_one_token_prompt_without_bos_is_nan_as_in_dexperts_and_counted(tmp_pa
 def test_the_scorer_runs_in_float32_unless_configured_and_summary_csv_records_it(tmp_path):
     from shardwise import analysis, fluency
     from shardwise.models import prepare_model
-    from shardwise.shards import merge, run_job
+    from shardwise.shards.runner import run_job
+    from shardwise.shards.store import merge
 
     model, tok = gpt2_like()
     src = tmp_path / "gpt2-like"

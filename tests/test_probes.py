@@ -37,7 +37,8 @@ from shardwise.probes import (
     toxicity_probe_data,
     toxicity_table,
 )
-from shardwise.shards import merge, run_job
+from shardwise.shards.runner import run_job
+from shardwise.shards.store import merge
 
 LABELS = ["subject_plural", "main_negated", "has_number", "past_tense"]
 DEMO = Path(__file__).resolve().parents[1] / "config/demo/labelled.jsonl"

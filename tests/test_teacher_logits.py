@@ -32,7 +32,8 @@ from shardwise.logits import (
     topk_dtype,
 )
 from shardwise.models import load_model, prepare_model
-from shardwise.shards import merge, run_job
+from shardwise.shards.runner import run_job
+from shardwise.shards.store import merge
 from shardwise.teacher_logits import make_plan, worker_args
 
 K = 16

@@ -346,7 +346,8 @@ def _run_generation(
     tmp: Path, model_dir: Path, prompts: Path, n_shards: int, shards_per_job: int
 ) -> pd.DataFrame:
     from shardwise.generate import CODEC, compute_shard, make_plan, worker_args
-    from shardwise.shards import merge, run_job
+    from shardwise.shards.runner import run_job
+    from shardwise.shards.store import merge
 
     raw = raw_config(
         "/unused",
@@ -391,7 +392,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_vllm import _plan_and_args
 from shardwise.generate import CODEC, compute_shard
-from shardwise.shards import run_job
+from shardwise.shards.runner import run_job
 plan, args, cfg = _plan_and_args({tmp!r}, {model!r}, {prompts!r}, 1, 1, 2)
 run_job(plan, 0, compute_shard, CODEC, args, {tmp!r} + "/job-0000.json", threads=2)
 """
@@ -424,7 +425,8 @@ def test_a_vllm_worker_killed_mid_shard_resumes_to_the_same_texts(tmp_path, vllm
     import time
 
     from shardwise.generate import CODEC, compute_shard
-    from shardwise.shards import merge, run_job
+    from shardwise.shards.runner import run_job
+    from shardwise.shards.store import merge
     from shardwise.tables import load_prompts
 
     prompts = write_prompts(tmp_path / "prompts.jsonl", 40)

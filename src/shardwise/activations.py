@@ -41,8 +41,10 @@ from shardwise.config import Config, load_config
 from shardwise.errors import InputError, ShardError
 from shardwise.fingerprint import code_version, sha256_file
 from shardwise.models import load_shard_model, read_record, revision
-from shardwise.shards import ShardContext, ShardPlan, run_job
-from shardwise.shards import merge as merge_shards
+from shardwise.shards.plan import ShardPlan
+from shardwise.shards.runner import run_job
+from shardwise.shards.store import merge as merge_shards
+from shardwise.shards.worker import ShardContext
 from shardwise.tables import load_labelled
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,11 @@ from shardwise.config import Config, load_config
 from shardwise.errors import ModelError
 from shardwise.fingerprint import code_version, sha256_file
 from shardwise.models import load_shard_model, read_record
-from shardwise.shards import ParquetCodec, ShardContext, ShardPlan, run_job
-from shardwise.shards import merge as merge_shards
+from shardwise.shards.codecs import ParquetCodec
+from shardwise.shards.plan import ShardPlan
+from shardwise.shards.runner import run_job
+from shardwise.shards.store import merge as merge_shards
+from shardwise.shards.worker import ShardContext
 from shardwise.tables import count_generations, load_generations
 
 log = logging.getLogger(__name__)

@@ -34,8 +34,10 @@ from shardwise.errors import ShardError
 from shardwise.fingerprint import code_version, sha256_file, stable_hash
 from shardwise.logits import check_attrs, concat_files, topk_dtype, write_file
 from shardwise.models import load_shard_model, read_record, revision
-from shardwise.shards import ShardContext, ShardPlan, run_job
-from shardwise.shards import merge as merge_shards
+from shardwise.shards.plan import ShardPlan
+from shardwise.shards.runner import run_job
+from shardwise.shards.store import merge as merge_shards
+from shardwise.shards.worker import ShardContext
 from shardwise.tables import count_generations, load_texts
 
 log = logging.getLogger(__name__)
