@@ -293,6 +293,17 @@ def _flip_a_byte(path: Path) -> bytes:
     return bytes(data)
 
 
+def test_is_done_only_reads_even_a_corrupt_shard(merged_run):
+    """Asking whether a shard is done changes nothing: a shard that fails its checksum is not done,
+    and its record and file stay where they are (it once moved them aside as a side effect)."""
+    plan, _ = merged_run
+    corrupt = _flip_a_byte(plan.shard_path(1))
+    record = plan.record_path(1).read_text()
+    assert plan.is_done(1) and not plan.is_done(1, checksum=True)
+    assert plan.shard_path(1).read_bytes() == corrupt and plan.record_path(1).read_text() == record
+    assert not plan.shard_path(1).with_name(plan.shard_path(1).name + ".bad").exists()
+
+
 def test_a_job_recomputes_a_corrupt_shard_and_keeps_it_aside(tmp_path, caplog):
     """A done shard whose file has its recorded size but not its sha256 (a status poll counts it
     done): the job says so, keeps the file aside as ``.bad`` and computes that shard again."""

@@ -6,7 +6,8 @@
   HDF5 codecs live with their stages).
 - :mod:`~shardwise.shards.worker`: inside a worker process, the context a stage's compute gets
   (rows, device, progress, speed stats, chunk commits, the shard's record) and the status file.
-- :mod:`~shardwise.shards.store`: the plan file, the merge's verification and join, healing.
+- :mod:`~shardwise.shards.store`: the plan file, which shards a job must compute, the merge's
+  verification and join, healing (a shard that fails verification is taken out of the store).
 - :mod:`~shardwise.shards.runner`: a job's worker processes, their failures, the job's manifest.
 
 Vocabulary: a stage's work is a table of *items* cut into `n_shards` contiguous row ranges
@@ -40,7 +41,7 @@ from __future__ import annotations
 from shardwise.shards.codecs import Codec, ParquetCodec
 from shardwise.shards.plan import ShardPlan, chunk_ranges, file_problem, shard_ranges
 from shardwise.shards.runner import job_cpus, log_tail, pid_alive, run_job
-from shardwise.shards.store import heal_manifests, merge, verify, write_plan_file
+from shardwise.shards.store import heal_manifests, invalidate, merge, pending_shards, verify, write_plan_file
 from shardwise.shards.worker import ComputeFn, ShardContext, ShardTask, worker_main
 
 __all__ = [
@@ -53,9 +54,11 @@ __all__ = [
     "chunk_ranges",
     "file_problem",
     "heal_manifests",
+    "invalidate",
     "job_cpus",
     "log_tail",
     "merge",
+    "pending_shards",
     "pid_alive",
     "run_job",
     "shard_ranges",

@@ -4,8 +4,6 @@ shard is done. Nothing here writes; reading a shard's record (and, asked for it,
 from __future__ import annotations
 
 import json
-import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +11,6 @@ from typing import Any
 from shardwise.config import ShardSpec
 from shardwise.errors import ShardError
 from shardwise.fingerprint import sha256_file, stable_hash
-
-log = logging.getLogger(__name__)
 
 
 def shard_ranges(n_items: int, n_shards: int, align: int = 1) -> list[range]:
@@ -131,24 +127,20 @@ class ShardPlan:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def problem(self, i: int, checksum: bool = False) -> str | None:
+        """Why shard i is not done (None: it is done): no record at its final name, a record of
+        another run (fingerprint), or a data file missing, of another size than recorded or (with
+        `checksum`, which reads the whole file) of another sha256. Only reads."""
+        record = self.read_record(i)
+        if record is None:
+            return "no record"
+        if record.get("fingerprint") != self.shard_fingerprint(i):
+            return f"its record is of another run (fingerprint {record.get('fingerprint')})"
+        return file_problem(self.shard_path(i), record, checksum)
+
     def is_done(self, i: int, checksum: bool = False) -> bool:
         """Done = record at its final name, current fingerprint, data file of the recorded size
         (and, with `checksum`, of the recorded sha256: a job checks that before skipping a shard;
-        a status poll does not read the data). A shard that fails the checksum is invalidated."""
-        record = self.read_record(i)
-        if record is None or record.get("fingerprint") != self.shard_fingerprint(i):
-            return False
-        path = self.shard_path(i)
-        problem = file_problem(path, record, checksum)
-        if problem and checksum and path.is_file() and path.stat().st_size == record.get("bytes"):
-            log.warning("shard %d of %s: %s; computing it again", i, self.name, problem)
-            invalidate(self, i, path)
-        return problem is None
-
-
-def invalidate(plan: ShardPlan, index: int, path: Path) -> None:
-    """Take a shard that failed verification out of the store: its record goes (so it is pending)
-    and its data file is kept aside as ``<file>.bad`` for inspection."""
-    plan.record_path(index).unlink(missing_ok=True)
-    if path.is_file():
-        os.replace(path, path.with_name(path.name + ".bad"))
+        a status poll does not read the data). Only reads: a job takes a shard that fails its
+        checksum out of the store itself (:func:`shardwise.shards.store.pending_shards`)."""
+        return self.problem(i, checksum) is None

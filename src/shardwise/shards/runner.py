@@ -20,7 +20,7 @@ from shardwise.environment import export_package_path
 from shardwise.errors import ShardError
 from shardwise.shards.codecs import Codec
 from shardwise.shards.plan import ShardPlan
-from shardwise.shards.store import write_plan_file
+from shardwise.shards.store import pending_shards, write_plan_file
 from shardwise.shards.worker import ComputeFn, ShardTask, worker_main
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def run_job(
 
     indices = plan.spec.job_shards(job)
     write_plan_file(plan)
-    pending = [i for i in indices if not plan.is_done(i, checksum=True)]
+    pending = pending_shards(plan, indices)
     for i in sorted(set(indices) - set(pending)):
         log.info("shard %d of %s: done, skipped (%s)", i, plan.name, plan.shard_path(i))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -15,7 +16,7 @@ from shardwise import __version__
 from shardwise.atomic import atomic_path, atomic_write_json
 from shardwise.errors import ShardError
 from shardwise.shards.codecs import Codec
-from shardwise.shards.plan import ShardPlan, file_problem, invalidate
+from shardwise.shards.plan import ShardPlan, file_problem
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,31 @@ def write_plan_file(plan: ShardPlan) -> None:
                 "version": __version__,
             },
         )
+
+
+def invalidate(plan: ShardPlan, index: int, path: Path) -> None:
+    """Take a shard that failed verification out of the store: its record goes (so it is pending)
+    and its data file is kept aside as ``<file>.bad`` for inspection."""
+    plan.record_path(index).unlink(missing_ok=True)
+    if path.is_file():
+        os.replace(path, path.with_name(path.name + ".bad"))
+
+
+def pending_shards(plan: ShardPlan, indices: Sequence[int]) -> list[int]:
+    """The shards of `indices` that a job must compute: those not done, checksums included. A
+    shard whose file has its recorded size but not its recorded sha256 (done to a status poll,
+    which reads no data) is taken out of the store (:func:`invalidate`, with a warning), so that
+    it is pending to everyone while it is computed again."""
+    pending = []
+    for i in indices:
+        problem = plan.problem(i, checksum=True)
+        if problem is None:
+            continue
+        pending.append(i)
+        if plan.is_done(i):  # right size, wrong sha256
+            log.warning("shard %d of %s: %s; computing it again", i, plan.name, problem)
+            invalidate(plan, i, plan.shard_path(i))
+    return pending
 
 
 def heal_manifests(results: str | Path = "results") -> list[str]:
