@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -429,7 +430,7 @@ def test_a_killed_worker_names_its_shard_and_cause_and_leaves_no_process(tmp_pat
 
 
 def test_a_stopped_job_stops_its_workers_and_they_say_why(tmp_path):
-    """SIGTERM to the job's own process (Snakemake stops the job; a Ctrl-C): it passes the stop on
+    """SIGTERM to the job's own process (SIGINT is handled alike): it passes the stop on
     to its workers, each compute process writes why it ended into its status and is gone, as is
     its submitit wrapper; the job exits 128 + 15."""
     import subprocess
@@ -446,8 +447,9 @@ def test_a_stopped_job_stops_its_workers_and_they_say_why(tmp_path):
     src = str(Path(shardwise.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), src])}
     job = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    seen: dict[str, int] = {}
+    gone, stderr = False, ""
     try:
-        seen = {}
         deadline = time.time() + 120
         while not seen and time.time() < deadline and job.poll() is None:
             try:
@@ -458,11 +460,14 @@ def test_a_stopped_job_stops_its_workers_and_they_say_why(tmp_path):
         seen["wrapper"] = int(stat.rsplit(")", 1)[1].split()[1])
         job.send_signal(signal.SIGTERM)
         _, stderr = job.communicate(timeout=60)
+        gone = _gone(seen["compute"]) and _gone(seen["wrapper"])
     finally:
-        if job.poll() is None:
-            job.kill()
+        if not gone:  # leave no process behind
+            for pid in [job.pid, *seen.values()]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
     assert job.returncode == 128 + signal.SIGTERM, stderr
-    assert _gone(seen["compute"]) and _gone(seen["wrapper"])
+    assert gone
     status = json.loads(plan.status_path(0).read_text())
     assert status["state"] == "failed" and "ShardError: terminated by signal" in status["error"], status
     assert not plan.is_done(0)

@@ -217,9 +217,11 @@ def run_job(
             )
 
         def stop_workers(signum: int, _frame: Any) -> None:
+            # submitit's public cancel: SIGINT to the worker's controller (the wrapper), which
+            # passes SIGINT on to the worker, then SIGKILL ~1 s later (submitit.local.Controller)
             for _, handle in running:
                 with contextlib.suppress(Exception):
-                    handle._process.send_signal(signal.SIGTERM)  # controller forwards to the worker
+                    handle.cancel(check=False)
             raise SystemExit(128 + signum)
 
         previous = {s: signal.signal(s, stop_workers) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -221,19 +221,25 @@ def _write_status(plan: ShardPlan, index: int, state: str, **extra: Any) -> None
     )
 
 
-def _stop_on_sigterm() -> None:
+def _stop_on_signals() -> None:
     """submitit's task wrapper ignores SIGTERM (it expects USR2 before a SLURM time-out); a shard
-    worker stops at once instead — its committed chunks are safe — and says why in its status."""
+    worker stops at once instead — its committed chunks are safe — and says why in its status.
+    The same for SIGINT: the job stops its workers with submitit's ``cancel()``, whose local
+    controller passes SIGINT on to the worker (and SIGKILL about a second later). A second signal
+    is ignored, so that it does not cut short the writing of why the worker stopped."""
 
     def terminate(signum: int, _frame: Any) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
         raise ShardError(f"terminated by signal {signal.Signals(signum).name} (time limit, scancel, Ctrl-C?)")
 
-    signal.signal(signal.SIGTERM, terminate)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, terminate)
 
 
 def worker_main(task: ShardTask) -> dict[str, Any]:
     """Entry point of one worker process (run by submitit): compute one shard, or record why not."""
-    _stop_on_sigterm()
+    _stop_on_signals()
     _die_with_parent()
     os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
     plan, i = task.plan, task.index
