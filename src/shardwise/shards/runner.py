@@ -1,7 +1,8 @@
 """The job runner: one Snakemake job runs its pending shards in parallel worker processes
 (submitit's local executor, one per shard, each pinned to its own GPUs), waits for them, names each
 failed shard and its cause (its own error, a killed process, the OOM killer), writes the job's
-manifest."""
+manifest. Stopped by SIGTERM or SIGINT, the job stops its workers through submitit's public
+``job.cancel()`` (each worker then writes why it ended into its status)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The shard store on disk beyond a worker's own writes: the run's plan file, the merge's
-verification (fingerprints, checksums, row coverage, one dtype) and join, and the healing of what
-failed verification (shards taken out of the store, job manifests removed so they run again)."""
+"""The shard store on disk beyond a worker's own writes: the run's plan file, which shards a job
+must compute (a corrupt one is taken out of the store), the merge's verification (fingerprints,
+checksums, row coverage, one dtype) and join, and the healing of what failed verification (shards
+taken out of the store, job manifests removed so they run again)."""
 
 from __future__ import annotations
 
