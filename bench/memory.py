@@ -96,7 +96,7 @@ def scores(path: Path, n_prompts: int) -> None:
 # Each step runs in a fresh interpreter: `python -c STEP` with the paths as arguments.
 STEPS = {
     "merge: ParquetCodec.combine": (
-        "import sys; from pathlib import Path; from shardwise.shards import ParquetCodec\n"
+        "import sys; from pathlib import Path; from shardwise.shards.codecs import ParquetCodec\n"
         "ParquetCodec().combine([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]))"
     ),
     "merge: all parts as one table (before)": (

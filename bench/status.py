@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from shardwise.config import ShardSpec
-from shardwise.shards import ShardPlan
+from shardwise.shards.plan import ShardPlan
+from shardwise.shards.store import write_plan_file
 from shardwise.status import collect, render, verify_stores
 
 
@@ -33,7 +34,7 @@ def build(root: Path, n_runs: int, n_shards: int) -> None:
             log_dir=root / "logs" / "generate" / f"run{r}",
             ext="parquet",
         )
-        plan.write_plan_file()
+        write_plan_file(plan)
         for i in range(n_shards):
             if i % 10 == 9:  # pending
                 continue

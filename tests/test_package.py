@@ -21,7 +21,10 @@ from shardwise.fingerprint import import_closure, imports_of
 LAYERS = [
     {"shardwise", "errors", "atomic", "environment", "batching", "clock", "intervals"},  # leaves
     {"config", "fingerprint", "tables", "logits", "profile", "splits"},  # typed config, hashes, table loaders
-    {"settings", "models", "shards", "cluster"},  # per-stage settings, models, shards, partitions
+    {"settings", "models", "cluster", "shards.plan", "shards.codecs"},  # settings, models, partitions, shards
+    {"shards.store", "shards.worker"},  # the shard store's verification and healing; inside a worker
+    {"shards.runner"},  # a job's worker processes
+    {"shards"},  # the shard mechanism's rooms, re-exported
     {"sharded"},  # one sharded stage, declared once: the generic job and merge
     {  # the stages: none imports another
         "prepare_model",
@@ -42,7 +45,8 @@ LAYERS = [
 
 
 def modules() -> set[str]:
-    return {"shardwise", *(f"shardwise.{m.name}" for m in pkgutil.iter_modules(shardwise.__path__))}
+    """Every module of the package, those of its subpackages (shardwise.shards.plan) included."""
+    return {"shardwise", *(m.name for m in pkgutil.walk_packages(shardwise.__path__, "shardwise."))}
 
 
 def short(name: str) -> str:
@@ -90,7 +94,10 @@ def test_no_import_cycle():
 
 def test_code_versions_follow_the_import_graph():
     gen = import_closure("shardwise.generate")
-    assert {"shardwise.shards", "shardwise.atomic", "shardwise.settings", "shardwise.environment"} <= set(gen)
+    rooms = {f"shardwise.shards.{room}" for room in ("plan", "codecs", "store", "worker", "runner")}
+    assert rooms | {"shardwise.atomic", "shardwise.settings", "shardwise.environment"} <= set(gen)
+    assert import_closure("shardwise.shards") == sorted({"shardwise.shards", *import_closure(*rooms)})
+    assert "shardwise.shards.runner" not in import_closure("shardwise.shards.store")
     assert "shardwise.probes" not in gen and "shardwise.logits" not in gen
     assert "shardwise.logits" in import_closure("shardwise.teacher_logits")
     assert import_closure("shardwise.errors") == ["shardwise.errors"]

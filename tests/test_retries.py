@@ -94,7 +94,8 @@ def test_the_head_does_not_retry_a_recorded_failure(tmp_path, capsys):
 @pytest.mark.parametrize("recurring", [True, False])
 def test_a_node_jobs_failure_recurs_when_every_failed_worker_says_so(tmp_path, recurring):
     from shardwise.config import ShardSpec
-    from shardwise.shards import ShardPlan, _failed_recurring
+    from shardwise.shards.plan import ShardPlan
+    from shardwise.shards.runner import _failed_recurring
 
     spec = ShardSpec(n_shards=2, shards_per_job=2, gpus_per_shard=0, chunk_size=1)
     plan = ShardPlan("generate", "x", 4, spec, {"a": 1}, tmp_path / "results", tmp_path / "logs", "parquet")

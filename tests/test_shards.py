@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,15 +18,11 @@ from hypothesis import strategies as st
 
 from shardwise.config import ShardSpec
 from shardwise.errors import ShardError
-from shardwise.shards import (
-    ParquetCodec,
-    ShardContext,
-    ShardPlan,
-    chunk_ranges,
-    run_job,
-    shard_ranges,
-    verify,
-)
+from shardwise.shards.codecs import ParquetCodec
+from shardwise.shards.plan import ShardPlan, chunk_ranges, shard_ranges
+from shardwise.shards.runner import run_job
+from shardwise.shards.store import verify
+from shardwise.shards.worker import ShardContext
 from shardwise.status import collect, render
 
 TESTS = Path(__file__).resolve().parent
@@ -290,6 +287,44 @@ def test_merge_names_every_bad_shard_at_once_and_takes_them_out_of_the_store(mer
     assert plan.shard_path(0).with_name("0000-of-0003.parquet.bad").read_bytes() == bytes(data)
 
 
+def _flip_a_byte(path: Path) -> bytes:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_is_done_only_reads_even_a_corrupt_shard(merged_run):
+    """Asking whether a shard is done changes nothing: a shard that fails its checksum is not done,
+    and its record and file stay where they are (it once moved them aside as a side effect)."""
+    plan, _ = merged_run
+    corrupt = _flip_a_byte(plan.shard_path(1))
+    record = plan.record_path(1).read_text()
+    assert plan.is_done(1) and not plan.is_done(1, checksum=True)
+    assert plan.shard_path(1).read_bytes() == corrupt and plan.record_path(1).read_text() == record
+    assert not plan.shard_path(1).with_name(plan.shard_path(1).name + ".bad").exists()
+
+
+def test_a_job_recomputes_a_corrupt_shard_and_keeps_it_aside(tmp_path, caplog):
+    """A done shard whose file has its recorded size but not its sha256 (a status poll counts it
+    done): the job says so, keeps the file aside as ``.bad`` and computes that shard again."""
+    plan = make_plan(tmp_path)
+    run(plan, tmp_path)
+    corrupt = _flip_a_byte(plan.shard_path(1))
+    done = mtimes(plan, [0, 2])
+    n_traced = len(traced(tmp_path))
+    with caplog.at_level("WARNING"):
+        _, path = run(plan, tmp_path)
+    warning = "shard 1 of double/k: fails its sha256 checksum (altered or corrupt); computing it again"
+    assert warning in caplog.text
+    assert {t[0] for t in traced(tmp_path)[n_traced:]} == {1}
+    assert mtimes(plan, [0, 2]) == done
+    assert plan.shard_path(1).with_name("0001-of-0003.parquet.bad").read_bytes() == corrupt
+    assert plan.is_done(1, checksum=True)
+    merged = pd.concat([pd.read_parquet(f) for f in verify(plan, [path])])
+    assert list(merged.value) == [2 * r for r in range(20)]
+
+
 def test_merge_refuses_shards_of_two_dtypes(merged_run):
     plan, manifests = merged_run
     for manifest, dtype in zip(manifests, ["bfloat16", "float32", "float32"], strict=True):
@@ -332,7 +367,7 @@ def test_sigterm_stops_a_worker_and_says_why(tmp_path):
 
 
 def test_job_cpus_follow_slurm_not_the_host(monkeypatch):
-    from shardwise.shards import job_cpus
+    from shardwise.shards.runner import job_cpus
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert job_cpus(3) == 3
@@ -392,6 +427,50 @@ def test_a_killed_worker_names_its_shard_and_cause_and_leaves_no_process(tmp_pat
     else:  # the compute process ends with its wrapper (SIGTERM from the kernel), or is killed
         assert "terminated by signal SIGTERM" in message or f"compute process pid {pid}" in message
     assert _gone(pid) and _gone(seen["wrapper"])
+
+
+def test_a_stopped_job_stops_its_workers_and_they_say_why(tmp_path):
+    """SIGTERM to the job's own process (SIGINT is handled alike): it passes the stop on
+    to its workers, each compute process writes why it ended into its status and is gone, as is
+    its submitit wrapper; the job exits 128 + 15."""
+    import subprocess
+    import sys
+
+    import shardwise
+
+    plan = make_plan(tmp_path, n_items=20, n_shards=1, shards_per_job=1)
+    script = (
+        "from pathlib import Path; from test_shards import make_plan, run; "
+        f"tmp = Path({str(tmp_path)!r}); "
+        "run(make_plan(tmp, n_items=20, n_shards=1, shards_per_job=1), tmp, die_at=10**9, hang=True)"
+    )
+    src = str(Path(shardwise.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), src])}
+    job = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    seen: dict[str, int] = {}
+    gone, stderr = False, ""
+    try:
+        deadline = time.time() + 120
+        while not seen and time.time() < deadline and job.poll() is None:
+            try:
+                seen["compute"] = json.loads(plan.status_path(0).read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.05)
+        stat = Path(f"/proc/{seen['compute']}/stat").read_text()
+        seen["wrapper"] = int(stat.rsplit(")", 1)[1].split()[1])
+        job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=60)
+        gone = _gone(seen["compute"]) and _gone(seen["wrapper"])
+    finally:
+        if not gone:  # leave no process behind
+            for pid in [job.pid, *seen.values()]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+    assert job.returncode == 128 + signal.SIGTERM, stderr
+    assert gone
+    status = json.loads(plan.status_path(0).read_text())
+    assert status["state"] == "failed" and "ShardError: terminated by signal" in status["error"], status
+    assert not plan.is_done(0)
 
 
 def test_forward_time_is_counted_only_when_asked(monkeypatch):

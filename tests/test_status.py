@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from shardwise.config import ShardSpec
-from shardwise.shards import ShardPlan
+from shardwise.shards.plan import ShardPlan
+from shardwise.shards.store import write_plan_file
 from shardwise.status import (
     SBU_PER_GPU_HOUR,
     RunStatus,
@@ -154,11 +155,11 @@ def test_every_stage_shows_tokens_per_second_and_cpu_stages_no_sbu(tmp_path):
 def test_a_status_of_many_shards_cuts_each_plan_once(tmp_path, monkeypatch):
     """Every shard asks for its row range; the plan cuts them once (it was once per shard:
     quadratic in shards, 17 s for 9 x 1,024 shards)."""
-    import shardwise.shards as shards
+    import shardwise.shards.plan as shards
     from shardwise.status import collect
 
     p = plan(tmp_path, n_items=5000, n_shards=500)
-    p.write_plan_file()
+    write_plan_file(p)
     calls = []
     cut = shards.shard_ranges
     monkeypatch.setattr(shards, "shard_ranges", lambda *a, **k: calls.append(a) or cut(*a, **k))
@@ -170,7 +171,7 @@ def test_a_status_of_many_shards_cuts_each_plan_once(tmp_path, monkeypatch):
 
 def failed_and_running(tmp_path: Path) -> ShardPlan:
     p = plan(tmp_path)
-    p.write_plan_file()
+    write_plan_file(p)
     failed = {"state": "failed", "pid": 1, "host": "gcn1", "error": "InputError: bad prompt"}
     p.status_path(0).write_text(json.dumps(failed))
     running = {"state": "running", "pid": 2, "host": "gcn1", "slurm_job_id": "4101"}
@@ -240,7 +241,7 @@ def test_billed_against_used_per_stage(tmp_path, monkeypatch, capsys):
     assert usage == {"7": (3600.0, 36, 2), "8": (3600.0, 36, 2)}
     monkeypatch.setattr("shardwise.status.slurm_usage", lambda ids: {i: usage[i] for i in ids if i in usage})
     p = plan(tmp_path)  # 4 shards, 2 per job, 1 GPU each
-    p.write_plan_file()
+    write_plan_file(p)
     for i in range(4):
         rows = p.ranges()[i]
         done = {**record(rows, 1800.0, 10.0), "slurm_job_id": "7" if i < 2 else "8", "index": i}

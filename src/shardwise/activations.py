@@ -41,7 +41,7 @@ from shardwise.config import Config
 from shardwise.errors import InputError, ShardError
 from shardwise.models import load_shard_model, read_record, revision
 from shardwise.sharded import Prepared, Request, ShardedStage
-from shardwise.shards import ShardContext
+from shardwise.shards.worker import ShardContext
 from shardwise.tables import load_labelled
 
 log = logging.getLogger(__name__)

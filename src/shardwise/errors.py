@@ -18,7 +18,10 @@ class ModelError(ShardwiseError):
 
 
 class ShardError(ShardwiseError):
-    """A shard failed, or shards do not verify at merge time."""
+    """A shard failed, or shards do not verify at merge time. `recurring`: every failed worker met
+    an error that a rerun meets again (a retry of the job is pointless; :func:`recurs`)."""
+
+    recurring: bool = False
 
 
 # Exceptions that a retry of the same job meets again: bad config or input, a model that cannot

@@ -43,7 +43,8 @@ from shardwise.config import Config
 from shardwise.errors import ModelError
 from shardwise.models import load_shard_model
 from shardwise.sharded import Prepared, Request, ShardedStage
-from shardwise.shards import ParquetCodec, ShardContext
+from shardwise.shards.codecs import ParquetCodec
+from shardwise.shards.worker import ShardContext
 from shardwise.tables import count_generations, load_generations
 
 log = logging.getLogger(__name__)

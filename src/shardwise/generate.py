@@ -46,7 +46,8 @@ from shardwise import settings
 from shardwise.config import Config, Sampling
 from shardwise.models import load_shard_model
 from shardwise.sharded import Prepared, Request, ShardedStage
-from shardwise.shards import ParquetCodec, ShardContext
+from shardwise.shards.codecs import ParquetCodec
+from shardwise.shards.worker import ShardContext
 from shardwise.tables import load_prompts
 
 log = logging.getLogger(__name__)

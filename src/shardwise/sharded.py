@@ -29,8 +29,11 @@ from typing import Any, Generic, TypeVar
 from shardwise.config import Config, ShardSpec, load_config
 from shardwise.fingerprint import sha256_file, stage_identity
 from shardwise.models import read_record
-from shardwise.shards import Codec, ShardContext, ShardPlan, run_job
-from shardwise.shards import merge as merge_shards
+from shardwise.shards.codecs import Codec
+from shardwise.shards.plan import ShardPlan
+from shardwise.shards.runner import run_job
+from shardwise.shards.store import merge as merge_shards
+from shardwise.shards.worker import ShardContext
 
 A = TypeVar("A")
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from shardwise.config import Config, ShardSpec
 from shardwise.errors import ShardwiseError
-from shardwise.shards import ShardPlan, log_tail, pid_alive
+from shardwise.shards.plan import ShardPlan, file_problem
+from shardwise.shards.runner import log_tail, pid_alive
 
 
 @dataclass
@@ -189,8 +190,6 @@ def shard_state(plan: ShardPlan, i: int, slurm: dict[str, str] | None = None) ->
 def verify_stores(results: str | Path = "results") -> tuple[list[str], int]:
     """Every recorded shard of the newest run of each stage output, read and checked against its
     record (size, sha256); touches nothing. Returns (one line per run, number of bad shards)."""
-    from shardwise.shards import _shard_problem
-
     lines, n_bad = [], 0
     for run in collect(results):
         plan, checked, bad = run.plan, 0, []
@@ -199,7 +198,7 @@ def verify_stores(results: str | Path = "results") -> tuple[list[str], int]:
             if record is None or record.get("fingerprint") != plan.shard_fingerprint(i):
                 continue
             checked += 1
-            problem = _shard_problem(plan.shard_path(i), record, checksum=True)
+            problem = file_problem(plan.shard_path(i), record, checksum=True)
             if problem:
                 bad.append(f"shard {i} ({plan.shard_path(i)}): {problem}")
         n_bad += len(bad)

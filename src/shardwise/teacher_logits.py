@@ -35,7 +35,7 @@ from shardwise.fingerprint import sha256_file, stable_hash
 from shardwise.logits import check_attrs, concat_files, topk_dtype, write_file
 from shardwise.models import load_shard_model, read_record, revision
 from shardwise.sharded import Prepared, Request, ShardedStage
-from shardwise.shards import ShardContext
+from shardwise.shards.worker import ShardContext
 from shardwise.tables import count_generations, load_texts
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from shardwise.cluster import Cluster, account_problem, table_from
 from shardwise.config import TOXICITY_PROBE_DATA
 from shardwise.errors import ShardwiseError
 from shardwise.fingerprint import code_version
-from shardwise.shards import heal_manifests
+from shardwise.shards.store import heal_manifests
 from shardwise.smk import as_param, fail, workflow_config
 
 CFG = workflow_config(config, workflow.configfiles)
