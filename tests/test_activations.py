@@ -16,6 +16,8 @@ from shardwise.activations import ActivationsCodec, concat, storable
 from shardwise.config import ModelSpec, load_config
 from shardwise.shards import merge, run_job
 
+pytestmark = pytest.mark.unit
+
 DEMO = Path(__file__).resolve().parents[1] / "config/demo/labelled.jsonl"
 LABELS = ["subject_plural", "has_number"]
 PLANTED = 7.0e4  # > float16's largest finite value, 65,504

@@ -18,6 +18,8 @@ from shardwise.intervals import effective_n, wilson
 from shardwise.models import load_model
 from shardwise.tables import count_generations, load_generations
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model):

@@ -21,6 +21,8 @@ from shardwise.status import (
     slurm_cause,
 )
 
+pytestmark = pytest.mark.unit
+
 SACCT = """\
 4101|RUNNING
 4102|TIMEOUT
