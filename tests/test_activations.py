@@ -16,8 +16,6 @@ from shardwise.activations import ActivationsCodec, concat, storable
 from shardwise.config import ModelSpec, load_config
 from shardwise.shards import merge, run_job
 
-pytestmark = pytest.mark.unit
-
 DEMO = Path(__file__).resolve().parents[1] / "config/demo/labelled.jsonl"
 LABELS = ["subject_plural", "has_number"]
 PLANTED = 7.0e4  # > float16's largest finite value, 65,504
@@ -74,6 +72,7 @@ def outlier_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dest
 
 
+@pytest.mark.integration
 def test_a_planted_7e4_activation_is_stored_finite_and_the_probes_train(tmp_path, outlier_model):
     from shardwise.probes import run
 
@@ -94,6 +93,7 @@ def test_a_planted_7e4_activation_is_stored_finite_and_the_probes_train(tmp_path
     assert np.array_equal(acts[small], acts[small].astype(np.float16).astype(np.float32))
 
 
+@pytest.mark.unit
 def test_storable_keeps_float16_unless_a_value_overflows_it():
     rng = np.random.default_rng(0)
     states = rng.normal(size=(2, 5, 8)).astype(np.float32) * 100
@@ -108,6 +108,7 @@ def test_storable_keeps_float16_unless_a_value_overflows_it():
     assert np.array_equal(big[rest], half[rest].astype(np.float32))  # the others: float16's values
 
 
+@pytest.mark.unit
 def test_concat_of_float16_and_float32_parts_is_float32_with_the_same_values(tmp_path):
     rng = np.random.default_rng(1)
     parts, whole = [], []

@@ -113,7 +113,7 @@ def test_batches_are_length_sorted_within_the_token_budget():
     assert got == batches(lengths, 10)
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_stored_topk_equals_a_fresh_forward_pass(merged, tiny_model, corpus):
     out = merged[0]
     logits = TeacherLogits(out)
@@ -137,7 +137,7 @@ def test_stored_topk_equals_a_fresh_forward_pass(merged, tiny_model, corpus):
         assert np.all(np.abs(values.numpy()[swapped] - item.topk_logprobs[swapped]) < 4e-3)
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_layout_dtypes_attrs_and_bytes_per_token(merged, tiny_model_src):
     out, plan, codec, _ = merged
     with h5py.File(out) as f:
@@ -206,7 +206,7 @@ def _reseal(manifest: Path, shard: Path) -> None:
     manifest.write_text(json.dumps(data))
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["other teacher", "other k", "truncated", "missing"])
 def test_merge_refuses_foreign_or_damaged_shards(tmp_path, merged, case):
     _, plan, codec, manifests = merged
@@ -271,7 +271,7 @@ def test_a_non_finite_log_prob_fails_the_shard_naming_the_item(tmp_path, tiny_mo
     assert list(tmp_path.glob("results/teacher_logits/tiny/shards/*/0001-of-0002.h5"))
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_reader_dataset_and_collate(merged):
     out = merged[0]
     logits = TeacherLogits(out)
@@ -512,7 +512,7 @@ def test_kd_loss_is_never_negative(tau):
         assert kd_loss(student, ids, values, temperature=tau) >= -1e-6
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_tempered_kd_keeps_the_students_mass_outside_the_top_k_near_the_teachers():
     logits, ids, values = _top_k_teacher(seed=7)
     teacher_rest = 1 - values.exp().sum(-1)
