@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command (README, CI): lint, format, a type check of src/, Snakemake lint, a dry
-# run of the demo, then every test, the slow end-to-end demo run included. Run from the repository root.
+# run of the demo, then every test, the end-to-end demo run included. Run from the repository root.
+# Arguments go to pytest: `bash tests/check.sh -m unit` is the tier developers run on every change
+# (README), `-m "not system"` leaves out the demo DAG, the rerun matrix, real SLURM and vLLM through
+# Snakemake.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -18,6 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ("Snakefile", "workflow", "scripts", "src", "profiles", "envs", "config")
+SLURM_POLLING = str(REPO / "tests/slurm/snakemake_polling.py")  # snakemake, its slurm status checks capped
 STARTED: list[subprocess.Popen[str]] = []  # every Snakemake a test starts (its own process group)
 
 # A shell starts background commands (`pytest ... &`, nohup) with SIGINT ignored, and a child keeps an
@@ -60,14 +61,49 @@ def stop_started() -> None:
         stop_group(STARTED.pop(), grace=2)
 
 
+UNIT_TEST: list[str] = []  # the node id of the unit test now running, if one is
+
+
 @pytest.fixture(autouse=True)
-def _stop_what_the_test_started() -> Iterator[None]:
-    """A test that fails (or forgets) leaves no Snakemake or worker running into the next test."""
-    yield
-    stop_started()
+def _stop_what_the_test_started(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that fails (or forgets) leaves no Snakemake or worker running into the next test;
+    a unit test that copies the workflow (to run Snakemake) fails."""
+    unit = request.node.get_closest_marker("unit") is not None
+    if unit:
+        UNIT_TEST.append(request.node.nodeid)
+    try:
+        yield
+    finally:
+        if unit:
+            UNIT_TEST.remove(request.node.nodeid)
+        stop_started()
 
 
+# Every test has exactly one tier (pyproject.toml registers them): `pytest -m unit` is the command
+# developers run on every change (README). Snakemake and its workflow copies are for the other two.
+TIERS = ("unit", "integration", "system")
+STARTS_SNAKEMAKE = {"workflow_copy", "finished_demo"}  # fixtures that copy or run the workflow
+
+
+def tier_problems(items: list[pytest.Item]) -> list[str]:
+    """One line per test that has no tier, more than one, or is a unit test with a fixture that
+    starts Snakemake (a unit test that calls `copy_workflow` itself fails when it runs)."""
+    problems = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            problems.append(
+                f"{item.nodeid}: {len(tiers)} tiers ({', '.join(tiers) or 'none'}); give it one of {TIERS}"
+            )
+        elif tiers == ["unit"] and (used := STARTS_SNAKEMAKE & set(getattr(item, "fixturenames", ()))):
+            problems.append(f"{item.nodeid}: a unit test with {', '.join(sorted(used))} (starts Snakemake)")
+    return problems
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if problems := tier_problems(items):
+        raise pytest.UsageError("tests without exactly one tier:\n" + "\n".join(problems))
     try:
         import torch
 
@@ -222,12 +258,13 @@ class Workflow:
 
     def __init__(self, root: Path):
         self.root = root
+        self.snakemake = ["-m", "snakemake"]  # or [SLURM_POLLING]: the slurm plugin polls sacct every <= 3 s
 
     def write_config(self, cfg: dict[str, Any]) -> None:
         (self.root / "config/config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     def cmd(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+        return [sys.executable, *self.snakemake, "--cores", "2", *args]
 
     def run(
         self, *args: str, check: bool = True, timeout: int = 600, extra_env: dict[str, str] | None = None
@@ -289,6 +326,10 @@ class Workflow:
 
 
 def copy_workflow(dest: Path) -> Workflow:
+    if UNIT_TEST:
+        pytest.fail(
+            f"{UNIT_TEST[0]} is a unit test and copies the workflow to run Snakemake: mark it integration"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         src = REPO / name
@@ -302,3 +343,13 @@ def copy_workflow(dest: Path) -> Workflow:
 @pytest.fixture
 def workflow_copy(tmp_path: Path) -> Workflow:
     return copy_workflow(tmp_path / "wf")
+
+
+@pytest.fixture(scope="session")
+def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> Workflow:
+    """The embedded demo run once to the end (~4.5 min on 2 cores), shared by the tests that read
+    it. They must not change its outputs, inputs or config/config.yaml: a variant of the config
+    goes to a file of its own, passed with --configfile to a dry run."""
+    wf = copy_workflow(tmp_path_factory.mktemp("demo") / "wf")
+    wf.run(timeout=900)
+    return wf

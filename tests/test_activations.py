@@ -71,6 +71,7 @@ def outlier_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dest
 
 
+@pytest.mark.integration
 def test_a_planted_7e4_activation_is_stored_finite_and_the_probes_train(tmp_path, outlier_model):
     from shardwise.probes import run
 
@@ -91,6 +92,7 @@ def test_a_planted_7e4_activation_is_stored_finite_and_the_probes_train(tmp_path
     assert np.array_equal(acts[small], acts[small].astype(np.float16).astype(np.float32))
 
 
+@pytest.mark.unit
 def test_storable_keeps_float16_unless_a_value_overflows_it():
     rng = np.random.default_rng(0)
     states = rng.normal(size=(2, 5, 8)).astype(np.float32) * 100
@@ -105,6 +107,7 @@ def test_storable_keeps_float16_unless_a_value_overflows_it():
     assert np.array_equal(big[rest], half[rest].astype(np.float32))  # the others: float16's values
 
 
+@pytest.mark.unit
 def test_concat_of_float16_and_float32_parts_is_float32_with_the_same_values(tmp_path):
     rng = np.random.default_rng(1)
     parts, whole = [], []

@@ -33,6 +33,7 @@ def _alone(model, seq, n_prompt):
     return float(nll[max(n_prompt, 1) - 1 :].double().sum()), len(seq) - max(n_prompt, 1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_batched_perplexity_equals_each_scored_alone(model_and_tokenizer, side):
     model, tok = model_and_tokenizer
@@ -57,6 +58,7 @@ def test_batched_perplexity_equals_each_scored_alone(model_and_tokenizer, side):
     assert count[2] == 1 + ran  # the EOS inside the continuation is scored, not masked as padding
 
 
+@pytest.mark.unit
 def test_score_table_packs_by_token_budget_and_marks_empty_continuations(model_and_tokenizer):
     model, tok = model_and_tokenizer
     table = pd.DataFrame(
@@ -120,6 +122,7 @@ def wide_vocab(tmp_path_factory):
     return {"byte-level": byte_level, "metaspace": make_metaspace_model(vocab_size=1500)}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
 def test_perplexity_is_dexperts_joint_tokenisation_at_word_boundaries(wide_vocab, kind):
     model, tok = wide_vocab[kind]
@@ -145,6 +148,7 @@ def test_perplexity_is_dexperts_joint_tokenisation_at_word_boundaries(wide_vocab
                 assert math.isnan(got.ppl[i]), (p, c)
 
 
+@pytest.mark.unit
 def test_rtp_metrics_and_distinct_n_by_hand():
     scores = pd.DataFrame(
         {
@@ -190,6 +194,7 @@ def _dexperts_distinctness(texts_by_prompt):
     return np.nanmean(dist1), np.nanmean(dist2), np.nanmean(dist3)
 
 
+@pytest.mark.unit
 def test_distinct_n_matches_dexperts_with_leading_double_and_empty():
     texts = [
         [" the cat ran", " the cat  sat", "", " a_b c", " a b_c"],  # "a_b c" and "a b_c": one "a_b_c"
@@ -204,6 +209,7 @@ def test_distinct_n_matches_dexperts_with_leading_double_and_empty():
         )
 
 
+@pytest.mark.unit
 def test_bootstrap_resamples_whole_prompts():
     from shardwise.analysis import _prompt_codes
 
@@ -219,6 +225,7 @@ def test_bootstrap_resamples_whole_prompts():
     assert (again == w).all() and not (np.concatenate(list(resample_counts(g, 4000, seed=1))) == w).all()
 
 
+@pytest.mark.unit
 def test_partial_spearman_removes_a_shared_length_effect():
     rng = np.random.default_rng(0)
     length = rng.normal(size=2000)
@@ -230,6 +237,7 @@ def test_partial_spearman_removes_a_shared_length_effect():
     assert abs(partial_spearman(x, y, length)) < 0.05
 
 
+@pytest.mark.unit
 def test_bad_analysis_input(tmp_path, tiny_model, monkeypatch):
     path = tmp_path / "gen.parquet"
     pd.DataFrame({"prompt_id": [1], "prompt": ["a"]}).to_parquet(path)
@@ -255,6 +263,7 @@ def test_bad_analysis_input(tmp_path, tiny_model, monkeypatch):
         toxicity.score(["a", "b"], "profanity-check")
 
 
+@pytest.mark.unit
 def test_profanity_check_and_an_hf_classifier_with_its_label(tmp_path, tiny_model_src):
     values, name = toxicity.score(["you are an idiot", "have a nice day"], "profanity-check")
     assert values[0] > 0.9 > 0.2 > values[1] and name.startswith("alt-profanity-check ")
@@ -326,6 +335,7 @@ def _score_files(tmp_path):
     return flu, tox, table
 
 
+@pytest.mark.unit
 def test_scores_are_joined_by_key_not_row_position(tmp_path):
     flu, tox, table = _score_files(tmp_path)
     ordered = table(flu, tox)
@@ -336,6 +346,7 @@ def test_scores_are_joined_by_key_not_row_position(tmp_path):
     assert ordered.toxicity.tolist() == [0.1, 0.2, 0.3, 0.4] and ordered.nll_sum.tolist() == [1, 2, 3, 4]
 
 
+@pytest.mark.unit
 def test_missing_or_nan_score_is_a_one_line_error(tmp_path):
     flu, tox, table = _score_files(tmp_path)
     with pytest.raises(
@@ -353,6 +364,7 @@ def test_missing_or_nan_score_is_a_one_line_error(tmp_path):
         table(flu.iloc[1:], tox)
 
 
+@pytest.mark.unit
 def test_summary_cis_contain_the_estimate_and_shrink_with_more_prompts():
     from shardwise.analysis import prompt_cis
 
@@ -393,6 +405,7 @@ def test_summary_cis_contain_the_estimate_and_shrink_with_more_prompts():
     assert hi - lo > 0.75 and lo < wilson(3, 4)[0]  # wider than 4 independent generations would give
 
 
+@pytest.mark.unit
 def test_summary_states_k_and_the_report_warns_when_it_differs():
     from shardwise.report import k_warning
 
@@ -423,6 +436,7 @@ def _two_runs(rng, n_prompts=300, k=5, spread=3.0, shift=0.05):
     return pd.concat([a, a.assign(model="b", toxicity=tox + shift)], ignore_index=True)
 
 
+@pytest.mark.unit
 def test_paired_differences_cover_a_constant_shift_and_are_narrower_than_unpaired(caplog):
     from shardwise.analysis import run_differences
 
@@ -481,6 +495,7 @@ def test_paired_differences_cover_a_constant_shift_and_are_narrower_than_unpaire
     np.testing.assert_allclose(part.ci_low, ref.ci_low)
 
 
+@pytest.mark.unit
 def test_vectorised_prompt_bootstrap_equals_the_metrics_of_each_expanded_resample():
     from shardwise.analysis import METRICS, _metrics_of, _prompt_aggregates, _prompt_codes, resample_counts
 
@@ -527,6 +542,7 @@ def _corr_table(rng, n_prompts, k, prompt_scale, noise):
     )
 
 
+@pytest.mark.unit
 def test_within_prompt_spearman_is_zero_when_only_the_prompt_drives_both():
     from scipy.stats import spearmanr
 
@@ -555,6 +571,7 @@ def test_within_prompt_spearman_is_zero_when_only_the_prompt_drives_both():
     assert r == pytest.approx(within_prompt_spearman(x, y, np.array(["a", "a", "a", "b", "b"])))
 
 
+@pytest.mark.unit
 def test_partial_spearman_controls_for_scored_tokens_with_a_ci_and_is_nan_for_a_constant_control():
     import warnings
 
@@ -649,6 +666,7 @@ def _assert_scipy_on_each_expanded_resample(t, w):
             assert _same(got[method][r], float(value)), (method, r, got[method][r], value)
 
 
+@pytest.mark.unit
 def test_bootstrap_correlations_equal_scipy_on_each_expanded_resample_and_pearson_is_on_log_ppl():
     from scipy.stats import pearsonr
 
@@ -672,6 +690,7 @@ def test_bootstrap_correlations_equal_scipy_on_each_expanded_resample_and_pearso
     assert corr.set_index("method").loc["pearson", "value"] == pytest.approx(pearsonr(np.log(x), y).statistic)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", ["ties", "one huge prompt", "single-row prompts"])
 def test_bootstrap_ranks_stay_exact_under_ties_a_huge_prompt_and_single_row_prompts(case):
     from shardwise.analysis import _prompt_codes
@@ -698,6 +717,7 @@ def test_bootstrap_ranks_stay_exact_under_ties_a_huge_prompt_and_single_row_prom
     _assert_scipy_on_each_expanded_resample(t, np.concatenate([w, extreme]))
 
 
+@pytest.mark.unit
 def test_correlations_do_not_depend_on_the_thread_count():
     from shardwise.analysis import correlation_rows
 
@@ -714,6 +734,7 @@ def test_correlations_do_not_depend_on_the_thread_count():
             pd.testing.assert_frame_equal(one, pd.DataFrame(other), check_exact=True)
 
 
+@pytest.mark.unit
 def test_rank_bootstrap_builds_its_index_once_and_costs_o_rows_per_resample(monkeypatch):
     """The per-run index (sorts, tie groups) is built once; a resample adds no sort at all and
     gathers O(rows) elements: the counts below grow by exactly 3 x rows per extra resample, whatever
@@ -754,6 +775,7 @@ def test_rank_bootstrap_builds_its_index_once_and_costs_o_rows_per_resample(monk
     assert built == [1, 1, 1, 1]
 
 
+@pytest.mark.unit
 def test_int64_overflow_guard_gives_the_same_sums(monkeypatch):
     import shardwise.analysis as an
 
@@ -767,6 +789,7 @@ def test_int64_overflow_guard_gives_the_same_sums(monkeypatch):
     assert an._int_dot(a[2:], b[2:], m=10**7) == 45
 
 
+@pytest.mark.unit
 def test_kendall_tau_b_row_scores_and_its_cluster_robust_interval():
     from scipy.stats import kendalltau
     from scipy.stats import t as t_dist
@@ -811,6 +834,7 @@ def test_kendall_tau_b_row_scores_and_its_cluster_robust_interval():
     assert (jack["ci_low"] + jack["ci_high"]) / 2 == pytest.approx(tau)
 
 
+@pytest.mark.unit
 def test_prompt_codes_are_np_unique_of_the_ids_as_strings():
     from shardwise.analysis import _prompt_codes
 
@@ -823,6 +847,7 @@ def test_prompt_codes_are_np_unique_of_the_ids_as_strings():
     assert _prompt_codes(np.array([], dtype=int))[1] == 0
 
 
+@pytest.mark.unit
 def test_nan_perplexity_of_a_scored_text_or_infinite_toxicity_is_a_one_line_error(tmp_path):
     flu, tox, table = _score_files(tmp_path)
     bad = flu.copy()
@@ -843,6 +868,7 @@ def test_nan_perplexity_of_a_scored_text_or_infinite_toxicity_is_a_one_line_erro
     assert math.isnan(table(empty, tox).ppl[0])
 
 
+@pytest.mark.unit
 def test_run_settings_come_from_the_config():
     from shardwise.analysis import run_settings
     from shardwise.config import load_config
@@ -877,6 +903,7 @@ def test_run_settings_come_from_the_config():
     assert base["temperature"] == cfg.generate.runs["base"].sampling.temperature and base["top_k"] == 0
 
 
+@pytest.mark.unit
 def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     from shardwise.analysis import correlation_rows, run_differences
     from shardwise.report import (
@@ -963,6 +990,7 @@ def test_report_tables_put_cis_in_cells_and_figures_switch_to_hexbin(tmp_path):
     )
 
 
+@pytest.mark.unit
 def test_report_warns_when_the_k_found_is_not_the_configured_k():
     from shardwise.report import k_warning
 
@@ -1003,6 +1031,7 @@ def _population_metrics(k, **kw):
     return _metrics_of(agg, np.ones((1, 1_000_000)))[0]
 
 
+@pytest.mark.unit
 def test_summary_intervals_cover_the_truth_in_the_demos_regime():
     """70 prompts x 2 samples, rare toxic texts (the demo's shape): the percentile bootstrap covered
     EMT 89.8%, toxicity probability and toxic fraction 92.1% (measured); the intervals now used
@@ -1023,6 +1052,7 @@ def test_summary_intervals_cover_the_truth_in_the_demos_regime():
     assert all(c <= 0.99 for c in coverage.values()), coverage  # not bought by absurd width
 
 
+@pytest.mark.unit
 def test_paired_difference_intervals_cover_the_truth_in_the_demos_regime():
     """Two runs on the same 70 prompts x 2, the second ~1.8x as often toxic: a paired BCa bootstrap
     covered the differences 88-91% (measured); the paired intervals now used (docs/analysis.md
@@ -1054,6 +1084,7 @@ def test_paired_difference_intervals_cover_the_truth_in_the_demos_regime():
     assert all(c <= 0.99 for c in coverage.values()), coverage  # EMT's is conservative: 98.5%
 
 
+@pytest.mark.unit
 def test_kendall_interval_covers_with_few_large_prompt_clusters():
     """20 prompts x 50 generations, prompt effects in both PPL and toxicity, toxicity mostly tied at 0:
     the cluster-robust normal interval covered tau-b ~92% here (86% at 20 x 1,250, issue 23) and the
@@ -1084,6 +1115,7 @@ def test_kendall_interval_covers_with_few_large_prompt_clusters():
     assert hits / n_sets >= 0.92, hits / n_sets
 
 
+@pytest.mark.unit
 def test_kendall_interval_is_chosen_by_the_effective_number_of_prompts():
     """250 prompts, 8 of them with 300 rows and 242 with 2: by the prompt count the cluster-robust
     normal interval would be used (it covered ~80% in such a design, review of issue 23); by the
@@ -1120,6 +1152,7 @@ def _texts(rng, n_prompts, k):
     ]
 
 
+@pytest.mark.integration
 def test_capped_ppl_and_distinct_n_intervals_cover_the_truth_in_the_demos_regime():
     """The BCa intervals of mean PPL below a cap that binds (~20% of texts above it) and of distinct-1/2/3,
     70 prompts x 2: >= 93% (the truth from 200,000 simulated prompts)."""

@@ -13,6 +13,8 @@ from shardwise.config import load_config
 from shardwise.errors import ConfigError, ShardwiseError
 from shardwise.profile import install_profile
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("section", "name"),

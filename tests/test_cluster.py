@@ -14,6 +14,8 @@ from shardwise.cluster import Cluster, load_table, place, profile_value
 from shardwise.config import load_config
 from shardwise.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 TABLE = REPO / "profiles/slurm/partitions.yaml"
 
 

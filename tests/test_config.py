@@ -9,6 +9,8 @@ import pytest
 from shardwise.config import load_config, load_config_file, schema, validate
 from shardwise.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 BASE = {
     "models": {"m": {"source": "local", "path": "/x"}},
     "generate": {"models": {"m": {}}},

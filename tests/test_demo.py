@@ -18,11 +18,11 @@ from shardwise.config import load_config_file
 from shardwise.logits import TeacherLogits
 from shardwise.models import load_model
 
+pytestmark = pytest.mark.system
 
-@pytest.mark.slow
-def test_demo_dag_end_to_end(workflow_copy):
-    wf = workflow_copy
-    wf.run(timeout=900)
+
+def test_demo_dag_end_to_end(finished_demo):
+    wf = finished_demo
     cfg = load_config_file(wf.path("config/config.yaml"))
     n_prompts = len(wf.path("config/demo/prompts.jsonl").read_text().splitlines())
     k = cfg.generate.runs["smollm2"].sampling.samples_per_prompt
@@ -151,17 +151,24 @@ def test_demo_dag_end_to_end(workflow_copy):
     for png in wf.path("results/analysis/figures").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+def test_a_finished_demo_has_nothing_to_do_and_every_shard_done(finished_demo):
+    wf = finished_demo
     status = wf.shardwise("status").stdout
     assert "generate/smollm2: 2 shards (2 done, 0 running, 0 failed, 0 pending)" in status
     assert "teacher_logits/smollm2: 2 shards (2 done, 0 running, 0 failed, 0 pending)" in status
     assert "activations/labelled/smollm2: 2 shards (2 done" in status
     assert "activations/toxicity/smollm2: 2 shards (2 done" in status
     assert "score_fluency/smollm2-t07: 2 shards (2 done" in status  # deeper under results/
-    assert "Nothing to be done" in wf.run().stdout + wf.run().stderr
+    done = wf.run()
+    assert "Nothing to be done" in done.stdout + done.stderr
 
-    # A change of how probes are trained retrains them, and leaves the activations alone.
+
+def test_a_change_of_how_probes_are_trained_retrains_them_and_leaves_the_activations(finished_demo):
+    wf = finished_demo
     raw = yaml.safe_load(wf.path("config/config.yaml").read_text())
     raw["probes"]["l2_grid"] = [0.01, 0.1]
-    wf.write_config(raw)
-    counts = job_counts(wf.run("-n").stdout)
+    variant = wf.root.parent / "variant-l2-grid.yaml"  # outside the shared workflow
+    variant.write_text(yaml.safe_dump(raw, sort_keys=False))
+    counts = job_counts(wf.run("-n", "--configfile", str(variant)).stdout)
     assert counts["train_probes"] == 2 and not {"activations", "merge_activations"} & set(counts), counts

@@ -23,6 +23,8 @@ from shardwise.errors import ConfigError, InputError
 from shardwise.fluency import score_table
 from shardwise.tables import scorer_dtype
 
+pytestmark = pytest.mark.unit
+
 
 def gpt2_like(seed: int = 0) -> tuple[object, object]:
     """A seeded random 2-layer GPT-2 (absolute positions) with a byte-level BPE tokenizer trained on

@@ -12,6 +12,8 @@ from shardwise.config import Sampling
 from shardwise.generate import SeededSampler, generate_table, row_seed
 from shardwise.models import load_model
 
+pytestmark = pytest.mark.unit
+
 SAMPLING = Sampling(
     samples_per_prompt=3, max_new_tokens=10, min_new_tokens=0, temperature=1.0, top_p=0.9, top_k=0, seed=7
 )

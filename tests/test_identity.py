@@ -23,6 +23,8 @@ from shardwise.errors import ShardError
 from shardwise.fingerprint import code_modules, normalize, stage_identity
 from shardwise.shards import ShardPlan, verify
 
+pytestmark = pytest.mark.unit
+
 GPU_STAGES = ("generate", "teacher_logits", "activations", "fluency")
 STAGES = (*GPU_STAGES, "prepare_model", "toxicity", "probes", "analysis", "report")
 

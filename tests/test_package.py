@@ -57,11 +57,13 @@ def layer_of(name: str) -> int:
     return next(i for i, layer in enumerate(LAYERS) if short(name) in layer)
 
 
+@pytest.mark.unit
 def test_every_module_has_a_layer():
     placed = set().union(*LAYERS)
     assert {short(m) for m in modules()} == placed
 
 
+@pytest.mark.unit
 def test_modules_import_only_lower_layers():
     wrong = [
         f"{short(m)} (layer {layer_of(m)}) imports {short(d)} (layer {layer_of(d)})"
@@ -72,6 +74,7 @@ def test_modules_import_only_lower_layers():
     assert wrong == []
 
 
+@pytest.mark.unit
 def test_no_import_cycle():
     graph = {m: imports_of(m) for m in modules()}
     state: dict[str, int] = {}  # 1 on the path, 2 done
@@ -92,6 +95,7 @@ def test_no_import_cycle():
     assert cycles == []
 
 
+@pytest.mark.unit
 def test_code_versions_follow_the_import_graph():
     gen = import_closure("shardwise.generate")
     rooms = {f"shardwise.shards.{room}" for room in ("plan", "codecs", "store", "worker", "runner")}
@@ -103,7 +107,7 @@ def test_code_versions_follow_the_import_graph():
     assert import_closure("shardwise.errors") == ["shardwise.errors"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_wheel_install_checks_a_config_and_dry_runs_the_demo(tmp_path):
     """Installed from a wheel (not editable, no source tree beside it), the package still finds its
     schema: `shardwise check` passes on the demo config and the demo's dry run lists its jobs."""
@@ -153,6 +157,7 @@ def test_a_wheel_install_checks_a_config_and_dry_runs_the_demo(tmp_path):
     assert dry.returncode == 0 and job_counts(dry.stdout)["generate"] == 4, dry.stderr
 
 
+@pytest.mark.unit
 def test_a_stage_is_findable_by_its_name():
     """Every rule's script is scripts/<rule>.py, which calls into the module whose name the rule
     contains (rule `teacher_logits` -> shardwise.teacher_logits, `score_fluency` -> shardwise.fluency),
@@ -177,3 +182,63 @@ def test_a_stage_is_findable_by_its_name():
         for cited in re.findall(paths, doc):
             assert (REPO / cited).is_file(), (path.name, cited)
         assert not re.search(r"(?<![/\w])design\.md", doc), f"{path.name} cites design.md outside docs/"
+
+
+UNTIERED = """
+import pytest
+
+def test_none():
+    pass
+
+@pytest.mark.unit
+@pytest.mark.integration
+def test_two():
+    pass
+
+@pytest.mark.unit
+def test_unit_with_a_workflow(workflow_copy):
+    pass
+
+@pytest.mark.system
+def test_fine(workflow_copy):
+    pass
+"""
+
+TIERED = """
+import pytest
+from conftest import copy_workflow
+
+@pytest.mark.unit
+def test_unit_that_copies_the_workflow_itself(tmp_path):
+    copy_workflow(tmp_path / "wf")
+
+@pytest.mark.unit
+def test_fine():
+    pass
+"""
+
+
+@pytest.mark.unit
+def test_a_test_without_exactly_one_tier_or_a_unit_test_that_starts_snakemake_fails(tmp_path):
+    """tests/conftest.py refuses to run a session where a test has no tier or two, or where a unit
+    test asks for a fixture that starts Snakemake; a unit test that copies the workflow itself fails."""
+    shutil.copy(REPO / "tests/conftest.py", tmp_path / "conftest.py")
+    cmd = [sys.executable, "-m", "pytest", "-c", str(REPO / "pyproject.toml"), "--rootdir", str(tmp_path)]
+    cmd += ["-p", "no:cacheprovider", "-q", str(tmp_path)]
+    (tmp_path / "test_tiers.py").write_text(UNTIERED)
+    proc = subprocess.run([*cmd, "--collect-only"], capture_output=True, text=True, timeout=120)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 4, said  # a usage error: nothing runs
+    said = said.split("tests without exactly one tier:")[1]
+    assert "test_tiers.py::test_none: 0 tiers (none)" in said
+    assert "test_tiers.py::test_two: 2 tiers (integration, unit)" in said
+    assert (
+        "test_tiers.py::test_unit_with_a_workflow: a unit test with workflow_copy (starts Snakemake)" in said
+    )
+    assert "test_fine" not in said
+
+    (tmp_path / "test_tiers.py").write_text(TIERED)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "1 failed, 1 passed" in said, said
+    assert "test_unit_that_copies_the_workflow_itself is a unit test and copies the workflow" in said

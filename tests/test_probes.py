@@ -76,6 +76,7 @@ def compute(tmp: Path, model_dir: Path, raw_cfg: dict, name: str = "tiny") -> tu
     return out, work.plan
 
 
+@pytest.mark.integration
 def test_random_weights_baseline_is_seeded_and_the_same_in_every_shard(tmp_path, tiny_model_src, tiny_model):
     from shardwise.models import random_model
 
@@ -105,6 +106,7 @@ def test_random_weights_baseline_is_seeded_and_the_same_in_every_shard(tmp_path,
         np.testing.assert_allclose(b[:2, item], mean.numpy(), rtol=2e-2, atol=2e-3)  # (the top is pre-norm)
 
 
+@pytest.mark.unit
 def test_layer_indices_and_hook_pooling_match_the_hidden_states(tiny_model):
     model, tok = load_model(tiny_model)
     tok.pad_token = tok.eos_token
@@ -137,6 +139,7 @@ def test_layer_indices_and_hook_pooling_match_the_hidden_states(tiny_model):
     torch.testing.assert_close(only_embeddings[0], mean[0])
 
 
+@pytest.mark.integration
 def test_activations_of_1_and_3_shards_are_identical(tmp_path, tiny_model_src, tiny_model):
     one, _ = compute(
         tmp_path / "one", tiny_model, probes_config(tiny_model_src, DEMO, shards={"n_shards": 1})
@@ -152,6 +155,7 @@ def test_activations_of_1_and_3_shards_are_identical(tmp_path, tiny_model_src, t
         assert list(a["item_ids"][...]) == list(range(480)) and a.attrs["pooling"] == "mean"
 
 
+@pytest.mark.unit
 def test_split_keeps_groups_on_one_side_and_balances_labels():
     rng = np.random.default_rng(0)
     groups = rng.integers(0, 150, size=600)
@@ -185,6 +189,7 @@ def planted(n=900, n_layers=3, dim=16, k=4, seed=0):
     return torch.tensor(x, dtype=torch.float32), y
 
 
+@pytest.mark.unit
 def test_vectorised_trainer_matches_scikit_learn_per_probe():
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -208,6 +213,7 @@ def test_vectorised_trainer_matches_scikit_learn_per_probe():
     assert probe.W.shape == (3, 4, 16) and probe.b.shape == (3, 4)
 
 
+@pytest.mark.unit
 def test_without_early_stopping_the_trainer_converges_to_scikit_learns_weights():
     """Early stopping keeps a probe's best-validation iterate; without it, every probe of the batch
     must reach the same optimum as scikit-learn's L-BFGS on its own (same objective). Weights within
@@ -252,6 +258,7 @@ def _objective(z, y, w, b, l2):
     return float((c * (np.logaddexp(0, t) - y * t)).sum() + 0.5 * l2 * (w @ w))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dim", [2048, 4096])
 def test_the_solver_reaches_scikit_learns_objective_at_real_widths(dim):
     """Batched L-BFGS with 4 backtracking steps stopped at W = 0 (objective 0.693) on these
@@ -290,6 +297,7 @@ def separable(dim: int, n: int = 200, k: int = 2, seed: int = 0) -> tuple[torch.
     return torch.tensor(x[None], dtype=torch.float32), y
 
 
+@pytest.mark.unit
 def test_a_probe_is_converged_only_within_tolerance_of_scikit_learns_objective_on_separable_data():
     """L2 = 1e-6, 120 training rows x 2048 dims: the old absolute test (every gradient entry below
     1e-5) said "converged" at 1.114 and 1.078 x scikit-learn's objective, and at L2 = 0 after 33
@@ -320,6 +328,7 @@ def test_a_probe_is_converged_only_within_tolerance_of_scikit_learns_objective_o
     assert "converged" not in set(unbounded.status_names().ravel())
 
 
+@pytest.mark.unit
 def test_a_probe_that_cannot_descend_is_counted_as_stalled():
     x, y = planted()
     split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)
@@ -351,6 +360,7 @@ def typed(encode_types: bool, n_types=40, per_type=15, dim=24, seed=0):
     return torch.tensor(np.stack([x, x]), dtype=torch.float32), y, types.astype(str)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("encode_types", [True, False])
 def test_type_level_control_measures_selectivity(encode_types):
     x, y, types = typed(encode_types)
@@ -379,6 +389,7 @@ def rare_label(seed: int, n: int = 600, n_types: int = 12, rate: float = 0.1) ->
     return y, types, split
 
 
+@pytest.mark.unit
 def test_the_control_of_a_rare_label_has_both_classes_in_every_split():
     """12 types, a 10 % label: one seeded draw per type left a split with one control class in
     27 % of seeds (test AUROC, and so selectivity, NaN); the draw is now conditional on both
@@ -410,6 +421,7 @@ def test_the_control_of_a_rare_label_has_both_classes_in_every_split():
     assert np.isnan(selectivity[0]) and np.isfinite(selectivity[1])
 
 
+@pytest.mark.unit
 def test_a_control_whose_types_never_cross_the_split_is_refused(tmp_path, monkeypatch):
     """Types nested in the split's groups (each template's own words): the control cannot be
     learned (test AUROC ~0.5) and selectivity would be inflated, silently; now one line, before
@@ -467,6 +479,7 @@ def test_a_control_whose_types_never_cross_the_split_is_refused(tmp_path, monkey
     assert 0.4 < info["test_rows_seen_type"] < 0.7
 
 
+@pytest.mark.unit
 def test_fixed_l2_per_column_is_the_grid_fit_at_that_value():
     x, y = planted(n=400, seed=3)
     split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)
@@ -479,6 +492,7 @@ def test_fixed_l2_per_column_is_the_grid_fit_at_that_value():
     assert torch.equal(mixed.l2, per_layer)
 
 
+@pytest.mark.unit
 def test_permuted_labels_shuffle_within_train_and_val_and_keep_test():
     rng = np.random.default_rng(0)
     y = (rng.random((300, 2)) < [0.3, 0.6]).astype(np.int64)
@@ -494,6 +508,7 @@ def test_permuted_labels_shuffle_within_train_and_val_and_keep_test():
     assert len({null[:, c].tobytes() for c in range(7)}) == 7
 
 
+@pytest.mark.unit
 def test_auroc_columns_is_sklearns_with_ties():
     from sklearn.metrics import roc_auc_score
 
@@ -503,6 +518,7 @@ def test_auroc_columns_is_sklearns_with_ties():
     np.testing.assert_allclose(auroc_columns(y, p), [roc_auc_score(y, p[:, m]) for m in range(5)])
 
 
+@pytest.mark.unit
 def test_permutation_p_values_small_for_a_planted_signal_and_uniform_for_noise():
     from shardwise.config import load_config
 
@@ -532,6 +548,7 @@ def test_permutation_p_values_small_for_a_planted_signal_and_uniform_for_noise()
     assert kstest(noise_p, "uniform").pvalue > 0.01
 
 
+@pytest.mark.unit
 def test_metrics_have_the_contract_columns_without_a_control_task():
     x, y = planted(seed=1)
     split = group_split([str(i) for i in range(len(y))], y, 0.2, 0.3, seed=0)
@@ -568,6 +585,7 @@ def test_metrics_have_the_contract_columns_without_a_control_task():
     )
 
 
+@pytest.mark.unit
 def test_auroc_bootstrap_is_sklearns_auroc_of_each_resample_ties_included():
     from sklearn.metrics import roc_auc_score
 
@@ -580,6 +598,7 @@ def test_auroc_bootstrap_is_sklearns_auroc_of_each_resample_ties_included():
     np.testing.assert_allclose(boot, ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.unit
 def test_group_bootstrap_is_sklearns_auroc_of_each_resample_of_whole_groups():
     from sklearn.metrics import roc_auc_score
 
@@ -600,6 +619,7 @@ def test_group_bootstrap_is_sklearns_auroc_of_each_resample_of_whole_groups():
     np.testing.assert_array_equal(rows, auroc_bootstrap(y, p, 70, 3))
 
 
+@pytest.mark.unit
 def test_leave_one_group_out_auroc_is_the_auroc_without_that_group():
     from sklearn.metrics import roc_auc_score
 
@@ -642,11 +662,13 @@ def clustered_auroc() -> float:
     return float(pos @ pair @ neg / (pos.sum() * neg.sum()))
 
 
+@pytest.mark.unit
 def test_clustered_auroc_is_the_population_value():
     y, p, _ = clustered(200_000, 1, seed=0)  # one row per group: independent rows
     assert abs(auroc_columns(y, p[:, None])[0] - clustered_auroc()) < 0.003
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("n_groups", "per_group"), [(30, 10), (15, 20)])
 def test_auroc_interval_covers_the_true_auroc_with_clustered_rows(n_groups, per_group):
     """Coverage of the 95 % interval over 400 seeded data sets of correlated rows. Resampling rows
@@ -661,6 +683,7 @@ def test_auroc_interval_covers_the_true_auroc_with_clustered_rows(n_groups, per_
     assert np.mean(hits) >= 0.92, np.mean(hits)
 
 
+@pytest.mark.unit
 def test_f1_threshold_is_the_best_cut_on_validation():
     from sklearn.metrics import f1_score
 
@@ -720,6 +743,7 @@ def _bad_probe_cases():
     }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", list(_bad_probe_cases()))
 def test_bad_probe_input_is_one_line(workflow_copy, tiny_model_src, case):
     change, probes, expected = _bad_probe_cases()[case]
@@ -736,6 +760,7 @@ def test_bad_probe_input_is_one_line(workflow_copy, tiny_model_src, case):
     assert expected in errors[0]
 
 
+@pytest.mark.integration
 def test_random_baseline_adds_its_own_activations_and_probes_to_the_dag(workflow_copy, tiny_model_src):
     wf = workflow_copy
     write_prompts(wf.path("config/prompts.jsonl"), 24)
@@ -747,6 +772,7 @@ def test_random_baseline_adds_its_own_activations_and_probes_to_the_dag(workflow
     assert "results/probes/labelled/tiny-random/metrics.csv" in out
 
 
+@pytest.mark.integration
 def test_a_lost_activations_shard_heals_by_running_the_same_command(workflow_copy, tiny_model_src):
     wf = workflow_copy
     write_prompts(wf.path("config/prompts.jsonl"), 24)
@@ -769,6 +795,7 @@ def test_a_lost_activations_shard_heals_by_running_the_same_command(workflow_cop
         assert np.array_equal(f["activations"][...], reference)
 
 
+@pytest.mark.integration
 def test_probes_through_snakemake_and_a_layer_out_of_range(workflow_copy, tiny_model_src):
     wf = workflow_copy
     write_prompts(wf.path("config/prompts.jsonl"), 24)
@@ -817,6 +844,7 @@ def _scored_run(tmp: Path, run: str, continuations: list[str], toxicity: list[fl
     return tmp / f"{run}.gen.parquet", tmp / f"{run}.tox.parquet"
 
 
+@pytest.mark.unit
 def test_toxicity_probe_set_joins_scores_to_continuations(tmp_path):
     a = _scored_run(tmp_path, "a", ["you idiot", "   ", "nice day", "fine"], [0.9, 0.7, 0.1, 0.5])
     b = _scored_run(tmp_path, "b", ["stupid", "hello"], [0.6, 0.49])
@@ -831,6 +859,7 @@ def test_toxicity_probe_set_joins_scores_to_continuations(tmp_path):
         toxicity_table(["b"], [b[0]], [short], threshold=0.5)
 
 
+@pytest.mark.unit
 def test_toxicity_probe_set_refuses_too_few_toxic_generations(tmp_path, tiny_model_src):
     from types import SimpleNamespace
 
@@ -859,6 +888,7 @@ def test_toxicity_probe_set_refuses_too_few_toxic_generations(tmp_path, tiny_mod
     assert pd.read_parquet(out).toxic.sum() == 12
 
 
+@pytest.mark.unit
 def test_the_toxicity_probe_set_is_capped_class_balanced_and_by_prompt():
 
     rng = np.random.default_rng(0)
@@ -885,6 +915,7 @@ def test_the_toxicity_probe_set_is_capped_class_balanced_and_by_prompt():
     assert balanced_sample(table, n, seed=1) is table  # under the cap: untouched
 
 
+@pytest.mark.unit
 def test_probes_train_a_block_of_layers_at_a_time_within_the_memory_budget(tmp_path, caplog):
     """train_probes reads [L, N, D] a block of layers at a time (an 8B model's capped toxicity set is
     10.8 GB in float32): a budget of two layers gives the probes, metrics and p-values of one pass."""

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Workflow, tiny_config, write_prompts
+from conftest import REPO, SLURM_POLLING, Workflow, tiny_config, write_prompts
 
 from shardwise.errors import ShardwiseError
 from shardwise.profile import install_profile
@@ -31,6 +31,7 @@ FAKE_SACCTMGR = "#!/bin/sh\necho shardwise\n"
 FAILING = "#!/bin/sh\nexit 1\n"
 
 
+@pytest.mark.unit
 def test_install_profile_links_once_and_refuses_to_replace(tmp_path):
     link, created = install_profile("slurm", tmp_path)
     assert created and link.is_symlink()
@@ -50,6 +51,7 @@ def gpu_resources(out: str) -> list[str]:
     return re.findall(r"rule generate:.*?resources: ([^\n]*)", out, re.S)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("spelling", ["profiles/slurm", "slurm"])
 def test_dry_run_with_the_slurm_profile_needs_no_slurm(workflow_copy, tiny_model_src, tmp_path, spelling):
     wf = workflow_copy
@@ -90,10 +92,11 @@ def fake_slurm(root: Path) -> dict[str, str]:
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_DIR": str(bin_dir)}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize(("shards_per_job", "gpus"), [(4, 4), (1, 1)])
 def test_sbatch_lines_of_the_snellius_profile(workflow_copy: Workflow, tiny_model_src, shards_per_job, gpus):
     wf = workflow_copy
+    wf.snakemake = [SLURM_POLLING]  # each failed attempt is seen within 3 s, not 10, 20, 30 s later
     write_prompts(wf.path("config/prompts.jsonl"), 24)
     shards = {"n_shards": 4, "shards_per_job": shards_per_job, "gpus_per_shard": 1, "chunk_size": 6}
     wf.write_config(tiny_config(tiny_model_src, shards=shards))
@@ -178,6 +181,7 @@ def snellius_copy(wf: Workflow) -> None:
         fh.writelines(f'{{"prompt": "prompt {i}"}}\n' for i in range(99_442))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("config", ["config/config.yaml", "config/snellius.yaml"])
 def test_dry_run_places_every_job_by_its_own_gpus(workflow_copy: Workflow, config):
     """The demo (CPU workers, the CPU toxicity scorer) and the Snellius example, with the SLURM
@@ -202,6 +206,7 @@ def test_dry_run_places_every_job_by_its_own_gpus(workflow_copy: Workflow, confi
         assert "rule analysis:" in out and re.search(r"cpus_per_task=16, mem_mb_per_cpu=1792", out)
 
 
+@pytest.mark.integration
 def test_dry_run_refuses_what_no_partition_can_run(workflow_copy: Workflow):
     """8 GPUs per shard x 2 shards in one job, and a profile asking more memory than a node has:
     one line each (per rule), exit 1, before any job (nothing is listed)."""
@@ -227,6 +232,7 @@ def test_dry_run_refuses_what_no_partition_can_run(workflow_copy: Workflow):
     assert "rule generate:" not in proc.stdout
 
 
+@pytest.mark.unit
 def test_the_workflow_profile_changes_nothing_of_slurm_jobs():
     """profiles/default is loaded next to profiles/slurm and wins over it: it must set no cores,
     threads or resources. (Its `cores: all` was passed on to every SLURM job as `--cores <the login
@@ -239,6 +245,7 @@ def test_the_workflow_profile_changes_nothing_of_slurm_jobs():
     assert not shaping & set(default), default
 
 
+@pytest.mark.integration
 def test_a_run_without_an_account_submits_nothing(workflow_copy: Workflow, tiny_model_src):
     """The profile as shipped names no account: a real run stops in one line before any job (a dry
     run needs none). Before, the plugin printed "Unable to guess SLURM account" and submitted."""

@@ -26,6 +26,8 @@ from shardwise.analysis import (
 )
 from shardwise.errors import InputError
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -22,7 +22,7 @@ from conftest import Workflow, copy_workflow, job_counts, write_prompts
 
 from shardwise.config import schema
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 # What reruns when ...
 # ... one generation run's texts change (run b: the analysis reads it, the teacher does not)

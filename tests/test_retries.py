@@ -16,6 +16,8 @@ from shardwise.errors import ConfigError, InputError, ModelError, ShardError, re
 from shardwise.retries import install, recorded_cause
 from shardwise.smk import no_retry_path
 
+pytestmark = pytest.mark.unit
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 

@@ -81,6 +81,7 @@ def mtimes(plan: ShardPlan, indices) -> dict[int, int]:
     return {i: plan.shard_path(i).stat().st_mtime_ns for i in indices}
 
 
+@pytest.mark.unit
 @given(st.integers(min_value=1, max_value=500), st.integers(min_value=1, max_value=64))
 def test_shard_ranges_cover_items_once_and_are_balanced(n_items, n_shards):
     ranges = shard_ranges(n_items, n_shards)
@@ -90,6 +91,7 @@ def test_shard_ranges_cover_items_once_and_are_balanced(n_items, n_shards):
     assert ranges == shard_ranges(n_items, n_shards)
 
 
+@pytest.mark.unit
 @given(
     st.integers(min_value=1, max_value=500),
     st.integers(min_value=1, max_value=16),
@@ -105,10 +107,12 @@ def test_aligned_shard_ranges_cut_only_at_block_boundaries(n_items, n_shards, al
     assert max(blocks) - min(blocks) <= 1
 
 
+@pytest.mark.unit
 def test_chunks_tile_a_shard():
     assert chunk_ranges(range(5, 12), 3) == [range(5, 8), range(8, 11), range(11, 12)]
 
 
+@pytest.mark.unit
 def test_parquet_parts_are_joined_one_at_a_time_with_their_schemas_unified(tmp_path):
     """The join of chunks into a shard and of shards into a run: one part read at a time (a row
     group each), a column all None in one part (type null) and one missing from a part unified."""
@@ -133,6 +137,7 @@ def test_parquet_parts_are_joined_one_at_a_time_with_their_schemas_unified(tmp_p
     assert merged.more.isna().sum() == 5 and merged.more[2] == 1.5
 
 
+@pytest.mark.unit
 def test_fingerprint_depends_on_content_not_on_packing(tmp_path):
     base = make_plan(tmp_path)
     assert make_plan(tmp_path).fingerprint == base.fingerprint
@@ -144,11 +149,13 @@ def test_fingerprint_depends_on_content_not_on_packing(tmp_path):
     assert len({base.shard_fingerprint(i) for i in range(3)}) == 3
 
 
+@pytest.mark.unit
 def test_plan_refuses_more_shards_than_items(tmp_path):
     with pytest.raises(ShardError, match=r"n_shards \(3\) exceeds the number of items \(2\)"):
         make_plan(tmp_path, n_items=2)
 
 
+@pytest.mark.unit
 def test_job_runs_its_shards_and_merge_verifies_them(tmp_path):
     plan = make_plan(tmp_path)
     manifest, path = run(plan, tmp_path)
@@ -166,6 +173,7 @@ def test_job_runs_its_shards_and_merge_verifies_them(tmp_path):
     assert "shard 1 of double/k" in plan.log_path(1).read_text()
 
 
+@pytest.mark.unit
 def test_rerun_skips_done_shards(tmp_path):
     plan = make_plan(tmp_path)
     run(plan, tmp_path)
@@ -176,6 +184,7 @@ def test_rerun_skips_done_shards(tmp_path):
     assert len(traced(tmp_path)) == n_traced
 
 
+@pytest.mark.integration
 def test_failed_worker_names_its_shard_and_others_finish(tmp_path):
     plan = make_plan(tmp_path)
     with pytest.raises(ShardError) as err:
@@ -196,6 +205,7 @@ def test_failed_worker_names_its_shard_and_others_finish(tmp_path):
     assert "3 done" in render(collect(tmp_path / "results"))
 
 
+@pytest.mark.integration
 def test_killed_worker_resumes_from_its_last_committed_chunk(tmp_path):
     plan = make_plan(tmp_path)  # shard 1 = rows [7, 14): chunks at 7, 10, 13
     args = {"die_shard": 1, "die_at": 10, "died_marker": str(tmp_path / "died")}
@@ -223,6 +233,7 @@ def merged_run(tmp_path):
     return plan, manifests
 
 
+@pytest.mark.unit
 def test_merge_refuses_a_stale_shard(tmp_path, merged_run):
     _plan, manifests = merged_run
     changed = make_plan(tmp_path, n_shards=3, shards_per_job=1, input="changed")
@@ -230,6 +241,7 @@ def test_merge_refuses_a_stale_shard(tmp_path, merged_run):
         verify(changed, manifests)
 
 
+@pytest.mark.unit
 def test_merge_refuses_a_missing_row_range(merged_run):
     plan, manifests = merged_run
     with pytest.raises(ShardError, match=r"rows \[7, 14\) are covered by no shard"):
@@ -238,12 +250,14 @@ def test_merge_refuses_a_missing_row_range(merged_run):
         verify(plan, manifests[:2])
 
 
+@pytest.mark.unit
 def test_merge_refuses_a_duplicated_row_range(merged_run):
     plan, manifests = merged_run
     with pytest.raises(ShardError, match=r"shard 1 .*duplicated row range"):
         verify(plan, [*manifests, manifests[1]])
 
 
+@pytest.mark.unit
 def test_merge_refuses_a_truncated_shard(merged_run):
     plan, manifests = merged_run
     path = plan.shard_path(2)
@@ -253,6 +267,7 @@ def test_merge_refuses_a_truncated_shard(merged_run):
     assert not plan.is_done(2)
 
 
+@pytest.mark.unit
 def test_merge_refuses_a_checksum_mismatch(merged_run):
     plan, manifests = merged_run
     path = plan.shard_path(0)
@@ -263,6 +278,7 @@ def test_merge_refuses_a_checksum_mismatch(merged_run):
         verify(plan, manifests)
 
 
+@pytest.mark.unit
 def test_merge_refuses_a_missing_shard_file(merged_run):
     plan, manifests = merged_run
     plan.shard_path(1).unlink()
@@ -270,6 +286,7 @@ def test_merge_refuses_a_missing_shard_file(merged_run):
         verify(plan, manifests)
 
 
+@pytest.mark.unit
 def test_merge_names_every_bad_shard_at_once_and_takes_them_out_of_the_store(merged_run):
     plan, manifests = merged_run
     data = bytearray(plan.shard_path(0).read_bytes())
@@ -294,6 +311,7 @@ def _flip_a_byte(path: Path) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.unit
 def test_is_done_only_reads_even_a_corrupt_shard(merged_run):
     """Asking whether a shard is done changes nothing: a shard that fails its checksum is not done,
     and its record and file stay where they are (it once moved them aside as a side effect)."""
@@ -305,6 +323,7 @@ def test_is_done_only_reads_even_a_corrupt_shard(merged_run):
     assert not plan.shard_path(1).with_name(plan.shard_path(1).name + ".bad").exists()
 
 
+@pytest.mark.unit
 def test_a_job_recomputes_a_corrupt_shard_and_keeps_it_aside(tmp_path, caplog):
     """A done shard whose file has its recorded size but not its sha256 (a status poll counts it
     done): the job says so, keeps the file aside as ``.bad`` and computes that shard again."""
@@ -325,6 +344,7 @@ def test_a_job_recomputes_a_corrupt_shard_and_keeps_it_aside(tmp_path, caplog):
     assert list(merged.value) == [2 * r for r in range(20)]
 
 
+@pytest.mark.unit
 def test_merge_refuses_shards_of_two_dtypes(merged_run):
     plan, manifests = merged_run
     for manifest, dtype in zip(manifests, ["bfloat16", "float32", "float32"], strict=True):
@@ -336,6 +356,7 @@ def test_merge_refuses_shards_of_two_dtypes(merged_run):
         verify(plan, manifests)
 
 
+@pytest.mark.unit
 def test_job_without_enough_gpus_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     spec = ShardSpec(n_shards=2, shards_per_job=2, gpus_per_shard=1, chunk_size=3)
@@ -344,6 +365,7 @@ def test_job_without_enough_gpus_says_so(tmp_path, monkeypatch):
         run(plan, tmp_path)
 
 
+@pytest.mark.unit
 def test_sigterm_stops_a_worker_and_says_why(tmp_path):
     """submitit's task wrapper ignores SIGTERM; a shard worker must stop (time limit, scancel)."""
     import threading
@@ -366,6 +388,7 @@ def test_sigterm_stops_a_worker_and_says_why(tmp_path):
     assert status["state"] == "failed" and "terminated by signal SIGTERM" in status["error"]
 
 
+@pytest.mark.unit
 def test_job_cpus_follow_slurm_not_the_host(monkeypatch):
     from shardwise.shards.runner import job_cpus
 
@@ -412,6 +435,7 @@ def _gone(pid: int, within_s: float = 30.0) -> bool:
     return False
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("target", ["compute", "wrapper"])
 def test_a_killed_worker_names_its_shard_and_cause_and_leaves_no_process(tmp_path, target):
     plan = make_plan(tmp_path, n_items=20, n_shards=1, shards_per_job=1)
@@ -429,6 +453,7 @@ def test_a_killed_worker_names_its_shard_and_cause_and_leaves_no_process(tmp_pat
     assert _gone(pid) and _gone(seen["wrapper"])
 
 
+@pytest.mark.integration
 def test_a_stopped_job_stops_its_workers_and_they_say_why(tmp_path):
     """SIGTERM to the job's own process (SIGINT is handled alike): it passes the stop on
     to its workers, each compute process writes why it ended into its status and is gone, as is
@@ -473,6 +498,7 @@ def test_a_stopped_job_stops_its_workers_and_they_say_why(tmp_path):
     assert not plan.is_done(0)
 
 
+@pytest.mark.unit
 def test_forward_time_is_counted_only_when_asked(monkeypatch):
     """SHARDWISE_TIME_FORWARD=1 (bench/rehearsal.py) times each forward pass of a shard's model, so
     a stage's record can say how much of its time the pipeline spent outside the model."""
@@ -501,6 +527,7 @@ def test_forward_time_is_counted_only_when_asked(monkeypatch):
     assert 0.2 <= clock.forward_seconds() - before < 1.0
 
 
+@pytest.mark.unit
 def test_forward_time_counts_the_parts_a_stage_calls_on_their_own_once(monkeypatch):
     """Teacher logits call the base model and the LM head themselves, activations the base model:
     those passes count too, and a part's pass inside the whole model's counts once."""

@@ -22,14 +22,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, Workflow, scaled, stop_started, tiny_config, write_prompts
+from conftest import REPO, SLURM_POLLING, Workflow, scaled, stop_started, tiny_config, write_prompts
 
 from shardwise.config import load_config
 from shardwise.generate import generate_table
 from shardwise.models import load_model
 from shardwise.tables import load_prompts
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.system]
 
 CLUSTER = REPO / "tests/slurm/cluster.sh"
 
@@ -86,7 +86,7 @@ class SlurmWorkflow(Workflow):
         (self.profile / "config.yaml").write_text(yaml.safe_dump(merged))
 
     def cmd(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "snakemake", "--profile", str(self.profile), *args]
+        return [sys.executable, SLURM_POLLING, "--profile", str(self.profile), *args]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -11,6 +11,8 @@ import yaml
 
 from shardwise.config import Config, load_config
 
+pytestmark = pytest.mark.unit
+
 PATH = Path(__file__).resolve().parents[1] / "config" / "snellius.yaml"
 PLACEHOLDER = "<commit-sha>"  # what the example ships; users paste a commit hash over it
 GPUS_PER_NODE = 4  # gpu_a100: 4 x A100 40 GB

@@ -22,6 +22,8 @@ from shardwise.status import (
     slurm_cause,
 )
 
+pytestmark = pytest.mark.unit
+
 SACCT = """\
 4101|RUNNING
 4102|TIMEOUT

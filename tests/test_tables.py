@@ -10,6 +10,8 @@ import pytest
 from shardwise.errors import InputError
 from shardwise.tables import load_prompts
 
+pytestmark = pytest.mark.unit
+
 
 def write(path, text: str | bytes):
     if isinstance(text, bytes):

@@ -95,6 +95,7 @@ def merged(tmp_path_factory, tiny_model_src, tiny_model, corpus):
     return out, plan, codec, manifests
 
 
+@pytest.mark.unit
 def test_batches_are_length_sorted_within_the_token_budget():
     lengths = [5, 1, 9, 3, 3, 40, 2]
     got = batches(lengths, 10)
@@ -105,6 +106,7 @@ def test_batches_are_length_sorted_within_the_token_budget():
     assert got == batches(lengths, 10)
 
 
+@pytest.mark.integration
 def test_stored_topk_equals_a_fresh_forward_pass(merged, tiny_model, corpus):
     out = merged[0]
     logits = TeacherLogits(out)
@@ -128,6 +130,7 @@ def test_stored_topk_equals_a_fresh_forward_pass(merged, tiny_model, corpus):
         assert np.all(np.abs(values.numpy()[swapped] - item.topk_logprobs[swapped]) < 4e-3)
 
 
+@pytest.mark.integration
 def test_layout_dtypes_attrs_and_bytes_per_token(merged, tiny_model_src):
     out, plan, codec, _ = merged
     with h5py.File(out) as f:
@@ -151,6 +154,7 @@ def test_layout_dtypes_attrs_and_bytes_per_token(merged, tiny_model_src):
     assert topk_dtype(65_536) == np.uint16 and topk_dtype(65_537) == np.int32
 
 
+@pytest.mark.integration
 def test_merges_of_2_and_5_shards_are_byte_identical(
     tmp_path, merged, tiny_model_src, tiny_model, corpus, monkeypatch
 ):
@@ -195,6 +199,7 @@ def _reseal(manifest: Path, shard: Path) -> None:
     manifest.write_text(json.dumps(data))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["other teacher", "other k", "truncated", "missing"])
 def test_merge_refuses_foreign_or_damaged_shards(tmp_path, merged, case):
     _, plan, codec, manifests = merged
@@ -228,6 +233,7 @@ def test_merge_refuses_foreign_or_damaged_shards(tmp_path, merged, case):
     assert not out.exists() and not list(tmp_path.glob(".merged.h5*"))
 
 
+@pytest.mark.integration
 def test_a_non_finite_log_prob_fails_the_shard_naming_the_item(tmp_path, tiny_model_src, corpus):
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
@@ -258,6 +264,7 @@ def test_a_non_finite_log_prob_fails_the_shard_naming_the_item(tmp_path, tiny_mo
     assert list(tmp_path.glob("results/teacher_logits/tiny/shards/*/0001-of-0002.h5"))
 
 
+@pytest.mark.integration
 def test_reader_dataset_and_collate(merged):
     out = merged[0]
     logits = TeacherLogits(out)
@@ -291,6 +298,7 @@ def _dense_kl(p_logits, q_logits, tau=1.0):
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * tau**2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tau", [1.0, 2.0, 4.0, 8.0])
 def test_kd_loss_with_the_whole_vocabulary_is_the_dense_kl(tau):
     g = torch.Generator().manual_seed(0)
@@ -304,6 +312,7 @@ def test_kd_loss_with_the_whole_vocabulary_is_the_dense_kl(tau):
     assert torch.isfinite(s.grad).all()
 
 
+@pytest.mark.unit
 def test_kd_loss_on_the_top_k_is_the_kl_of_the_coarse_grained_distributions():
     g = torch.Generator().manual_seed(1)
     teacher, student = torch.randn(4, 7, 100, generator=g) * 2, torch.randn(4, 7, 100, generator=g) * 2
@@ -340,6 +349,7 @@ def _complete_h5(path: Path) -> bool:
         return f["offsets"][-1] == f["token_ids"].shape[0] == f["topk_ids"].shape[0]
 
 
+@pytest.mark.integration
 def test_a_lost_and_a_truncated_shard_heal_by_running_the_same_command(workflow_copy, tiny_model_src):
     wf = workflow_copy
     shards = {"n_shards": 3, "shards_per_job": 1, "chunk_size": 4}
@@ -362,6 +372,7 @@ def test_a_lost_and_a_truncated_shard_heal_by_running_the_same_command(workflow_
         assert {name: f[name][...].tobytes() for name in f} == reference
 
 
+@pytest.mark.integration
 def test_killed_shard_leaves_no_partial_file_and_rerun_recomputes_only_it(workflow_copy, tiny_model_src):
     wf = workflow_copy
     _workflow_setup(
@@ -449,6 +460,7 @@ def _bad_teacher_cases():
     }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", list(_bad_teacher_cases()))
 def test_bad_teacher_input_is_one_line(workflow_copy, tiny_model_src, case):
     teacher, change_corpus, expected = _bad_teacher_cases()[case]
@@ -474,6 +486,7 @@ def _top_k_teacher(v=200, k=16, n=64, seed=5):
     return logits, ids, values
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tau", [2.0, 4.0])
 def test_kd_loss_is_zero_at_the_teacher_for_any_temperature(tau):
     """Tempering the student over the full vocabulary but the teacher's rest as one token gave
@@ -483,6 +496,7 @@ def test_kd_loss_is_zero_at_the_teacher_for_any_temperature(tau):
     assert kd_loss(logits, ids, values, temperature=tau).abs() < 1e-4
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tau", [0.5, 1.0, 2.0, 4.0])
 def test_kd_loss_is_never_negative(tau):
     logits, ids, values = _top_k_teacher(seed=6)
@@ -491,6 +505,7 @@ def test_kd_loss_is_never_negative(tau):
         assert kd_loss(student, ids, values, temperature=tau) >= -1e-6
 
 
+@pytest.mark.integration
 def test_tempered_kd_keeps_the_students_mass_outside_the_top_k_near_the_teachers():
     logits, ids, values = _top_k_teacher(seed=7)
     teacher_rest = 1 - values.exp().sum(-1)

@@ -55,6 +55,7 @@ def raw_config(model: str = "/nonexistent", **generate: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- settings (no vLLM needed)
 
 
+@pytest.mark.unit
 def test_engine_defaults_to_hf_and_is_set_per_run():
     cfg = load_config(raw_config())
     assert cfg.generate.engine == "hf"
@@ -64,6 +65,7 @@ def test_engine_defaults_to_hf_and_is_set_per_run():
     assert {r.engine for r in everything_vllm.generate.runs.values()} == {"vllm"}
 
 
+@pytest.mark.unit
 def test_an_hf_runs_settings_are_what_they_were_before_engines():
     """The hf run's settings dict (its rerun trigger and fingerprint) has no engine key, and no
     vLLM key changes it."""
@@ -74,6 +76,7 @@ def test_an_hf_runs_settings_are_what_they_were_before_engines():
     assert settings.generate(other, "tiny-hf") == hf
 
 
+@pytest.mark.unit
 def test_a_vllm_runs_identity_names_the_engine_its_version_and_what_changes_texts():
     cfg = load_config(raw_config(vllm={"max_model_len": 64}))
     engine = settings.generate(cfg, "tiny")["engine"]
@@ -94,6 +97,7 @@ def test_a_vllm_runs_identity_names_the_engine_its_version_and_what_changes_text
     assert settings.generate(layout, "tiny") == settings.generate(load_config(raw_config()), "tiny")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("generate", "message"),
     [
@@ -118,12 +122,14 @@ def test_bad_engine_settings_are_refused_in_one_line(generate, message):
     assert "\n" not in str(err.value) and str(err.value).startswith("my.yaml: ")
 
 
+@pytest.mark.unit
 def test_tensor_parallel_is_checked_only_where_a_run_uses_vllm():
     cfg = raw_config(vllm={"tensor_parallel_size": 2})
     cfg["generate"]["models"] = {"tiny": {}}  # hf only: the vllm section is unused
     assert load_config(cfg).generate.runs["tiny"].engine == "hf"
 
 
+@pytest.mark.unit
 def test_shardwise_check_says_in_one_line_that_vllm_cannot_be_imported(tmp_path):
     """A broken vLLM (as the CPU build with its torchvision wheel left in) is what `import vllm`
     raises; `shardwise check` names the runs, the error and the fix, and exits non-zero."""
@@ -230,6 +236,7 @@ def _table(engine: Any, prompts: pd.DataFrame, sampling: Sampling = SAMPLING) ->
     return vllm_table(llm, tokenizer, prompts, sampling, eos_ids)
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 @without_vllm
 def test_vllm_table_has_the_contract_columns_and_the_hf_engines_seeds(engine):
@@ -254,6 +261,7 @@ def test_vllm_table_has_the_contract_columns_and_the_hf_engines_seeds(engine):
     assert table.continuation.nunique() > 10
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 @without_vllm
 def test_vllm_texts_do_not_depend_on_the_split_or_the_order_of_requests(engine):
@@ -299,6 +307,7 @@ def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
     return float(chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 @without_vllm
 @pytest.mark.parametrize(
@@ -366,7 +375,7 @@ def _run_generation(
     return pd.read_parquet(tmp / "tiny.parquet")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.vllm
 @without_vllm
 def test_vllm_shards_give_the_same_texts_for_any_n_shards(tmp_path, vllm_model, engine):
@@ -413,7 +422,7 @@ def _work(tmp: str, model_dir: str, prompts: str, n_shards: int, shards_per_job:
     return work(generate.STAGE, cfg, request), cfg
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.vllm
 @without_vllm
 def test_a_vllm_worker_killed_mid_shard_resumes_to_the_same_texts(tmp_path, vllm_model, engine):
@@ -465,7 +474,7 @@ def test_a_vllm_worker_killed_mid_shard_resumes_to_the_same_texts(tmp_path, vllm
 # --------------------------------------------------------------------------- through Snakemake
 
 
-@pytest.mark.slow
+@pytest.mark.system
 @pytest.mark.vllm
 @without_vllm
 def test_snakemake_with_engine_vllm_and_a_new_n_shards_gives_the_same_texts(vllm_model, tmp_path):

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from conftest import Workflow, job_counts, make_tiny_model, tiny_config, write_prompts
 
+pytestmark = pytest.mark.integration
+
 
 def setup(wf: Workflow, model, n_prompts: int = 24, **generate) -> None:
     write_prompts(wf.path("config/prompts.jsonl"), n_prompts)
