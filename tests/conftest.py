@@ -113,6 +113,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+    items.sort(key=run_order)
+
+
+def run_order(item: pytest.Item) -> int:
+    """Unit tests first (the fastest failures), then integration, then system, the real-SLURM tests
+    last (a stable sort: file order within each). Last, because once the SLURM client tools are
+    installed and the test cluster is down again, every Snakemake start pays ~10 s: the slurm executor
+    plugin runs `scontrol show config` at import (timeout 10 s), which waits for the absent slurmctld."""
+    if "slurm" in item.keywords:
+        return 3
+    return next((i for i, tier in enumerate(TIERS) if tier in item.keywords), 0)
 
 
 def random_llama(tokenizer: Any, seed: int, hidden_size: int) -> Any:

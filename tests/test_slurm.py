@@ -183,7 +183,8 @@ def test_the_whole_demo_dag_runs_through_slurm_as_node_jobs(slurm_cluster, tmp_p
     """Every stage of the embedded demo (SmolLM2: two generation runs, teacher logits, both probe
     sets, fluency, toxicity, analysis, report) through sbatch. Each sharded stage is one gpu_a100
     job of 4 shards pinned to 4 GPUs; merges, analysis and report are CPU jobs on rome. The demo's
-    config as shipped, on 12 of its prompts (the DAG is the demo's; the time is CI's)."""
+    config on 12 of its prompts, 3 of its 31 layers, 5 permutations for the probes' null and 200
+    bootstrap resamples (the DAG, the jobs and what they ask for are the demo's; the time is CI's)."""
     wf = slurm_workflow(tmp_path, None, 0, {})
     prompts = wf.path("config/demo/prompts.jsonl")
     lines = prompts.read_text().splitlines()
@@ -195,6 +196,8 @@ def test_the_whole_demo_dag_runs_through_slurm_as_node_jobs(slurm_cluster, tmp_p
     for stage in (cfg["generate"], cfg["teacher_logits"], cfg["probes"], cfg["analysis"]["fluency"]):
         stage["shards"].update(node_job)
     cfg["generate"]["shards"]["chunk_size"] = 3  # 12 prompts: 4 chunks, one per shard
+    cfg["probes"].update(layers=[0, 15, 30], permutations=5)
+    cfg["analysis"]["bootstrap"] = 200
     wf.write_config(cfg)
     before = job_ids()
     wf.run(timeout=1500)

@@ -200,6 +200,7 @@ def normalize(source: str | bytes) -> str:
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
+@cache
 def normalized_source(module: str) -> str:
     """:func:`normalize` of a shardwise module's source file."""
     return normalize(_source(module).read_bytes())
