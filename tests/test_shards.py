@@ -357,6 +357,35 @@ def test_merge_refuses_shards_of_two_dtypes(merged_run):
 
 
 @pytest.mark.unit
+def test_merge_refuses_bf16_shards_of_two_device_kinds_and_takes_fp32_ones(merged_run):
+    """Below float32 the numerics differ between device kinds (an A100 and an H100, two CPU models):
+    one merge does not mix them. In float32 the kinds may differ."""
+    plan, manifests = merged_run
+    kinds = ["NVIDIA A100-SXM4-40GB", "NVIDIA H100", "NVIDIA H100"]
+    for dtype in ("bfloat16", "float32"):
+        for manifest, kind in zip(manifests, kinds, strict=True):
+            obj = json.loads(manifest.read_text())
+            obj["shards"][0]["stats"]["dtype"] = dtype
+            obj["shards"][0]["device_kind"] = kind
+            manifest.write_text(json.dumps(obj))
+        if dtype == "bfloat16":
+            mix = r"bfloat16 shards computed on different devices \(NVIDIA A100-SXM4-40GB: shard\(s\) 0; "
+            mix += r"NVIDIA H100: shard\(s\) 1, 2\)"
+            with pytest.raises(ShardError, match=mix) as err:
+                verify(plan, manifests)
+            assert len(str(err.value).splitlines()) == 1
+        else:
+            assert len(verify(plan, manifests)) == 3
+
+
+@pytest.mark.unit
+def test_a_shard_record_names_its_device_kind(merged_run):
+    plan, _ = merged_run
+    record = plan.read_record(0)
+    assert record["device_kind"].startswith("cpu: ") and len(record["device_kind"]) > len("cpu: ")
+
+
+@pytest.mark.unit
 def test_job_without_enough_gpus_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     spec = ShardSpec(n_shards=2, shards_per_job=2, gpus_per_shard=1, chunk_size=3)

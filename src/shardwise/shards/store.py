@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -155,22 +155,41 @@ def verify(plan: ShardPlan, manifests: Sequence[str | Path]) -> list[Path]:
             f"of the store and their job manifests ({', '.join(sorted(str(m) for m in drop))}) are "
             "removed: run the same command again - it recomputes only these shards, then merges."
         )
-    _check_one_dtype(plan, [record for record, _ in entries])
+    _check_one_numerics(plan, [record for record, _ in entries])
     return _cover_rows(plan, entries)
 
 
-def _check_one_dtype(plan: ShardPlan, records: Sequence[dict[str, Any]]) -> None:
-    """Refuse shards whose records name different model dtypes (``stats.dtype``)."""
-    dtypes: dict[str, list[int]] = {}
+def _by_value(
+    records: Sequence[dict[str, Any]], value: Callable[[dict[str, Any]], Any]
+) -> dict[str, list[int]]:
+    """Shard indices by a value of their records (records without it are left out)."""
+    out: dict[str, list[int]] = {}
     for record in records:
-        dtype = (record.get("stats") or {}).get("dtype")
-        if dtype:
-            dtypes.setdefault(str(dtype), []).append(record["index"])
+        if got := value(record):
+            out.setdefault(str(got), []).append(record["index"])
+    return out
+
+
+def _mix(groups: dict[str, list[int]]) -> str:
+    return "; ".join(f"{v}: shard(s) {', '.join(map(str, sorted(i)))}" for v, i in sorted(groups.items()))
+
+
+def _check_one_numerics(plan: ShardPlan, records: Sequence[dict[str, Any]]) -> None:
+    """Refuse shards whose records name different model dtypes (``stats.dtype``) and, below float32,
+    different device kinds (``device_kind``: an A100 and an H100 round bf16 sums differently)."""
+    dtypes = _by_value(records, lambda r: (r.get("stats") or {}).get("dtype"))
     if len(dtypes) > 1:
-        mix = "; ".join(f"{d}: shard(s) {', '.join(map(str, sorted(i)))}" for d, i in sorted(dtypes.items()))
         raise ShardError(
-            f"{plan.name}: shards computed in different dtypes ({mix}), e.g. `dtype: auto` resolved on "
-            "different hardware; set the model's dtype explicitly (a new fingerprint) and rerun"
+            f"{plan.name}: shards computed in different dtypes ({_mix(dtypes)}), e.g. `dtype: auto` resolved "
+            "on different hardware; set the model's dtype explicitly (a new fingerprint) and rerun"
+        )
+    kinds = _by_value(records, lambda r: r.get("device_kind"))
+    (dtype,) = dtypes or {"": []}
+    if len(kinds) > 1 and dtype not in ("", "float32", "float64"):
+        raise ShardError(
+            f"{plan.name}: {dtype} shards computed on different devices ({_mix(kinds)}): below float32 "
+            "their numerics differ; take the records (<shard>.json) of one kind out of "
+            f"{plan.store} and rerun on the other kind, or use float32"
         )
 
 

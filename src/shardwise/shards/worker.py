@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import platform
 import signal
 import socket
 import time
@@ -154,6 +155,7 @@ class ShardContext:
             "sha256": sha256_file(path),
             "host": socket.gethostname(),
             "device": _device_name(self.n_gpus),
+            "device_kind": _device_kind(self.n_gpus),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "slurm_job_id": _slurm_job_id(),
             "pid": os.getpid(),
@@ -176,6 +178,22 @@ def _device_name(n_gpus: int) -> str:
     import torch
 
     return ", ".join(torch.cuda.get_device_name(d) for d in range(torch.cuda.device_count()))
+
+
+def _device_kind(n_gpus: int) -> str:
+    """The kind of processor that computed a shard (below float32 its numerics depend on it): the
+    first visible GPU's name, or ``cpu: <model name>`` (also for GPU shards forced onto the CPU)."""
+    if n_gpus and os.environ.get(FORCE_CPU) != "1":
+        import torch
+
+        if torch.cuda.is_available():
+            return str(torch.cuda.get_device_name(0))
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"cpu: {model or platform.machine()}"
 
 
 ComputeFn = Callable[[ShardContext], None]
