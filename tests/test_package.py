@@ -1,4 +1,4 @@
-"""The package's structure: layers, no import cycle, code versions from the import graph."""
+"""The package's structure: layers, no import cycle, names a stage is found by, the test tiers."""
 
 from __future__ import annotations
 

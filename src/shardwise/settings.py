@@ -1,14 +1,16 @@
-"""What each stage's output depends on in the config: one function per stage, by the stage's name.
+"""What each stage's output depends on in the config: one function per rule, by the rule's name.
 
 Each returns a plain JSON-able dict built from the validated `Config`. The same dict is
 
 - the rule's `settings` param (workflow/rules/*.smk), so that Snakemake reruns a rule exactly when
   a key its output depends on changes, and not when an unrelated key of the same section does
   (input paths are not in it: they are the rule's inputs);
-- the config part of the stage's shard identity (`make_plan`), so that old shards are reused
-  exactly when they would come out the same;
-- the base of the worker's args, which add only what changes how the work is cut, never what comes
-  out (a batch size in float32, packing budgets, the job's shard list).
+- the config part of a sharded stage's shard identity (its `prepare`, :mod:`shardwise.sharded`), so
+  that old shards are reused exactly when they would come out the same.
+
+A sharded stage's worker gets its own typed arguments (a dataclass next to the stage), which add to
+these values only what changes how the work is cut, never what comes out (a batch size in float32,
+packing budgets).
 
 Keys that change only how the work is laid out (`shards_per_job`, `gpus_per_shard`, Slurm resources)
 are in no settings dict: they change the jobs, not the outputs. `tests/test_rerun.py` holds the one
