@@ -247,8 +247,9 @@ def test_one_job_per_shard_with_one_gpu_each(slurm_cluster, tmp_path, tiny_model
 def test_killed_worker_of_a_node_job(slurm_cluster, tmp_path, tiny_model_src):
     """(a) One of four workers is SIGKILLed: the job fails, Snakemake retries it, and the retry
     computes only that shard (from its last committed chunk). The merged table is the one an
-    uninterrupted run of one shard with the same batches and threads gives. (The local executor takes the same
-    path: shardwise.shards.runner.run_job; tests/test_shards.py kills and resumes a worker without Snakemake.)"""
+    uninterrupted run of one shard with the same batches and threads gives. (The local executor takes
+    the same path, shardwise.shards.runner.run_job; tests/test_shards.py kills and resumes a worker
+    without Snakemake.)"""
     shards = {"n_shards": 4, "shards_per_job": 4, "gpus_per_shard": 1, "chunk_size": 5}
     sampling = {"max_new_tokens": 48}
     wf = slurm_workflow(tmp_path, tiny_model_src, 160, shards, batch_size=2, sampling=sampling)
