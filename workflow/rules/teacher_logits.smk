@@ -25,9 +25,7 @@ rule teacher_logits:
 rule merge_teacher_logits:
     """Verify every shard of a teacher: results/teacher_logits/<teacher>.h5 and its run info."""
     input:
-        manifests=manifests(
-            rules.teacher_logits.output[0], TL.shards, "teacher"
-        ),
+        manifests=manifests(rules.teacher_logits.output[0], TL.shards, "teacher"),
         model=teacher_model_dir,
         corpus=teacher_corpus(),
     output:
