@@ -73,7 +73,9 @@ class Work(Generic[A]):
 
 @dataclass(frozen=True)
 class ShardedStage(Generic[A]):
-    """A sharded stage, declared once in its module (module docstring)."""
+    """A sharded stage, declared once in its module (module docstring). The four declarations
+    (``STAGE = ShardedStage(...)``) look alike on purpose: each is the one place where a stage says
+    what differs; everything they share is here."""
 
     name: str  # the shard plans' stage: logs/<name>/<key>/, `shardwise status`
     outputs: str
