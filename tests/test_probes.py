@@ -766,7 +766,7 @@ def test_random_baseline_adds_its_own_activations_and_probes_to_the_dag(workflow
     write_prompts(wf.path("config/prompts.jsonl"), 24)
     wf.path("config/labelled.jsonl").write_text(DEMO.read_text())
     wf.write_config(probes_config(tiny_model_src, Path("config/labelled.jsonl"), random_baseline=True))
-    out = wf.run("-n", "probes").stdout
+    out = wf.run("-n", "all_probes").stdout
     counts = job_counts(out)
     assert counts["train_probes"] == 2 and counts["merge_activations"] == 2 and counts["prepare_model"] == 1
     assert "results/probes/labelled/tiny-random/metrics.csv" in out
@@ -801,7 +801,7 @@ def test_probes_through_snakemake_and_a_layer_out_of_range(workflow_copy, tiny_m
     write_prompts(wf.path("config/prompts.jsonl"), 24)
     wf.path("config/labelled.jsonl").write_text(DEMO.read_text())
     wf.write_config(probes_config(tiny_model_src, Path("config/labelled.jsonl"), layers=[0, 7]))
-    proc = wf.run("-n", "probes", check=False)  # refused up front, in a dry run too
+    proc = wf.run("-n", "all_probes", check=False)  # refused up front, in a dry run too
     errors = [line for line in proc.stderr.splitlines() if line.startswith("shardwise: error:")]
     assert proc.returncode != 0 and len(errors) == 1
     assert "probes.layers (model 'tiny', " in errors[0] and "config.json)" in errors[0]

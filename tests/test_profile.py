@@ -130,7 +130,7 @@ def test_sbatch_lines_of_the_snellius_profile(workflow_copy: Workflow, tiny_mode
     )
     wf.run(*args, *only_merge, check=False, extra_env=env)
     (merge,) = log.read_text().splitlines()
-    assert "rule_merge_generations" in merge
+    assert "rule_merge_generate" in merge
     assert "-p rome" in merge and " -t 30" in merge and "--mem-per-cpu 1792" in merge
     assert "-A shardwise" in merge
     # the 1/8 rome node it is billed for: 16 cores and their 28 GiB

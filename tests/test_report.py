@@ -325,7 +325,7 @@ def test_report_rule_declares_the_tables_the_report_writes():
     assert 'summary_by_prompt_toxicity="results/analysis/summary_by_prompt_toxicity.csv"' in text
 
 
-def test_analyse_and_report_jobs_write_every_output(tmp_path):
+def test_analysis_and_report_jobs_write_every_output(tmp_path):
     """analysis.job and report.job on a small synthetic demo (2 runs of the same weights as the
     fluency model, prompts with an RTP-style prompt_toxicity column): every declared output is
     written; the page has the warning, the split, n and the interval method."""

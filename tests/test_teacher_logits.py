@@ -384,7 +384,7 @@ def test_killed_shard_leaves_no_partial_file_and_rerun_recomputes_only_it(workfl
         shards={"n_shards": 3, "shards_per_job": 3, "chunk_size": 4},
     )
     wf.run("all_teacher_logits", "--until", "merge_generate")  # prepare the model first
-    proc = wf.popen("teacher_logits")
+    proc = wf.popen("all_teacher_logits")
     store = wf.path("results/teacher_logits/tiny/shards")
     killed = None
     deadline = time.time() + scaled(300)
