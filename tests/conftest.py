@@ -114,6 +114,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
     items.sort(key=run_order)
+    for item in items:
+        group = xdist_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+# Under pytest-xdist (tests/check.sh: -n 2 --dist loadgroup) the tests that share one of these
+# fixtures run in one process, so that it is built once (and the SLURM cluster serves one test at a time).
+SHARED_FIXTURES = {
+    "slurm_cluster": "slurm",
+    "finished_demo": "demo",
+    "finished": "rerun",
+    "merged": "teacher-merged",
+    "engine": "vllm-engine",
+    "outlier_model": "outlier-model",
+}
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    names = getattr(item, "fixturenames", ())
+    return next((group for fixture, group in SHARED_FIXTURES.items() if fixture in names), None)
 
 
 def run_order(item: pytest.Item) -> int:
