@@ -24,6 +24,6 @@ grep -q "Congratulations, your workflow is in a good condition" <<<"$lint"
 step "snakemake -n (the demo)"
 snakemake -n --quiet rules
 step "pytest"
-# In SHARDWISE_TEST_WORKERS processes (default 2; 0: in this one). Tests that share an expensive
-# module or session fixture, or the SLURM cluster, run in one process (tests/conftest.py: xdist_group).
-python -m pytest -n "${SHARDWISE_TEST_WORKERS:-2}" --dist loadgroup "$@"
+# In SHARDWISE_TEST_WORKERS processes (default 2; 0: in this one), a test module in one process: its
+# module fixtures are built once, the SLURM tests share one cluster (tests/conftest.py: xdist_order).
+python -m pytest -n "${SHARDWISE_TEST_WORKERS:-2}" --dist loadscope "$@"

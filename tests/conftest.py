@@ -113,28 +113,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-    items.sort(key=run_order)
-    for item in items:
-        group = xdist_group(item)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=xdist_order if os.environ.get("PYTEST_XDIST_WORKER") else run_order)
 
 
-# Under pytest-xdist (tests/check.sh: -n 2 --dist loadgroup) the tests that share one of these
-# fixtures run in one process, so that it is built once (and the SLURM cluster serves one test at a time).
-SHARED_FIXTURES = {
-    "slurm_cluster": "slurm",
-    "finished_demo": "demo",
-    "finished": "rerun",
-    "merged": "teacher-merged",
-    "engine": "vllm-engine",
-    "outlier_model": "outlier-model",
-}
+# Under pytest-xdist (tests/check.sh: -n 2 --dist loadscope) each test module runs in one process (its
+# module fixtures are built once; the SLURM tests share one cluster). The longest modules start first,
+# so that one process runs them while the other takes the rest.
+LONGEST_FIRST = ("test_slurm", "test_demo", "test_rerun", "test_workflow")
 
 
-def xdist_group(item: pytest.Item) -> str | None:
-    names = getattr(item, "fixturenames", ())
-    return next((group for fixture, group in SHARED_FIXTURES.items() if fixture in names), None)
+def xdist_order(item: pytest.Item) -> tuple[int, int]:
+    """The order under pytest-xdist: the longest modules first, then as :func:`run_order`
+    (CI brings the SLURM cluster up before the tests, so no Snakemake start waits for it)."""
+    module = item.nodeid.split("::")[0].removeprefix("tests/").removesuffix(".py")
+    rank = LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+    return rank, run_order(item)
 
 
 def run_order(item: pytest.Item) -> int:
