@@ -25,5 +25,6 @@ step "snakemake -n (the demo)"
 snakemake -n --quiet rules
 step "pytest"
 # In SHARDWISE_TEST_WORKERS processes (default 2; 0: in this one), a test module in one process: its
-# module fixtures are built once, the SLURM tests share one cluster (tests/conftest.py: xdist_order).
-python -m pytest -n "${SHARDWISE_TEST_WORKERS:-2}" --dist loadscope "$@"
+# module fixtures are built once, the SLURM tests share one cluster; modules start in the order of
+# tests/conftest.py (xdist_order: the longest first), not by their number of tests.
+python -m pytest -n "${SHARDWISE_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder "$@"
