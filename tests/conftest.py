@@ -26,6 +26,14 @@ STARTED: list[subprocess.Popen[str]] = []  # every Snakemake a test starts (its 
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# The suite's processes (pytest-xdist's two, the Snakemakes they start, the shard workers, the SLURM
+# jobs) share the machine's CPUs, often more torch threads than CPUs. libgomp's threads spin while
+# they wait (OMP_WAIT_POLICY active, its default): two 2-thread shard jobs of the SLURM tests on 2
+# CPUs took 53 s each, 2.5 s alone; with passive waiting 4 s each (tests/test_slurm.py scancelled
+# job, 122 s -> 77 s). Read by libgomp when torch loads: set before any test module imports torch, and
+# inherited by every process the tests start (sbatch exports the environment).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def load_factor() -> float:
     """How much slower than a quiet machine this one runs now: the 1-minute load per CPU, in
