@@ -226,7 +226,7 @@ def test_code_identity_reruns_the_stage_whose_code_changed_and_nothing_for_plumb
     wf.run()
     pkg = wf.path("src/shardwise")
     plumbing = [pkg / f"{m}.py" for m in ("config", "settings", "status")]
-    plumbing += sorted((pkg / "shards").glob("*.py")) if (pkg / "shards").is_dir() else [pkg / "shards.py"]
+    plumbing += sorted((pkg / "shards").glob("*.py"))
     for path in [*plumbing, pkg / "generate.py"]:
         path.write_text(path.read_text() + "\n# an edit to the comments\n")
     for path in plumbing:

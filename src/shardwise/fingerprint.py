@@ -19,15 +19,20 @@ mechanism reruns nothing; a change to the sampler, to model loading or a new tra
 stages whose rows they compute. The identity is a rule param (Snakemake reruns on a change, and a dry
 run names it) and part of every shard fingerprint (a new identity starts a new shard store).
 The normalised source is ``ast.unparse`` of the stripped tree: a new Python minor version may print
-the same code differently, which then counts as a code change.
+the same code differently, which then counts as a code change. The modules are read, never imported
+(Snakemake computes the identities at every start, on the login node and in every job), and the
+normalised sources are kept in ``~/.cache/shardwise`` (:func:`normalize_cached`).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
-import importlib.util
 import json
+import os
+import sys
+import tempfile
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -80,11 +85,33 @@ def is_plumbing(module: str) -> bool:
     return module == PACKAGE or module in PLUMBING or module.startswith(tuple(p for p in PLUMBING_PACKAGES))
 
 
+_ROOT = Path(__file__).resolve().parent  # the package's directory: its modules are read, not imported
+
+
+def _source_or_none(module: str) -> Path | None:
+    """The source file of shardwise module `module` (``a.b`` -> a/b.py or a/b/__init__.py), found
+    on disk: importing it (or asking importlib for its spec, which imports its parents) would load
+    torch at every Snakemake start."""
+    package, *parts = module.split(".")
+    if package != PACKAGE:
+        return None
+    base = _ROOT.joinpath(*parts)
+    for path in (base.parent / f"{base.name}.py", base / "__init__.py") if parts else (base / "__init__.py",):
+        if path.is_file():
+            return path
+    return None
+
+
 def _source(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
+    if (path := _source_or_none(module)) is None:
         raise ModuleNotFoundError(module)
-    return Path(spec.origin)
+    return path
+
+
+@cache
+def _parsed(module: str) -> ast.Module:
+    """The syntax tree of a shardwise module's source, read once (not to be changed)."""
+    return ast.parse(_source(module).read_bytes())
 
 
 @cache
@@ -92,7 +119,7 @@ def imports_of(module: str) -> frozenset[str]:
     """The shardwise modules that `module`'s source imports, at the top or inside a function
     (read with `ast`, nothing is imported)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(_source(module).read_bytes())):
+    for node in ast.walk(_parsed(module)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -101,20 +128,15 @@ def imports_of(module: str) -> frozenset[str]:
                 node.module.split(".")[0] == PACKAGE
             ):  # from shardwise import generate / from shardwise.shards import plan
                 names += [
-                    f"{node.module}.{a.name}" for a in node.names if find_spec_safe(f"{node.module}.{a.name}")
+                    f"{node.module}.{a.name}"
+                    for a in node.names
+                    if _source_or_none(f"{node.module}.{a.name}")
                 ]
         else:
             continue
         found.update(n for n in names if n == PACKAGE or n.startswith(PACKAGE + "."))
     found.discard(module)
     return frozenset(found)
-
-
-def find_spec_safe(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ModuleNotFoundError, ValueError):
-        return False
 
 
 def import_closure(*modules: str) -> list[str]:
@@ -196,19 +218,62 @@ def normalize(source: str | bytes) -> str:
     """Python source as the stage identity sees it: parsed, stripped (:class:`_Normalise`) and
     printed again, so that editing a docstring, a comment, an annotation or the layout of the code
     leaves it unchanged."""
-    tree = _Normalise().visit(ast.parse(source))
-    return ast.unparse(ast.fix_missing_locations(tree))
+    return ast.unparse(_Normalise().visit(ast.parse(source)))  # (unparse needs no line numbers)
 
 
 @cache
 def normalized_source(module: str) -> str:
     """:func:`normalize` of a shardwise module's source file."""
-    return normalize(_source(module).read_bytes())
+    return normalize_cached(_source(module).read_bytes())
+
+
+def cache_dir() -> Path:
+    """Where normalised sources are kept between processes: ``$XDG_CACHE_HOME/shardwise`` (default
+    ``~/.cache/shardwise``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shardwise" / "normalized"
+
+
+@cache
+def _normaliser() -> bytes:
+    """What decides :func:`normalize`'s output besides the source: this module and the Python."""
+    return hashlib.sha256(Path(__file__).read_bytes() + sys.version.encode()).digest()
+
+
+def normalize_cached(source: bytes) -> str:
+    """:func:`normalize`, kept on disk under the hash of `source`, this module and the Python version
+    (as ``__pycache__`` keeps bytecode): every Snakemake start, on the login node and in each job,
+    computes every stage's identity, and parsing, stripping and printing the modules is ~0.4 s of
+    it. A cache file that is unreadable or fails its checksum is computed again; one that cannot be
+    written is skipped."""
+    key = hashlib.sha256(_normaliser() + source).hexdigest()
+    try:
+        path = cache_dir() / f"{key}.txt"
+    except RuntimeError:  # no home directory
+        return normalize(source)
+    try:
+        digest, text = path.read_text(encoding="utf-8").split("\n", 1)
+        if hashlib.sha256(text.encode()).hexdigest() == digest:
+            return text
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    text = normalize(source)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False) as fh:
+            tmp = fh.name  # a temporary name beside it, then os.replace: no reader sees half a file
+            fh.write(f"{hashlib.sha256(text.encode()).hexdigest()}\n{text}")
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return text
 
 
 def _constant(module: str, name: str) -> Any:
     """The literal a module assigns to `name` at its top level (read with `ast`, not imported)."""
-    for node in ast.parse(_source(module).read_bytes()).body:
+    for node in _parsed(module).body:
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:

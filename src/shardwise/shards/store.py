@@ -184,7 +184,7 @@ def _check_one_numerics(plan: ShardPlan, records: Sequence[dict[str, Any]]) -> N
             "on different hardware; set the model's dtype explicitly (a new fingerprint) and rerun"
         )
     kinds = _by_value(records, lambda r: r.get("device_kind"))
-    (dtype,) = dtypes or {"": []}
+    dtype = next(iter(dtypes), "")  # the one dtype ("" where no record names one)
     if len(kinds) > 1 and dtype not in ("", "float32", "float64"):
         raise ShardError(
             f"{plan.name}: {dtype} shards computed on different devices ({_mix(kinds)}): below float32 "
